@@ -1,0 +1,723 @@
+//! The authenticated relay: client commands to the provider, provider responses to the client.
+//!
+//! Two loops run concurrently for each session:
+//! - *client → provider* ([`client_to_provider`]) frames and parses each command, decides
+//!   whether it may be forwarded, registers it as pending and sends its re-encoding upstream;
+//!   an APPEND's message is streamed, never held whole.
+//! - *provider → client* ([`provider_to_client`]) reads responses unit by unit, passes them
+//!   through byte for byte (FETCH literals streamed), rewrites the few that carry capability
+//!   lists, and completes pending commands: a tagged response reaches the client only after
+//!   its audit event has been queued.
+//!
+//! They share [`RelayState`] (pending commands, the provider-continuation waiter, the IDLE
+//! state and the selected folder: the *client's view*, kept apart from the provider
+//! connection) and the client's write half behind an async mutex. The provider→client loop
+//! holds that mutex for a whole response unit, so local answers never land inside a literal.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::Outcome;
+use crate::imap::command::{
+    self, AuthenticatedAction, CommandSummary, UpstreamStep, append_skeleton, summarize,
+};
+use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, tag_of};
+use crate::imap::response::{self, ResponseKind, Status};
+use crate::imap::session::{SessionContext, SessionEnd};
+use crate::imap::stream::{self, BoxStream, READ_CHUNK};
+use crate::upstream::ProviderConnection;
+
+/// Longest response line relayed (literals excluded: those stream). A SEARCH result over a
+/// very large mailbox is the longest line a provider sends in practice.
+const MAX_RESPONSE_LINE: usize = 16 * 1024 * 1024;
+
+/// How long the provider has to confirm a LOGOUT before the session is closed anyway.
+const LOGOUT_GRACE: Duration = Duration::from_secs(10);
+
+/// A command sent upstream and not yet completed.
+struct Pending {
+    tag: String,
+    summary: CommandSummary,
+    effect: Effect,
+}
+
+/// What a successful completion changes in the client's view.
+#[derive(Clone, PartialEq, Eq)]
+enum Effect {
+    None,
+    Select(String),
+    Unselect,
+}
+
+/// Whether the provider accepted a synchronising literal.
+enum Continuation {
+    Go,
+    Rejected,
+}
+
+/// The client's view of the session, shared by both loops.
+#[derive(Default)]
+struct RelayState {
+    pending: VecDeque<Pending>,
+    /// Waiting for the provider's `+` for a literal of this tag.
+    continuation: Option<(String, oneshot::Sender<Continuation>)>,
+    /// The tag of an IDLE in progress: the next client line must be DONE.
+    idle_tag: Option<String>,
+    logout_tag: Option<String>,
+    selected: Option<String>,
+}
+
+type ClientWriter = tokio::sync::Mutex<WriteHalf<BoxStream>>;
+
+/// Relay until the session ends.
+pub async fn run(
+    ctx: &SessionContext,
+    client: BoxStream,
+    client_buffer: BytesMut,
+    provider: ProviderConnection,
+    capabilities: Vec<String>,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
+    let literal_plus = provider.literal_plus();
+    let ProviderConnection {
+        reader: mut provider_reader,
+        writer: mut provider_writer,
+        buffer: mut provider_buffer,
+        ..
+    } = provider;
+    let (mut client_reader, client_writer) = tokio::io::split(client);
+    let client_writer = tokio::sync::Mutex::new(client_writer);
+    let state = Mutex::new(RelayState::default());
+    let idle_timeout = ctx.gateway.config.gateway.idle_timeout;
+    let limits = CommandLimits {
+        max_literal: ctx.gateway.config.imap.max_literal_bytes,
+        ..CommandLimits::default()
+    };
+
+    let end = {
+        let upward = client_to_provider(
+            ctx,
+            &mut client_reader,
+            client_buffer,
+            &mut provider_writer,
+            &client_writer,
+            &state,
+            &capabilities,
+            literal_plus,
+            limits,
+            idle_timeout,
+        );
+        let downward = provider_to_client(
+            ctx,
+            &mut provider_reader,
+            &mut provider_buffer,
+            &client_writer,
+            &state,
+            &capabilities,
+            shutdown,
+        );
+        tokio::pin!(upward, downward);
+        tokio::select! {
+            end = &mut upward => match end {
+                // The provider's BYE and tagged OK still have to reach the client.
+                UpwardEnd::LogoutSent => tokio::time::timeout(LOGOUT_GRACE, &mut downward)
+                    .await
+                    .unwrap_or(SessionEnd::Timeout),
+                UpwardEnd::Ended(end) => end,
+            },
+            end = &mut downward => end,
+        }
+    };
+
+    // Commands the provider never completed are still recorded, as errors.
+    let orphans: Vec<Pending> = state.lock().unwrap().pending.drain(..).collect();
+    for pending in orphans {
+        let _ = ctx
+            .audit(
+                &pending.summary.name,
+                pending.summary.folder.clone(),
+                pending.summary.detail.clone(),
+                Outcome::Error,
+            )
+            .await;
+    }
+    if !matches!(end, SessionEnd::Logout | SessionEnd::UpstreamClosed) {
+        let _ = tokio::time::timeout(Duration::from_secs(3), async {
+            provider_writer.write_all(b"pg9 LOGOUT\r\n").await?;
+            provider_writer.flush().await
+        })
+        .await;
+    }
+    let mut client_writer = client_writer.into_inner();
+    let _ = tokio::time::timeout(Duration::from_secs(3), client_writer.shutdown()).await;
+    end
+}
+
+enum UpwardEnd {
+    LogoutSent,
+    Ended(SessionEnd),
+}
+
+/// Write a locally generated answer to the client.
+async fn answer(client: &ClientWriter, bytes: &[u8]) -> Result<(), SessionEnd> {
+    let mut writer = client.lock().await;
+    let result = async {
+        writer.write_all(bytes).await?;
+        writer.flush().await
+    }
+    .await;
+    result.map_err(|e| SessionEnd::Error(e.to_string()))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn client_to_provider(
+    ctx: &SessionContext,
+    client: &mut ReadHalf<BoxStream>,
+    mut buffer: BytesMut,
+    provider: &mut WriteHalf<BoxStream>,
+    client_writer: &ClientWriter,
+    state: &Mutex<RelayState>,
+    capabilities: &[String],
+    literal_plus: bool,
+    limits: CommandLimits,
+    idle_timeout: Duration,
+) -> UpwardEnd {
+    let mut assembler = CommandAssembler::new(limits);
+    macro_rules! try_end {
+        ($result:expr) => {
+            match $result {
+                Ok(value) => value,
+                Err(end) => return UpwardEnd::Ended(end),
+            }
+        };
+    }
+    loop {
+        let assembled = match assembler.poll(&mut buffer, |head, literal| {
+            append_skeleton(head, literal).is_some()
+        }) {
+            Assembled::NeedMore => {
+                match tokio::time::timeout(idle_timeout, stream::fill(client, &mut buffer)).await {
+                    Ok(Ok(true)) => continue,
+                    Ok(Ok(false)) => return UpwardEnd::Ended(SessionEnd::ClientClosed),
+                    Ok(Err(e)) => return UpwardEnd::Ended(SessionEnd::Error(e.to_string())),
+                    Err(_) => {
+                        let _ =
+                            answer(client_writer, b"* BYE Autologout: idle for too long\r\n").await;
+                        return UpwardEnd::Ended(SessionEnd::Timeout);
+                    }
+                }
+            }
+            Assembled::SendContinuation => {
+                try_end!(answer(client_writer, b"+ Ready for literal data\r\n").await);
+                continue;
+            }
+            other => other,
+        };
+        let idle_tag = state.lock().unwrap().idle_tag.clone();
+        match assembled {
+            Assembled::Refused { tag, reason } => {
+                try_end!(
+                    refuse(
+                        ctx,
+                        client_writer,
+                        tag.as_deref(),
+                        "(unparsed)",
+                        None,
+                        reason.text()
+                    )
+                    .await
+                );
+            }
+            Assembled::Command(bytes) if idle_tag.is_some() => {
+                if trim_line(&bytes).eq_ignore_ascii_case(b"DONE") {
+                    try_end!(send_upstream(provider, b"DONE\r\n").await);
+                } else {
+                    try_end!(answer(client_writer, b"* BAD Expected DONE to end IDLE\r\n").await);
+                }
+            }
+            Assembled::Command(bytes) => {
+                let command = match command::parse_command(&bytes) {
+                    Ok(command) => command,
+                    Err(error) => {
+                        let tag = tag_of(&bytes, &[]);
+                        let detail = command::printable(&bytes, 200);
+                        tracing::debug!(%error, detail, "unparseable command refused");
+                        try_end!(
+                            refuse(
+                                ctx,
+                                client_writer,
+                                tag.as_deref(),
+                                "(unparsed)",
+                                None,
+                                &format!("Invalid command: {error}")
+                            )
+                            .await
+                        );
+                        continue;
+                    }
+                };
+                let tag = command.tag.as_ref().to_owned();
+                let mut summary = summarize(&command);
+                if summary.folder.is_none() {
+                    summary.folder = state.lock().unwrap().selected.clone();
+                }
+                if !ctx.gateway.audit.is_healthy() {
+                    let _ = answer(
+                        client_writer,
+                        b"* BYE [UNAVAILABLE] Audit log unavailable: pecgate refuses to work unrecorded\r\n",
+                    )
+                    .await;
+                    return UpwardEnd::Ended(SessionEnd::AuditFailed);
+                }
+                match command::authenticated_action(&command.body) {
+                    AuthenticatedAction::LocalCapability => {
+                        try_end!(audited(ctx, &summary, Outcome::Ok).await);
+                        let reply = format!(
+                            "* CAPABILITY {}\r\n{tag} OK CAPABILITY completed\r\n",
+                            capabilities.join(" ")
+                        );
+                        try_end!(answer(client_writer, reply.as_bytes()).await);
+                    }
+                    AuthenticatedAction::LocalEnable => {
+                        try_end!(audited(ctx, &summary, Outcome::Ok).await);
+                        let reply = format!("* ENABLED\r\n{tag} OK ENABLE completed\r\n");
+                        try_end!(answer(client_writer, reply.as_bytes()).await);
+                    }
+                    AuthenticatedAction::Refuse(text) => {
+                        try_end!(
+                            refuse(
+                                ctx,
+                                client_writer,
+                                Some(&tag),
+                                &summary.name,
+                                summary.folder.clone(),
+                                text
+                            )
+                            .await
+                        );
+                    }
+                    action @ (AuthenticatedAction::Forward
+                    | AuthenticatedAction::ForwardIdle
+                    | AuthenticatedAction::ForwardLogout) => {
+                        let effect = match &command.body {
+                            imap_codec::imap_types::command::CommandBody::Select {
+                                mailbox,
+                                ..
+                            }
+                            | imap_codec::imap_types::command::CommandBody::Examine {
+                                mailbox,
+                                ..
+                            } => Effect::Select(command::mailbox_name(mailbox)),
+                            imap_codec::imap_types::command::CommandBody::Close
+                            | imap_codec::imap_types::command::CommandBody::Unselect => {
+                                Effect::Unselect
+                            }
+                            _ => Effect::None,
+                        };
+                        {
+                            let mut state = state.lock().unwrap();
+                            state.pending.push_back(Pending {
+                                tag: tag.clone(),
+                                summary,
+                                effect,
+                            });
+                            match action {
+                                AuthenticatedAction::ForwardIdle => {
+                                    state.idle_tag = Some(tag.clone())
+                                }
+                                AuthenticatedAction::ForwardLogout => {
+                                    state.logout_tag = Some(tag.clone())
+                                }
+                                _ => {}
+                            }
+                        }
+                        let steps = command::upstream_steps(&command, literal_plus);
+                        match run_steps(provider, state, &tag, &steps).await {
+                            Ok(Continuation::Go) => {}
+                            // The provider refused a literal: its tagged answer completes
+                            // the command and is relayed by the other loop.
+                            Ok(Continuation::Rejected) => continue,
+                            Err(end) => return UpwardEnd::Ended(end),
+                        }
+                        if action == AuthenticatedAction::ForwardLogout {
+                            return UpwardEnd::LogoutSent;
+                        }
+                    }
+                }
+            }
+            Assembled::MessageLiteral { head, literal } => {
+                let Some(skeleton) = append_skeleton(&head, &literal) else {
+                    unreachable!("the assembler asked the same question")
+                };
+                let tag = skeleton.tag.as_ref().to_owned();
+                let mut summary = summarize(&skeleton);
+                summary
+                    .detail
+                    .push_str(&format!(" size={}", literal.length));
+                state.lock().unwrap().pending.push_back(Pending {
+                    tag: tag.clone(),
+                    summary,
+                    effect: Effect::None,
+                });
+                let steps = command::append_head_steps(&skeleton, literal.length, literal_plus);
+                let accepted = match run_steps(provider, state, &tag, &steps).await {
+                    Ok(Continuation::Go) => true,
+                    Ok(Continuation::Rejected) => false,
+                    Err(end) => return UpwardEnd::Ended(end),
+                };
+                if !accepted {
+                    if !literal.sync {
+                        // LITERAL+: the client sends the message regardless; drop it.
+                        try_end!(discard(client, &mut buffer, u64::from(literal.length)).await);
+                        try_end!(skip_line(client, &mut buffer).await);
+                    }
+                    continue;
+                }
+                if literal.sync {
+                    try_end!(answer(client_writer, b"+ Ready for literal data\r\n").await);
+                }
+                try_end!(
+                    stream_literal(client, &mut buffer, provider, u64::from(literal.length)).await
+                );
+                // Without MULTIAPPEND (not offered) the command must end right after the
+                // message. Anything else leaves the provider mid-command: close, rather
+                // than forward bytes that were not parsed.
+                let rest = match stream::next_line(client, &mut buffer, 1024).await {
+                    Ok(rest) => rest,
+                    Err(e) => return UpwardEnd::Ended(SessionEnd::Error(e.to_string())),
+                };
+                if !trim_line(&rest).is_empty() {
+                    let _ = answer(
+                        client_writer,
+                        format!("{tag} BAD Unexpected data after the APPEND message\r\n* BYE Protocol error\r\n").as_bytes(),
+                    )
+                    .await;
+                    return UpwardEnd::Ended(SessionEnd::Error(
+                        "data after an APPEND message".to_owned(),
+                    ));
+                }
+                try_end!(send_upstream(provider, b"\r\n").await);
+            }
+            Assembled::NeedMore | Assembled::SendContinuation => unreachable!("handled above"),
+        }
+    }
+}
+
+fn trim_line(bytes: &[u8]) -> &[u8] {
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    bytes.strip_suffix(b"\r").unwrap_or(bytes)
+}
+
+async fn audited(
+    ctx: &SessionContext,
+    summary: &CommandSummary,
+    outcome: Outcome,
+) -> Result<(), SessionEnd> {
+    ctx.audit(
+        &summary.name,
+        summary.folder.clone(),
+        summary.detail.clone(),
+        outcome,
+    )
+    .await
+    .map_err(|_| SessionEnd::AuditFailed)
+}
+
+/// Record and answer a command refused by the gateway.
+async fn refuse(
+    ctx: &SessionContext,
+    client: &ClientWriter,
+    tag: Option<&str>,
+    name: &str,
+    folder: Option<String>,
+    text: &str,
+) -> Result<(), SessionEnd> {
+    ctx.audit(name, folder, text.to_owned(), Outcome::Bad)
+        .await
+        .map_err(|_| SessionEnd::AuditFailed)?;
+    answer(
+        client,
+        format!("{} BAD {text}\r\n", tag.unwrap_or("*")).as_bytes(),
+    )
+    .await
+}
+
+async fn send_upstream(
+    provider: &mut WriteHalf<BoxStream>,
+    bytes: &[u8],
+) -> Result<(), SessionEnd> {
+    let result = async {
+        provider.write_all(bytes).await?;
+        provider.flush().await
+    }
+    .await;
+    result.map_err(|_| SessionEnd::UpstreamClosed)
+}
+
+/// Send a command's steps, waiting for the provider's `+` where a literal is synchronising.
+async fn run_steps(
+    provider: &mut WriteHalf<BoxStream>,
+    state: &Mutex<RelayState>,
+    tag: &str,
+    steps: &[UpstreamStep],
+) -> Result<Continuation, SessionEnd> {
+    let mut steps = steps.iter().peekable();
+    while let Some(step) = steps.next() {
+        let UpstreamStep::Send(bytes) = step else {
+            continue;
+        };
+        // The waiter is registered before the announcement is sent, so the provider's `+`
+        // can never reach the other loop first and be relayed to the client by mistake.
+        let waiter = matches!(steps.peek(), Some(UpstreamStep::AwaitContinuation)).then(|| {
+            let (tx, rx) = oneshot::channel();
+            state.lock().unwrap().continuation = Some((tag.to_owned(), tx));
+            rx
+        });
+        send_upstream(provider, bytes).await?;
+        if let Some(rx) = waiter {
+            if let Continuation::Rejected = wait(rx).await? {
+                return Ok(Continuation::Rejected);
+            }
+        }
+    }
+    Ok(Continuation::Go)
+}
+
+async fn wait(rx: oneshot::Receiver<Continuation>) -> Result<Continuation, SessionEnd> {
+    rx.await.map_err(|_| SessionEnd::UpstreamClosed)
+}
+
+/// Copy `length` bytes of a literal from the client to the provider in bounded chunks.
+async fn stream_literal(
+    client: &mut ReadHalf<BoxStream>,
+    buffer: &mut BytesMut,
+    provider: &mut WriteHalf<BoxStream>,
+    length: u64,
+) -> Result<(), SessionEnd> {
+    copy_exact(client, buffer, provider, length)
+        .await
+        .map_err(|e| match e {
+            CopyError::Source(e) => SessionEnd::Error(format!("client: {e}")),
+            CopyError::Closed => SessionEnd::ClientClosed,
+            CopyError::Sink => SessionEnd::UpstreamClosed,
+        })
+}
+
+async fn discard(
+    client: &mut ReadHalf<BoxStream>,
+    buffer: &mut BytesMut,
+    length: u64,
+) -> Result<(), SessionEnd> {
+    copy_exact(client, buffer, &mut tokio::io::sink(), length)
+        .await
+        .map_err(|_| SessionEnd::ClientClosed)
+}
+
+async fn skip_line(
+    client: &mut ReadHalf<BoxStream>,
+    buffer: &mut BytesMut,
+) -> Result<(), SessionEnd> {
+    stream::next_line(client, buffer, 64 * 1024)
+        .await
+        .map(|_| ())
+        .map_err(|_| SessionEnd::ClientClosed)
+}
+
+enum CopyError {
+    Source(std::io::Error),
+    Sink,
+    Closed,
+}
+
+/// Move exactly `length` bytes from `buffer` + `source` to `sink`, never holding more than
+/// one read chunk: this is what keeps memory flat in message size.
+async fn copy_exact<R, W>(
+    source: &mut R,
+    buffer: &mut BytesMut,
+    sink: &mut W,
+    mut length: u64,
+) -> Result<(), CopyError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    while length > 0 {
+        if buffer.is_empty() {
+            buffer.reserve(READ_CHUNK);
+            if !stream::fill(source, buffer)
+                .await
+                .map_err(CopyError::Source)?
+            {
+                return Err(CopyError::Closed);
+            }
+        }
+        let n = (buffer.len() as u64).min(length) as usize;
+        sink.write_all(&buffer[..n])
+            .await
+            .map_err(|_| CopyError::Sink)?;
+        buffer.advance(n);
+        length -= n as u64;
+    }
+    Ok(())
+}
+
+async fn provider_to_client(
+    ctx: &SessionContext,
+    provider: &mut ReadHalf<BoxStream>,
+    buffer: &mut BytesMut,
+    client: &ClientWriter,
+    state: &Mutex<RelayState>,
+    capabilities: &[String],
+    shutdown: &CancellationToken,
+) -> SessionEnd {
+    loop {
+        // Between responses: the only place where the session may stop cleanly.
+        if !buffer.contains(&b'\n') {
+            let mut writer = client.lock().await;
+            if writer.flush().await.is_err() {
+                return SessionEnd::ClientClosed;
+            }
+            drop(writer);
+            tokio::select! {
+                read = stream::fill(provider, buffer) => match read {
+                    Ok(true) => continue,
+                    Ok(false) | Err(_) => {
+                        let logout = state.lock().unwrap().logout_tag.is_some();
+                        if logout {
+                            return SessionEnd::Logout;
+                        }
+                        tracing::warn!("the provider closed the connection");
+                        let _ = answer(client, b"* BYE The PEC provider closed the connection\r\n").await;
+                        return SessionEnd::UpstreamClosed;
+                    }
+                },
+                () = shutdown.cancelled(), if buffer.is_empty() => {
+                    let _ = answer(client, b"* BYE pecgate is shutting down\r\n").await;
+                    return SessionEnd::Shutdown;
+                }
+            }
+        }
+        let line = match stream::next_line(provider, buffer, MAX_RESPONSE_LINE).await {
+            Ok(line) => line,
+            Err(error) => {
+                tracing::warn!(%error, "provider stream ended mid-response");
+                let _ = answer(client, b"* BYE The PEC provider connection failed\r\n").await;
+                return SessionEnd::UpstreamClosed;
+            }
+        };
+        match response::classify(&line) {
+            ResponseKind::Continuation => {
+                let waiter = state.lock().unwrap().continuation.take();
+                match waiter {
+                    Some((_, tx)) => {
+                        let _ = tx.send(Continuation::Go);
+                    }
+                    None => {
+                        if let Err(end) = answer(client, &line).await {
+                            return end;
+                        }
+                    }
+                }
+            }
+            ResponseKind::Tagged { tag, status } => {
+                let tag = tag.to_owned();
+                let (pending, logout) = {
+                    let mut state = state.lock().unwrap();
+                    if state.continuation.as_ref().is_some_and(|(t, _)| *t == tag) {
+                        let (_, tx) = state.continuation.take().unwrap();
+                        let _ = tx.send(Continuation::Rejected);
+                    }
+                    if state.idle_tag.as_deref() == Some(tag.as_str()) {
+                        state.idle_tag = None;
+                    }
+                    let position = state.pending.iter().position(|p| p.tag == tag);
+                    let pending = position.and_then(|i| state.pending.remove(i));
+                    if let Some(pending) = &pending {
+                        match (&pending.effect, status) {
+                            (Effect::Select(folder), Status::Ok) => {
+                                state.selected = Some(folder.clone())
+                            }
+                            // A failed SELECT leaves no mailbox selected (RFC 3501 6.3.1).
+                            (Effect::Select(_), _) | (Effect::Unselect, Status::Ok) => {
+                                state.selected = None
+                            }
+                            _ => {}
+                        }
+                    }
+                    (pending, state.logout_tag.as_deref() == Some(tag.as_str()))
+                };
+                if let Some(pending) = pending {
+                    let outcome = match status {
+                        Status::Ok => Outcome::Ok,
+                        Status::No => Outcome::No,
+                        _ => Outcome::Bad,
+                    };
+                    if audited(ctx, &pending.summary, outcome).await.is_err() {
+                        let _ = answer(
+                            client,
+                            b"* BYE [UNAVAILABLE] Audit log unavailable: pecgate refuses to work unrecorded\r\n",
+                        )
+                        .await;
+                        return SessionEnd::AuditFailed;
+                    }
+                }
+                let out = if response::carries_capabilities(&line) {
+                    response::replace_capabilities(&line, capabilities)
+                } else {
+                    line.to_vec()
+                };
+                if let Err(end) = answer(client, &out).await {
+                    return end;
+                }
+                if logout {
+                    return SessionEnd::Logout;
+                }
+            }
+            _ if response::carries_capabilities(&line) => {
+                let out = response::replace_capabilities(&line, capabilities);
+                if let Err(end) = answer(client, &out).await {
+                    return end;
+                }
+            }
+            _ => {
+                if let Err(end) = pass_through(provider, buffer, client, line).await {
+                    return end;
+                }
+            }
+        }
+    }
+}
+
+/// Relay one untagged response byte for byte, streaming its literals.
+async fn pass_through(
+    provider: &mut ReadHalf<BoxStream>,
+    buffer: &mut BytesMut,
+    client: &ClientWriter,
+    mut line: BytesMut,
+) -> Result<(), SessionEnd> {
+    let mut writer = client.lock().await;
+    loop {
+        writer
+            .write_all(&line)
+            .await
+            .map_err(|_| SessionEnd::ClientClosed)?;
+        let Some(literal) = crate::imap::framing::literal_at_end(&line) else {
+            return Ok(());
+        };
+        copy_exact(provider, buffer, &mut *writer, u64::from(literal.length))
+            .await
+            .map_err(|e| match e {
+                CopyError::Sink => SessionEnd::ClientClosed,
+                CopyError::Source(_) | CopyError::Closed => SessionEnd::UpstreamClosed,
+            })?;
+        line = stream::next_line(provider, buffer, MAX_RESPONSE_LINE)
+            .await
+            .map_err(|_| SessionEnd::UpstreamClosed)?;
+    }
+}

@@ -1,0 +1,238 @@
+//! Reading provider responses and rewriting the few that need it, free of I/O.
+//!
+//! Responses pass to the client byte for byte except where pecgate must change what the
+//! client learns: the capability list (an allow-list of what pecgate relays end to end). The
+//! relay asks [`classify`] about the first line of every response and only buffers and
+//! rewrites what it must.
+
+/// Capabilities pecgate relays end to end, when the provider offers them too.
+const RELAYED_WHEN_UPSTREAM_HAS: &[&str] = &[
+    "IDLE",
+    "UIDPLUS",
+    "MOVE",
+    "UNSELECT",
+    "NAMESPACE",
+    "CHILDREN",
+    "ID",
+];
+
+/// Capabilities the gateway itself implements towards the client, whatever the provider has.
+const GATEWAY_OWN: &[&str] = &["IMAP4rev1", "LITERAL+"];
+
+/// The capability list offered to a logged-in client, given the provider's list.
+/// Anything not on the allow-list (COMPRESS, NOTIFY, unknown extensions) is dropped.
+pub fn client_capabilities<'a>(upstream: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let upstream: Vec<&str> = upstream.into_iter().collect();
+    let mut caps: Vec<String> = GATEWAY_OWN.iter().map(|c| (*c).to_owned()).collect();
+    for cap in RELAYED_WHEN_UPSTREAM_HAS {
+        if upstream.iter().any(|u| u.eq_ignore_ascii_case(cap)) {
+            caps.push((*cap).to_owned());
+        }
+    }
+    caps
+}
+
+/// Status of a tagged or untagged status response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    No,
+    Bad,
+    Bye,
+    PreAuth,
+}
+
+/// What the first line of a provider response is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ResponseKind<'a> {
+    /// `+ ...`: a continuation request.
+    Continuation,
+    /// `TAG OK|NO|BAD ...`.
+    Tagged { tag: &'a str, status: Status },
+    /// `* OK|NO|BAD|BYE|PREAUTH ...`.
+    UntaggedStatus(Status),
+    /// Any other untagged response (`* 3 FETCH`, `* LIST`, ...).
+    UntaggedData,
+    /// Not IMAP.
+    Garbage,
+}
+
+/// Classify a response by its first line.
+pub fn classify(line: &[u8]) -> ResponseKind<'_> {
+    if line.starts_with(b"+") {
+        return ResponseKind::Continuation;
+    }
+    let mut words = line.splitn(3, |&b| b == b' ');
+    let (Some(first), Some(second)) = (words.next(), words.next()) else {
+        return ResponseKind::Garbage;
+    };
+    let second = trim_line_end(second);
+    let status = parse_status(second);
+    if first == b"*" {
+        return match status {
+            Some(s) => ResponseKind::UntaggedStatus(s),
+            None => ResponseKind::UntaggedData,
+        };
+    }
+    match (std::str::from_utf8(first), status) {
+        (Ok(tag), Some(status @ (Status::Ok | Status::No | Status::Bad))) => {
+            ResponseKind::Tagged { tag, status }
+        }
+        _ => ResponseKind::Garbage,
+    }
+}
+
+fn trim_line_end(word: &[u8]) -> &[u8] {
+    let word = word.strip_suffix(b"\n").unwrap_or(word);
+    word.strip_suffix(b"\r").unwrap_or(word)
+}
+
+fn parse_status(word: &[u8]) -> Option<Status> {
+    let upper = word.to_ascii_uppercase();
+    Some(match upper.as_slice() {
+        b"OK" => Status::Ok,
+        b"NO" => Status::No,
+        b"BAD" => Status::Bad,
+        b"BYE" => Status::Bye,
+        b"PREAUTH" => Status::PreAuth,
+        _ => return None,
+    })
+}
+
+/// Whether the response line carries a capability list that must be replaced.
+pub fn carries_capabilities(line: &[u8]) -> bool {
+    let upper = line.to_ascii_uppercase();
+    upper.starts_with(b"* CAPABILITY ")
+        || upper.starts_with(b"* CAPABILITY\r")
+        || (matches!(
+            classify(line),
+            ResponseKind::Tagged { .. } | ResponseKind::UntaggedStatus(_)
+        ) && upper.windows(12).any(|w| w == b"[CAPABILITY "))
+}
+
+/// Replace the capability list in `line` with `caps`.
+pub fn replace_capabilities(line: &[u8], caps: &[String]) -> Vec<u8> {
+    let list = caps.join(" ");
+    let upper = line.to_ascii_uppercase();
+    if upper.starts_with(b"* CAPABILITY") {
+        return format!("* CAPABILITY {list}\r\n").into_bytes();
+    }
+    let Some(open) = upper.windows(12).position(|w| w == b"[CAPABILITY ") else {
+        return line.to_vec();
+    };
+    let Some(close) = line[open..].iter().position(|&b| b == b']') else {
+        return line.to_vec();
+    };
+    let mut out = line[..open].to_vec();
+    out.extend_from_slice(format!("[CAPABILITY {list}]").as_bytes());
+    out.extend_from_slice(&line[open + close + 1..]);
+    out
+}
+
+/// The capability atoms of a `* CAPABILITY` line or a `[CAPABILITY ...]` code.
+pub fn capabilities_in(line: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(line);
+    let upper = text.to_ascii_uppercase();
+    let list = if let Some(rest) = upper.strip_prefix("* CAPABILITY") {
+        &text[text.len() - rest.len()..]
+    } else if let Some(open) = upper.find("[CAPABILITY ") {
+        let after = &text[open + "[CAPABILITY ".len()..];
+        &after[..after.find(']').unwrap_or(after.len())]
+    } else {
+        return Vec::new();
+    };
+    list.split_ascii_whitespace().map(str::to_owned).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOVECOT: &str = "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT SORT=DISPLAY \
+        THREAD=REFERENCES MULTIAPPEND URL-PARTIAL CATENATE UNSELECT CHILDREN NAMESPACE UIDPLUS \
+        LIST-EXTENDED I18NLEVEL=1 CONDSTORE QRESYNC ESEARCH LIST-STATUS BINARY MOVE \
+        SNIPPET=FUZZY STATUS=SIZE LITERAL+ NOTIFY SPECIAL-USE COMPRESS=DEFLATE";
+
+    #[test]
+    fn allow_list_strips_what_pecgate_does_not_relay() {
+        let caps = client_capabilities(DOVECOT.split(' '));
+        assert_eq!(
+            caps,
+            [
+                "IMAP4rev1",
+                "LITERAL+",
+                "IDLE",
+                "UIDPLUS",
+                "MOVE",
+                "UNSELECT",
+                "NAMESPACE",
+                "CHILDREN",
+                "ID"
+            ]
+        );
+        // A minimal provider gets only the gateway's own.
+        assert_eq!(
+            client_capabilities(["IMAP4rev1"]),
+            ["IMAP4rev1", "LITERAL+"]
+        );
+    }
+
+    #[test]
+    fn classification() {
+        assert_eq!(classify(b"+ idling\r\n"), ResponseKind::Continuation);
+        assert_eq!(classify(b"+\r\n"), ResponseKind::Continuation);
+        assert_eq!(
+            classify(b"a1 OK done\r\n"),
+            ResponseKind::Tagged {
+                tag: "a1",
+                status: Status::Ok
+            }
+        );
+        assert_eq!(
+            classify(b"a1 no [TRYCREATE] x\r\n"),
+            ResponseKind::Tagged {
+                tag: "a1",
+                status: Status::No
+            }
+        );
+        assert_eq!(
+            classify(b"* BYE bye\r\n"),
+            ResponseKind::UntaggedStatus(Status::Bye)
+        );
+        assert_eq!(
+            classify(b"* 3 FETCH (BODY[] {5}\r\n"),
+            ResponseKind::UntaggedData
+        );
+        assert_eq!(classify(b"a1 FETCH\r\n"), ResponseKind::Garbage);
+        assert_eq!(classify(b"junk\r\n"), ResponseKind::Garbage);
+    }
+
+    #[test]
+    fn capability_rewrites() {
+        let caps = vec!["IMAP4rev1".to_owned(), "IDLE".to_owned()];
+        let line = format!("a OK [CAPABILITY {DOVECOT}] Logged in\r\n");
+        assert!(carries_capabilities(line.as_bytes()));
+        assert_eq!(
+            replace_capabilities(line.as_bytes(), &caps),
+            b"a OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n"
+        );
+        let line = format!("* CAPABILITY {DOVECOT}\r\n");
+        assert!(carries_capabilities(line.as_bytes()));
+        assert_eq!(
+            replace_capabilities(line.as_bytes(), &caps),
+            b"* CAPABILITY IMAP4rev1 IDLE\r\n"
+        );
+        assert!(!carries_capabilities(b"* 1 FETCH (FLAGS (\\Seen))\r\n"));
+        assert!(!carries_capabilities(
+            b"* LIST () \"/\" \"[CAPABILITY x]\"\r\n"
+        ));
+        assert_eq!(
+            capabilities_in(line.as_bytes()).len(),
+            DOVECOT.split_whitespace().count()
+        );
+        assert_eq!(
+            capabilities_in(b"a OK [CAPABILITY IMAP4rev1 IDLE] hi\r\n"),
+            ["IMAP4rev1", "IDLE"]
+        );
+    }
+}

@@ -1,0 +1,678 @@
+//! One client connection, from accept to close: TLS, the not-authenticated state (served
+//! locally), login against the config and the vault, then the relay.
+//!
+//! Before login nothing reaches the provider: CAPABILITY, STARTTLS, LOGIN, AUTHENTICATE PLAIN,
+//! ID, NOOP and LOGOUT are answered here; anything else is refused.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::BytesMut;
+use imap_codec::imap_types::auth::AuthMechanism;
+use imap_codec::imap_types::command::CommandBody;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use zeroize::Zeroizing;
+
+use crate::audit::{AuditError, AuditEvent, Outcome, Protocol};
+use crate::gateway::Gateway;
+use crate::imap::command::{self, summarize};
+use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, tag_of};
+use crate::imap::relay;
+use crate::imap::response;
+use crate::imap::stream::{self, BoxStream};
+use crate::password;
+use crate::upstream::{self, ProviderConnection};
+
+/// Which kind of listener accepted the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// TLS from the first byte (port 993).
+    ImplicitTls,
+    /// Plain until the client sends STARTTLS (port 143); no login before that.
+    StartTls,
+}
+
+/// A client that does not finish its TLS handshake in this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client that does not log in within this time is disconnected.
+const PREAUTH_TIMEOUT: Duration = Duration::from_secs(120);
+/// Limits before login: nobody unauthenticated gets to make pecgate buffer much.
+const PREAUTH_LIMITS: CommandLimits = CommandLimits {
+    max_line: 8 * 1024,
+    max_literal: 8 * 1024,
+    max_command: 16 * 1024,
+};
+
+/// Identity of a session, shared by the pre-auth code and the relay.
+pub struct SessionContext {
+    pub gateway: Arc<Gateway>,
+    pub id: String,
+    pub peer: SocketAddr,
+    pub user: Option<String>,
+    pub mailbox: Option<String>,
+}
+
+impl SessionContext {
+    /// Queue an audit event for this session. The caller acknowledges the command to the
+    /// client only after this returns `Ok`.
+    pub async fn audit(
+        &self,
+        command: &str,
+        folder: Option<String>,
+        detail: String,
+        outcome: Outcome,
+    ) -> Result<(), AuditError> {
+        let event = AuditEvent {
+            ts: std::time::SystemTime::now(),
+            session: self.id.clone(),
+            user: self.user.clone(),
+            mailbox: self.mailbox.clone(),
+            peer: self.peer.to_string(),
+            protocol: Protocol::Imap,
+            command: command.to_owned(),
+            folder,
+            detail,
+            outcome,
+        };
+        let result = self.gateway.audit.record(event).await;
+        if let Err(error) = &result {
+            tracing::error!(%error, "audit log unavailable: refusing to go on unrecorded");
+        }
+        result
+    }
+}
+
+/// How a session ended (for the log and the audit trail).
+#[derive(Debug)]
+pub enum SessionEnd {
+    Logout,
+    ClientClosed,
+    Timeout,
+    Shutdown,
+    AuditFailed,
+    UpstreamClosed,
+    Error(String),
+}
+
+/// Serve one accepted connection to the end.
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
+    shutdown: CancellationToken,
+) {
+    let id = new_session_id();
+    let span = tracing::info_span!(
+        "imap",
+        session = %id,
+        %peer,
+        user = tracing::field::Empty,
+        mailbox = tracing::field::Empty
+    );
+    let mut ctx = SessionContext {
+        gateway,
+        id,
+        peer,
+        user: None,
+        mailbox: None,
+    };
+    async move {
+        tracing::debug!(?kind, "connection accepted");
+        let end = run(&mut ctx, tcp, kind, &shutdown).await;
+        tracing::info!(?end, "session ended");
+    }
+    .instrument(span)
+    .await
+}
+
+fn new_session_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+async fn run(
+    ctx: &mut SessionContext,
+    tcp: TcpStream,
+    kind: ListenerKind,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
+    if let Err(error) = tcp.set_nodelay(true) {
+        return SessionEnd::Error(error.to_string());
+    }
+    let (stream, tls) = match kind {
+        ListenerKind::ImplicitTls => match handshake(ctx, Box::new(tcp)).await {
+            Ok(stream) => (stream, true),
+            Err(end) => return end,
+        },
+        ListenerKind::StartTls => (Box::new(tcp) as BoxStream, false),
+    };
+    let (stream, buffer, provider, capabilities) =
+        match not_authenticated(ctx, stream, tls, shutdown).await {
+            PreAuthEnd::LoggedIn {
+                stream,
+                buffer,
+                provider,
+                capabilities,
+            } => (stream, buffer, provider, capabilities),
+            PreAuthEnd::Closed(end) => return end,
+        };
+    let end = relay::run(ctx, stream, buffer, provider, capabilities, shutdown).await;
+    let (command, outcome) = match &end {
+        SessionEnd::Logout => ("logout", Outcome::Ok),
+        SessionEnd::UpstreamClosed => ("upstream-error", Outcome::Error),
+        SessionEnd::AuditFailed => ("disconnect", Outcome::Error),
+        _ => ("disconnect", Outcome::Ok),
+    };
+    let _ = ctx
+        .audit(command, None, format!("{end:?}").to_lowercase(), outcome)
+        .await;
+    end
+}
+
+async fn handshake(ctx: &SessionContext, stream: BoxStream) -> Result<BoxStream, SessionEnd> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, ctx.gateway.acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Ok(Box::new(tls)),
+        Ok(Err(error)) => {
+            tracing::info!(%error, "TLS handshake failed");
+            Err(SessionEnd::Error(format!("TLS handshake: {error}")))
+        }
+        Err(_) => Err(SessionEnd::Timeout),
+    }
+}
+
+enum PreAuthEnd {
+    LoggedIn {
+        stream: BoxStream,
+        buffer: BytesMut,
+        provider: ProviderConnection,
+        capabilities: Vec<String>,
+    },
+    Closed(SessionEnd),
+}
+
+/// Capabilities offered before login.
+fn preauth_capabilities(tls: bool) -> &'static str {
+    if tls {
+        "IMAP4rev1 LITERAL+ SASL-IR ID AUTH=PLAIN"
+    } else {
+        "IMAP4rev1 LITERAL+ SASL-IR ID STARTTLS LOGINDISABLED"
+    }
+}
+
+/// Write and flush; any error ends the session.
+async fn send(stream: &mut BoxStream, bytes: &[u8]) -> Result<(), SessionEnd> {
+    let result = async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    }
+    .await;
+    result.map_err(|e| SessionEnd::Error(e.to_string()))
+}
+
+async fn not_authenticated(
+    ctx: &mut SessionContext,
+    mut stream: BoxStream,
+    mut tls: bool,
+    shutdown: &CancellationToken,
+) -> PreAuthEnd {
+    macro_rules! send_or_close {
+        ($bytes:expr) => {
+            if let Err(end) = send(&mut stream, $bytes).await {
+                return PreAuthEnd::Closed(end);
+            }
+        };
+    }
+    macro_rules! audit_or_close {
+        ($command:expr, $detail:expr, $outcome:expr) => {
+            if ctx.audit($command, None, $detail, $outcome).await.is_err() {
+                let _ = send(
+                    &mut stream,
+                    b"* BYE [UNAVAILABLE] Audit log unavailable\r\n",
+                )
+                .await;
+                return PreAuthEnd::Closed(SessionEnd::AuditFailed);
+            }
+        };
+    }
+    let greeting = format!(
+        "* OK [CAPABILITY {}] pecgate ready\r\n",
+        preauth_capabilities(tls)
+    );
+    send_or_close!(greeting.as_bytes());
+    let mut buffer = BytesMut::with_capacity(1024);
+    let mut assembler = CommandAssembler::new(PREAUTH_LIMITS);
+    let deadline = tokio::time::Instant::now() + PREAUTH_TIMEOUT;
+    loop {
+        let assembled = match assembler.poll(&mut buffer, |_, _| false) {
+            Assembled::NeedMore => {
+                tokio::select! {
+                    read = stream::fill(&mut stream, &mut buffer) => match read {
+                        Ok(true) => continue,
+                        Ok(false) => return PreAuthEnd::Closed(SessionEnd::ClientClosed),
+                        Err(e) => return PreAuthEnd::Closed(SessionEnd::Error(e.to_string())),
+                    },
+                    () = tokio::time::sleep_until(deadline) => {
+                        let _ = send(&mut stream, b"* BYE Autologout: no login in time\r\n").await;
+                        return PreAuthEnd::Closed(SessionEnd::Timeout);
+                    }
+                    () = shutdown.cancelled() => {
+                        let _ = send(&mut stream, b"* BYE pecgate is shutting down\r\n").await;
+                        return PreAuthEnd::Closed(SessionEnd::Shutdown);
+                    }
+                }
+            }
+            Assembled::SendContinuation => {
+                send_or_close!(b"+ Ready for literal data\r\n");
+                continue;
+            }
+            other => other,
+        };
+        let bytes = match assembled {
+            Assembled::Command(bytes) => bytes,
+            Assembled::Refused { tag, reason } => {
+                audit_or_close!("(unparsed)", reason.text().to_owned(), Outcome::Bad);
+                send_or_close!(bad(tag.as_deref(), reason.text()).as_bytes());
+                continue;
+            }
+            Assembled::MessageLiteral { .. }
+            | Assembled::NeedMore
+            | Assembled::SendContinuation => {
+                unreachable!("handled above")
+            }
+        };
+        let command = match command::parse_command(&bytes) {
+            Ok(command) => command,
+            Err(error) => {
+                let tag = tag_of(&bytes, &[]);
+                audit_or_close!("(unparsed)", command::printable(&bytes, 200), Outcome::Bad);
+                send_or_close!(
+                    bad(tag.as_deref(), &format!("Invalid command: {error}")).as_bytes()
+                );
+                continue;
+            }
+        };
+        let tag = command.tag.as_ref().to_owned();
+        let name = command.body.name();
+        match command.body {
+            CommandBody::Capability => {
+                audit_or_close!(name, String::new(), Outcome::Ok);
+                let reply = format!(
+                    "* CAPABILITY {}\r\n{tag} OK CAPABILITY completed\r\n",
+                    preauth_capabilities(tls)
+                );
+                send_or_close!(reply.as_bytes());
+            }
+            CommandBody::Noop => {
+                audit_or_close!(name, String::new(), Outcome::Ok);
+                send_or_close!(format!("{tag} OK NOOP completed\r\n").as_bytes());
+            }
+            CommandBody::Id { .. } => {
+                audit_or_close!(name, summarize(&command).detail, Outcome::Ok);
+                let reply = format!(
+                    "* ID (\"name\" \"pecgate\" \"version\" \"{}\")\r\n{tag} OK ID completed\r\n",
+                    env!("CARGO_PKG_VERSION")
+                );
+                send_or_close!(reply.as_bytes());
+            }
+            CommandBody::Logout => {
+                audit_or_close!(name, String::new(), Outcome::Ok);
+                let _ = send(
+                    &mut stream,
+                    format!("* BYE Logging out\r\n{tag} OK LOGOUT completed\r\n").as_bytes(),
+                )
+                .await;
+                return PreAuthEnd::Closed(SessionEnd::Logout);
+            }
+            CommandBody::StartTLS if tls => {
+                audit_or_close!(name, "already using TLS".to_owned(), Outcome::Bad);
+                send_or_close!(bad(Some(&tag), "TLS is already active").as_bytes());
+            }
+            CommandBody::StartTLS => {
+                audit_or_close!(name, String::new(), Outcome::Ok);
+                send_or_close!(format!("{tag} OK Begin TLS negotiation now\r\n").as_bytes());
+                // Anything the client pipelined after STARTTLS was sent in clear text and
+                // could have been injected by a man in the middle: discard it.
+                buffer.clear();
+                assembler = CommandAssembler::new(PREAUTH_LIMITS);
+                stream = match handshake(ctx, stream).await {
+                    Ok(stream) => stream,
+                    Err(end) => return PreAuthEnd::Closed(end),
+                };
+                tls = true;
+            }
+            CommandBody::Login { .. } | CommandBody::Authenticate { .. } if !tls => {
+                audit_or_close!(name, "before STARTTLS".to_owned(), Outcome::Denied);
+                send_or_close!(
+                    format!("{tag} NO [PRIVACYREQUIRED] Use STARTTLS before logging in\r\n")
+                        .as_bytes()
+                );
+            }
+            CommandBody::Authenticate {
+                mechanism,
+                initial_response,
+            } => {
+                if mechanism != AuthMechanism::Plain {
+                    audit_or_close!(name, mechanism.to_string(), Outcome::No);
+                    send_or_close!(
+                        format!("{tag} NO [CANNOT] Only AUTHENTICATE PLAIN is supported\r\n")
+                            .as_bytes()
+                    );
+                    continue;
+                }
+                let response: Zeroizing<Vec<u8>> = match initial_response {
+                    Some(secret) => Zeroizing::new(secret.declassify().to_vec()),
+                    None => {
+                        send_or_close!(b"+ \r\n");
+                        let line = match stream::next_line(&mut stream, &mut buffer, 8 * 1024).await
+                        {
+                            Ok(line) => Zeroizing::new(line.to_vec()),
+                            Err(e) => return PreAuthEnd::Closed(SessionEnd::Error(e.to_string())),
+                        };
+                        let trimmed = line
+                            .strip_suffix(b"\n")
+                            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+                            .unwrap_or(&line);
+                        if trimmed == b"*" {
+                            audit_or_close!(name, "cancelled".to_owned(), Outcome::Bad);
+                            send_or_close!(bad(Some(&tag), "Authentication cancelled").as_bytes());
+                            continue;
+                        }
+                        match base64::engine::general_purpose::STANDARD.decode(trimmed) {
+                            Ok(decoded) => Zeroizing::new(decoded),
+                            Err(_) => {
+                                audit_or_close!(name, "invalid base64".to_owned(), Outcome::Bad);
+                                send_or_close!(
+                                    bad(Some(&tag), "Invalid base64 in SASL response").as_bytes()
+                                );
+                                continue;
+                            }
+                        }
+                    }
+                };
+                let Some((login, secret)) = parse_sasl_plain(&response) else {
+                    audit_or_close!(name, "malformed PLAIN response".to_owned(), Outcome::Bad);
+                    send_or_close!(bad(Some(&tag), "Malformed SASL PLAIN response").as_bytes());
+                    continue;
+                };
+                match log_in(ctx, &tag, name, &login, secret).await {
+                    LoginResult::Success {
+                        provider,
+                        capabilities,
+                        reply,
+                    } => {
+                        send_or_close!(reply.as_bytes());
+                        return PreAuthEnd::LoggedIn {
+                            stream,
+                            buffer,
+                            provider,
+                            capabilities,
+                        };
+                    }
+                    LoginResult::Refused(reply) => send_or_close!(reply.as_bytes()),
+                    LoginResult::AuditFailed => {
+                        let _ = send(
+                            &mut stream,
+                            b"* BYE [UNAVAILABLE] Audit log unavailable\r\n",
+                        )
+                        .await;
+                        return PreAuthEnd::Closed(SessionEnd::AuditFailed);
+                    }
+                }
+            }
+            CommandBody::Login { username, password } => {
+                let login = String::from_utf8_lossy(username.as_ref()).into_owned();
+                let secret = Zeroizing::new(password.declassify().as_ref().to_vec());
+                match log_in(ctx, &tag, name, &login, secret).await {
+                    LoginResult::Success {
+                        provider,
+                        capabilities,
+                        reply,
+                    } => {
+                        send_or_close!(reply.as_bytes());
+                        return PreAuthEnd::LoggedIn {
+                            stream,
+                            buffer,
+                            provider,
+                            capabilities,
+                        };
+                    }
+                    LoginResult::Refused(reply) => send_or_close!(reply.as_bytes()),
+                    LoginResult::AuditFailed => {
+                        let _ = send(
+                            &mut stream,
+                            b"* BYE [UNAVAILABLE] Audit log unavailable\r\n",
+                        )
+                        .await;
+                        return PreAuthEnd::Closed(SessionEnd::AuditFailed);
+                    }
+                }
+            }
+            _ => {
+                audit_or_close!(name, "before login".to_owned(), Outcome::Bad);
+                send_or_close!(bad(Some(&tag), "Log in first").as_bytes());
+            }
+        }
+    }
+}
+
+fn bad(tag: Option<&str>, text: &str) -> String {
+    format!("{} BAD {text}\r\n", tag.unwrap_or("*"))
+}
+
+/// `authzid NUL authcid NUL password`; an authzid other than empty or the authcid is refused
+/// (pecgate has no proxy-authorisation).
+fn parse_sasl_plain(response: &[u8]) -> Option<(String, Zeroizing<Vec<u8>>)> {
+    let mut parts = response.split(|&b| b == 0);
+    let authzid = parts.next()?;
+    let authcid = parts.next()?;
+    let password = parts.next()?;
+    if parts.next().is_some() || authcid.is_empty() {
+        return None;
+    }
+    if !authzid.is_empty() && authzid != authcid {
+        return None;
+    }
+    let login = std::str::from_utf8(authcid).ok()?.to_owned();
+    Some((login, Zeroizing::new(password.to_vec())))
+}
+
+enum LoginResult {
+    Success {
+        provider: ProviderConnection,
+        capabilities: Vec<String>,
+        reply: String,
+    },
+    Refused(String),
+    AuditFailed,
+}
+
+/// Check personal credentials, then open the provider session.
+async fn log_in(
+    ctx: &mut SessionContext,
+    tag: &str,
+    command: &str,
+    login: &str,
+    secret: Zeroizing<Vec<u8>>,
+) -> LoginResult {
+    let gateway = ctx.gateway.clone();
+    let started = Instant::now();
+    let user_name = login.split('/').next().unwrap_or(login).to_owned();
+    let hash = gateway
+        .config
+        .users
+        .get(&user_name)
+        .map(|u| u.password.clone());
+    let user_exists = hash.is_some();
+    // argon2 takes tens of milliseconds of CPU: keep it off the async workers. Unknown users
+    // are checked against a dummy hash so both cases cost the same.
+    let verified = tokio::task::spawn_blocking(move || match hash {
+        Some(hash) => password::verify_password(&hash, &secret),
+        None => {
+            password::verify_against_dummy(&secret);
+            false
+        }
+    })
+    .await
+    .unwrap_or(false);
+
+    let failure_delay = gateway.config.gateway.login_failure_delay;
+    let failed = |reason: &str| {
+        tracing::info!(login, reason, "login failed");
+        (
+            format!("login={login:?} reason={reason}"),
+            format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed\r\n"),
+        )
+    };
+    let refuse_after_delay = |ctx: &SessionContext, detail: String, reply: String| {
+        let user = user_exists.then(|| user_name.clone());
+        let event_ctx = SessionContext {
+            gateway: ctx.gateway.clone(),
+            id: ctx.id.clone(),
+            peer: ctx.peer,
+            user,
+            mailbox: None,
+        };
+        async move {
+            tokio::time::sleep_until((started + failure_delay).into()).await;
+            match event_ctx.audit(command, None, detail, Outcome::No).await {
+                Ok(()) => LoginResult::Refused(reply),
+                Err(_) => LoginResult::AuditFailed,
+            }
+        }
+    };
+    if !verified {
+        let reason = if user_exists {
+            "wrong password"
+        } else {
+            "unknown user"
+        };
+        let (detail, reply) = failed(reason);
+        return refuse_after_delay(ctx, detail, reply).await;
+    }
+    let target = match gateway.config.resolve_login(login) {
+        Ok(target) => target,
+        Err(error) => {
+            use crate::config::LoginError;
+            let (detail, reply) = match error {
+                LoginError::AmbiguousMailbox => {
+                    let choices = gateway.config.mailboxes_of(&user_name).join(", ");
+                    (
+                        format!("login={login:?} reason=no mailbox chosen"),
+                        format!(
+                            "{tag} NO [AUTHENTICATIONFAILED] Choose a mailbox: log in as {user_name}/MAILBOX (one of: {choices})\r\n"
+                        ),
+                    )
+                }
+                LoginError::MailboxNotGranted | LoginError::NoMailbox => (
+                    format!("login={login:?} reason={error}"),
+                    format!(
+                        "{tag} NO [AUTHORIZATIONFAILED] Your roles do not grant that mailbox\r\n"
+                    ),
+                ),
+                other => failed(&other.to_string()),
+            };
+            return refuse_after_delay(ctx, detail, reply).await;
+        }
+    };
+    ctx.user = Some(target.user.clone());
+    ctx.mailbox = Some(target.mailbox.clone());
+    let span = tracing::Span::current();
+    span.record("user", target.user.as_str());
+    span.record("mailbox", target.mailbox.as_str());
+
+    let unavailable = |text: String| format!("{tag} NO [UNAVAILABLE] {text}\r\n");
+    let mailbox = &gateway.mailboxes[&target.mailbox];
+    let outcome = match mailbox.target(gateway.provider_timeout) {
+        None => {
+            tracing::error!(
+                "no provider password in the vault for this mailbox: run `pecgate vault set {}`",
+                target.mailbox
+            );
+            Err((
+                "no provider password in the vault".to_owned(),
+                unavailable("The mailbox is not configured on the gateway yet; tell IT".to_owned()),
+            ))
+        }
+        Some(provider_target) => match mailbox.budget.try_acquire() {
+            None => {
+                tracing::warn!(
+                    limit = mailbox.budget.limit(),
+                    "all provider connections of this mailbox are in use"
+                );
+                Err((
+                    format!("max_connections={} reached", mailbox.budget.limit()),
+                    unavailable(format!(
+                        "All {} connections to the PEC provider for this mailbox are in use; try again in a moment",
+                        mailbox.budget.limit()
+                    )),
+                ))
+            }
+            Some(permit) => match upstream::connect(&provider_target, permit).await {
+                Ok(provider) => Ok(provider),
+                Err(error) => {
+                    tracing::error!(%error, "cannot open the provider session");
+                    let _ = ctx
+                        .audit("upstream-error", None, error.to_string(), Outcome::Error)
+                        .await;
+                    Err((
+                        "provider unavailable".to_owned(),
+                        unavailable(
+                            "The PEC provider cannot be reached right now; try again later"
+                                .to_owned(),
+                        ),
+                    ))
+                }
+            },
+        },
+    };
+    match outcome {
+        Ok(provider) => {
+            let capabilities =
+                response::client_capabilities(provider.capabilities.iter().map(String::as_str));
+            if ctx
+                .audit(command, None, format!("login={login:?}"), Outcome::Ok)
+                .await
+                .is_err()
+            {
+                return LoginResult::AuditFailed;
+            }
+            tracing::info!("logged in");
+            let reply = format!(
+                "{tag} OK [CAPABILITY {}] Logged in as {} on mailbox {}\r\n",
+                capabilities.join(" "),
+                target.user,
+                target.mailbox
+            );
+            LoginResult::Success {
+                provider,
+                capabilities,
+                reply,
+            }
+        }
+        Err((detail, reply)) => match ctx.audit(command, None, detail, Outcome::No).await {
+            Ok(()) => LoginResult::Refused(reply),
+            Err(_) => LoginResult::AuditFailed,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sasl_plain() {
+        let (login, pw) = parse_sasl_plain(b"\0mario\0secret").unwrap();
+        assert_eq!((login.as_str(), pw.as_slice()), ("mario", &b"secret"[..]));
+        assert!(parse_sasl_plain(b"mario\0mario\0pw").is_some());
+        assert!(parse_sasl_plain(b"admin\0mario\0pw").is_none());
+        assert!(parse_sasl_plain(b"\0\0pw").is_none());
+        assert!(parse_sasl_plain(b"mario-pw").is_none());
+        assert!(parse_sasl_plain(b"\0a\0b\0c").is_none());
+    }
+}

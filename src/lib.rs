@@ -1,0 +1,15 @@
+//! pecgate: a gateway that lets a whole company use its PEC (Posta Elettronica Certificata)
+//! mailboxes with personal logins, per-user audit and folder policy.
+//!
+//! The binary (`src/main.rs`) is a thin CLI over this library; `docs/ARCHITECTURE.md` maps
+//! the modules and their invariants.
+
+pub mod audit;
+pub mod config;
+pub mod gateway;
+pub mod imap;
+pub mod password;
+pub mod server;
+pub mod tls;
+pub mod upstream;
+pub mod vault;

@@ -1,0 +1,381 @@
+//! The `pecgate` command line: `serve`, `check`, `hash-password`, `vault`, `audit`.
+//!
+//! This is the binary edge: errors become `anyhow` reports here and nowhere else.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use pecgate::audit::{self, AuditLog, QueryFilter};
+use pecgate::config::Config;
+use pecgate::gateway::Gateway;
+use pecgate::password;
+use pecgate::server::{self, Listeners};
+use pecgate::vault::{self, SecretString, Vault};
+
+const DEFAULT_CONFIG: &str = "/etc/pecgate/proxy.toml";
+
+#[derive(Parser)]
+#[command(
+    name = "pecgate",
+    version,
+    about = "Personal logins, audit and folder policy for shared PEC mailboxes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway in the foreground (logs to stderr; RUST_LOG sets the level).
+    Serve {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate the configuration and print a summary, like `nginx -t`.
+    Check {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Read a password (prompt on a terminal, else one line of stdin) and print its argon2id hash.
+    HashPassword,
+    /// Manage provider passwords in the encrypted vault.
+    Vault {
+        #[command(subcommand)]
+        action: VaultAction,
+    },
+    /// Read and verify the audit log.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum VaultAction {
+    /// Store the provider password of MAILBOX (read from stdin or a prompt).
+    Set {
+        mailbox: String,
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// List the mailboxes that have a password stored (never the passwords).
+    List {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Remove the provider password of MAILBOX.
+    Remove {
+        mailbox: String,
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditAction {
+    /// Check the hash chain; prints the chain head to copy somewhere safe.
+    Verify {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// A head from an earlier verify, as ID:HASH, that must still be intact.
+        #[arg(long)]
+        anchor: Option<String>,
+    },
+    /// Print events, oldest first.
+    Show {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        mailbox: Option<String>,
+        #[arg(long)]
+        session: Option<String>,
+        /// `YYYY-MM-DD` or RFC 3339.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        command: Option<String>,
+        /// Only the most recent N events.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::Check { config } => check(&config),
+        Command::HashPassword => hash_password(),
+        Command::Vault { action } => vault_command(action),
+        Command::Audit { action } => audit_command(action),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("pecgate: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn load_config(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Keep secrets out of core dumps: no core file, and not dumpable by other processes.
+fn forbid_core_dumps() {
+    // SAFETY: plain libc calls with valid arguments; failure is harmless (best effort).
+    unsafe {
+        let zero = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &zero);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+}
+
+fn check(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{}: configuration is invalid", path.display());
+            eprintln!("{error}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let mut problems = config.check_files();
+    let vault_path = config.vault_path();
+    match vault::load_key(&config.vault_key_path()) {
+        Ok(key) => match Vault::open(&vault_path, key) {
+            Ok(vault) => {
+                for name in config.mailboxes.keys() {
+                    if !vault.contains(name) {
+                        problems.push(pecgate::config::Problem {
+                            key: format!("mailboxes.{name}"),
+                            message: format!(
+                                "no provider password in the vault (run `pecgate vault set {name}`)"
+                            ),
+                        });
+                    }
+                }
+            }
+            Err(error) => problems.push(pecgate::config::Problem {
+                key: "gateway.vault_key".to_owned(),
+                message: error.to_string(),
+            }),
+        },
+        Err(error) => problems.push(pecgate::config::Problem {
+            key: "gateway.vault_key".to_owned(),
+            message: error.to_string(),
+        }),
+    }
+    for warning in config.warnings() {
+        eprintln!("warning: {warning}");
+    }
+    if !problems.is_empty() {
+        eprintln!("{}: configuration has problems", path.display());
+        for problem in &problems {
+            eprintln!("{problem}");
+        }
+        return Ok(ExitCode::from(1));
+    }
+    println!("{}: configuration OK", path.display());
+    print!("{}", config.summary());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn hash_password() -> anyhow::Result<ExitCode> {
+    let secret = password::read_password_interactive("Password: ", true)?;
+    println!("{}", password::hash_password(secret.as_bytes())?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open_vault_for_edit(config: &Config) -> anyhow::Result<Vault> {
+    std::fs::create_dir_all(&config.gateway.state_dir).with_context(|| {
+        format!(
+            "cannot create state_dir {}",
+            config.gateway.state_dir.display()
+        )
+    })?;
+    Ok(Vault::open_or_create(
+        &config.vault_path(),
+        &config.vault_key_path(),
+    )?)
+}
+
+fn vault_command(action: VaultAction) -> anyhow::Result<ExitCode> {
+    forbid_core_dumps();
+    match action {
+        VaultAction::Set { mailbox, config } => {
+            let config = load_config(&config)?;
+            if !config.mailboxes.contains_key(&mailbox) {
+                bail!("mailbox {mailbox:?} is not in the configuration (mailboxes.{mailbox})");
+            }
+            let mut vault = open_vault_for_edit(&config)?;
+            let prompt = format!("Provider password for {mailbox}: ");
+            let secret = password::read_password_interactive(&prompt, true)?;
+            vault.set(&mailbox, SecretString::new(secret.to_string()))?;
+            eprintln!(
+                "stored the provider password of {mailbox} in {}",
+                vault.path().display()
+            );
+        }
+        VaultAction::List { config } => {
+            let config = load_config(&config)?;
+            let key = vault::load_key(&config.vault_key_path())?;
+            let vault = Vault::open(&config.vault_path(), key)?;
+            for name in vault.names() {
+                let note = if config.mailboxes.contains_key(&name) {
+                    ""
+                } else {
+                    "  (not in the configuration)"
+                };
+                println!("{name}{note}");
+            }
+        }
+        VaultAction::Remove { mailbox, config } => {
+            let config = load_config(&config)?;
+            let key = vault::load_key(&config.vault_key_path())?;
+            let mut vault = Vault::open(&config.vault_path(), key)?;
+            if !vault.remove(&mailbox)? {
+                bail!("the vault holds no password for {mailbox:?}");
+            }
+            eprintln!("removed the provider password of {mailbox}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit_path(config: &Path) -> anyhow::Result<PathBuf> {
+    Ok(load_config(config)?.gateway.state_dir.join("audit.sqlite"))
+}
+
+fn audit_command(action: AuditAction) -> anyhow::Result<ExitCode> {
+    match action {
+        AuditAction::Verify { config, anchor } => {
+            let path = audit_path(&config)?;
+            let anchor = match &anchor {
+                Some(text) => {
+                    let (id, hash) = text
+                        .split_once(':')
+                        .context("--anchor takes ID:HASH as printed by an earlier verify")?;
+                    Some((
+                        id.parse::<i64>().context("--anchor: ID is not a number")?,
+                        hash,
+                    ))
+                }
+                None => None,
+            };
+            let report = audit::verify_with_anchor(&path, anchor)?;
+            println!("{report}");
+            Ok(if report.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        AuditAction::Show {
+            config,
+            user,
+            mailbox,
+            session,
+            since,
+            until,
+            command,
+            limit,
+        } => {
+            let path = audit_path(&config)?;
+            let filter = QueryFilter {
+                user,
+                mailbox,
+                session,
+                since,
+                until,
+                command,
+                outcome: None,
+                limit: Some(limit),
+            };
+            for event in audit::query(&path, &filter)? {
+                println!("{}", audit::format_event_line(&event));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn serve(path: &Path) -> anyhow::Result<ExitCode> {
+    forbid_core_dumps();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = load_config(path)?;
+    let state_dir = config.gateway.state_dir.clone();
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("cannot create state_dir {}", state_dir.display()))?;
+
+    let vault = match vault::load_key(&config.vault_key_path()) {
+        Ok(key) => Vault::open(&config.vault_path(), key)?,
+        Err(vault::VaultError::KeyMissing { .. }) if !config.vault_path().exists() => {
+            tracing::warn!("no vault yet: run `pecgate vault set MAILBOX` for each mailbox");
+            Vault::open(&config.vault_path(), vault::VaultKey::generate())?
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let (audit_log, audit_writer) = AuditLog::open(&state_dir.join("audit.sqlite"))?;
+    let grace = config.gateway.shutdown_grace;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("pecgate")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let gateway = Arc::new(Gateway::new(config, audit_log, &vault)?);
+        drop(vault);
+        let listeners = Listeners::bind(&gateway).await?;
+        for (address, kind) in listeners.addresses() {
+            tracing::info!(%address, ?kind, "listening for IMAP");
+        }
+        let shutdown = CancellationToken::new();
+        let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
+        tracing::info!("pecgate ready");
+        server::run(gateway, listeners, shutdown, grace).await;
+        signals.abort();
+        anyhow::Ok(())
+    })?;
+    drop(runtime);
+    let written = audit_writer.shutdown()?;
+    tracing::info!(written, "audit log flushed; pecgate stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}

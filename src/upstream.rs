@@ -1,0 +1,382 @@
+//! Connections to the PEC provider's IMAP server.
+//!
+//! A [`ProviderConnection`] is a logged-in provider session, kept apart from the client
+//! session it serves (the client's state lives in the relay) so that a later version can park
+//! and re-acquire provider connections under a live client. Each holds a permit from its
+//! mailbox's [`ConnectionBudget`]: dropping the connection returns the permit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use zeroize::Zeroizing;
+
+use crate::config::{UpstreamEndpoint, UpstreamSecurity};
+use crate::imap::response::{self, ResponseKind, Status};
+use crate::imap::stream::{self, BoxStream, LineError};
+
+/// Longest response line accepted during connection set-up.
+const SETUP_LINE_MAX: usize = 64 * 1024;
+
+/// Why a provider session could not be opened. Never carries the password.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to {endpoint}: {source}")]
+    Connect {
+        endpoint: String,
+        source: std::io::Error,
+    },
+    #[error("{endpoint} did not answer within {seconds} s")]
+    Timeout { endpoint: String, seconds: u64 },
+    #[error("TLS with {endpoint} failed: {source}")]
+    Tls {
+        endpoint: String,
+        source: std::io::Error,
+    },
+    #[error("{endpoint}: invalid host name for TLS")]
+    ServerName { endpoint: String },
+    #[error("{endpoint} refused STARTTLS: {reply}")]
+    StartTlsRefused { endpoint: String, reply: String },
+    #[error("{endpoint} rejected the login of {login}: {reply}")]
+    LoginRejected {
+        endpoint: String,
+        login: String,
+        reply: String,
+    },
+    #[error("{endpoint} sent an unexpected greeting: {reply}")]
+    Greeting { endpoint: String, reply: String },
+    #[error("{endpoint}: protocol error: {reason}")]
+    Protocol { endpoint: String, reason: String },
+}
+
+/// How many provider sessions a mailbox may have open at once (`max_connections`).
+#[derive(Debug, Clone)]
+pub struct ConnectionBudget {
+    slots: Arc<Semaphore>,
+    limit: u32,
+}
+
+impl ConnectionBudget {
+    pub fn new(limit: u32) -> Self {
+        ConnectionBudget {
+            slots: Arc::new(Semaphore::new(limit as usize)),
+            limit,
+        }
+    }
+
+    /// A permit if one is free now. Never waits: a client must get a prompt answer.
+    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    pub fn in_use(&self) -> u32 {
+        self.limit - self.slots.available_permits() as u32
+    }
+}
+
+/// Everything needed to open a provider session for one mailbox.
+pub struct ProviderTarget<'a> {
+    pub endpoint: &'a UpstreamEndpoint,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub login: &'a str,
+    pub password: &'a str,
+    pub timeout: Duration,
+}
+
+/// A logged-in provider session.
+pub struct ProviderConnection {
+    pub reader: ReadHalf<BoxStream>,
+    pub writer: WriteHalf<BoxStream>,
+    /// Bytes read from the provider and not consumed yet.
+    pub buffer: BytesMut,
+    /// The provider's capabilities after login.
+    pub capabilities: Vec<String>,
+    /// Held for the connection's lifetime; returned to the mailbox's budget on drop.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl ProviderConnection {
+    /// Whether the provider accepts non-synchronising literals.
+    pub fn literal_plus(&self) -> bool {
+        self.capabilities
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case("LITERAL+"))
+    }
+
+    /// Best-effort polite goodbye; the connection is dropped either way.
+    pub async fn logout(mut self) {
+        let goodbye = async {
+            self.writer.write_all(b"pg9 LOGOUT\r\n").await?;
+            self.writer.flush().await?;
+            // Wait for the tagged answer so the provider records a clean logout.
+            loop {
+                let line =
+                    stream::next_line(&mut self.reader, &mut self.buffer, SETUP_LINE_MAX).await?;
+                if matches!(response::classify(&line), ResponseKind::Tagged { .. }) {
+                    return Ok::<_, LineError>(());
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(3), goodbye).await;
+    }
+}
+
+/// Open a session to the provider and log in with the mailbox's credentials.
+pub async fn connect(
+    target: &ProviderTarget<'_>,
+    permit: OwnedSemaphorePermit,
+) -> Result<ProviderConnection, UpstreamError> {
+    let endpoint = target.endpoint.to_string();
+    let seconds = target.timeout.as_secs();
+    tokio::time::timeout(target.timeout, connect_inner(target, permit, &endpoint))
+        .await
+        .map_err(|_| UpstreamError::Timeout { endpoint, seconds })?
+}
+
+async fn connect_inner(
+    target: &ProviderTarget<'_>,
+    permit: OwnedSemaphorePermit,
+    endpoint: &str,
+) -> Result<ProviderConnection, UpstreamError> {
+    let protocol = |reason: String| UpstreamError::Protocol {
+        endpoint: endpoint.to_owned(),
+        reason,
+    };
+    let line_error = |e: LineError| protocol(e.to_string());
+
+    let tcp = TcpStream::connect((target.endpoint.host.as_str(), target.endpoint.port))
+        .await
+        .map_err(|source| UpstreamError::Connect {
+            endpoint: endpoint.to_owned(),
+            source,
+        })?;
+    tcp.set_nodelay(true)
+        .map_err(|source| UpstreamError::Connect {
+            endpoint: endpoint.to_owned(),
+            source,
+        })?;
+    let mut buffer = BytesMut::with_capacity(4096);
+    let mut stream: BoxStream = match target.endpoint.security {
+        UpstreamSecurity::ImplicitTls => Box::new(tls_wrap(target, tcp, endpoint).await?),
+        UpstreamSecurity::StartTls => Box::new(tcp),
+    };
+
+    let greeting = stream::next_line(&mut stream, &mut buffer, SETUP_LINE_MAX)
+        .await
+        .map_err(line_error)?;
+    if response::classify(&greeting) != ResponseKind::UntaggedStatus(Status::Ok) {
+        return Err(UpstreamError::Greeting {
+            endpoint: endpoint.to_owned(),
+            reply: printable(&greeting),
+        });
+    }
+    let mut capabilities = response::capabilities_in(&greeting);
+
+    if target.endpoint.security == UpstreamSecurity::StartTls {
+        stream
+            .write_all(b"pg0 STARTTLS\r\n")
+            .await
+            .map_err(|e| protocol(e.to_string()))?;
+        let reply = read_tagged(&mut stream, &mut buffer, "pg0")
+            .await
+            .map_err(line_error)?;
+        if response::classify(&reply)
+            != (ResponseKind::Tagged {
+                tag: "pg0",
+                status: Status::Ok,
+            })
+        {
+            return Err(UpstreamError::StartTlsRefused {
+                endpoint: endpoint.to_owned(),
+                reply: printable(&reply),
+            });
+        }
+        if !buffer.is_empty() {
+            // Bytes sent before the TLS handshake could be an injection attempt.
+            return Err(protocol("data after the STARTTLS answer".to_owned()));
+        }
+        stream = Box::new(tls_wrap(target, stream, endpoint).await?);
+        capabilities.clear();
+    }
+
+    let login_steps = login_command(target.login, target.password);
+    for (i, step) in login_steps.iter().enumerate() {
+        stream
+            .write_all(step)
+            .await
+            .map_err(|e| protocol(e.to_string()))?;
+        stream.flush().await.map_err(|e| protocol(e.to_string()))?;
+        if i + 1 < login_steps.len() {
+            // A synchronising literal: wait for the provider's continuation.
+            let line = stream::next_line(&mut stream, &mut buffer, SETUP_LINE_MAX)
+                .await
+                .map_err(line_error)?;
+            if response::classify(&line) != ResponseKind::Continuation {
+                return Err(UpstreamError::LoginRejected {
+                    endpoint: endpoint.to_owned(),
+                    login: target.login.to_owned(),
+                    reply: printable(&line),
+                });
+            }
+        }
+    }
+    let mut login_caps = Vec::new();
+    let reply = loop {
+        let line = stream::next_line(&mut stream, &mut buffer, SETUP_LINE_MAX)
+            .await
+            .map_err(line_error)?;
+        if response::carries_capabilities(&line) {
+            login_caps = response::capabilities_in(&line);
+        }
+        if let ResponseKind::Tagged { tag: "pg1", .. } = response::classify(&line) {
+            break line;
+        }
+    };
+    if response::classify(&reply)
+        != (ResponseKind::Tagged {
+            tag: "pg1",
+            status: Status::Ok,
+        })
+    {
+        return Err(UpstreamError::LoginRejected {
+            endpoint: endpoint.to_owned(),
+            login: target.login.to_owned(),
+            reply: printable(&reply),
+        });
+    }
+    if login_caps.is_empty() {
+        stream
+            .write_all(b"pg2 CAPABILITY\r\n")
+            .await
+            .map_err(|e| protocol(e.to_string()))?;
+        loop {
+            let line = stream::next_line(&mut stream, &mut buffer, SETUP_LINE_MAX)
+                .await
+                .map_err(line_error)?;
+            if response::carries_capabilities(&line) {
+                login_caps = response::capabilities_in(&line);
+            }
+            if let ResponseKind::Tagged { tag: "pg2", .. } = response::classify(&line) {
+                break;
+            }
+        }
+    }
+    let (reader, writer) = tokio::io::split(stream);
+    Ok(ProviderConnection {
+        reader,
+        writer,
+        buffer,
+        capabilities: login_caps,
+        _permit: permit,
+    })
+}
+
+async fn tls_wrap<S: stream::AsyncStream + 'static>(
+    target: &ProviderTarget<'_>,
+    io: S,
+    endpoint: &str,
+) -> Result<tokio_rustls::client::TlsStream<S>, UpstreamError> {
+    let name = ServerName::try_from(target.endpoint.host.clone()).map_err(|_| {
+        UpstreamError::ServerName {
+            endpoint: endpoint.to_owned(),
+        }
+    })?;
+    tokio_rustls::TlsConnector::from(target.tls.clone())
+        .connect(name, io)
+        .await
+        .map_err(|source| UpstreamError::Tls {
+            endpoint: endpoint.to_owned(),
+            source,
+        })
+}
+
+async fn read_tagged(
+    stream: &mut BoxStream,
+    buffer: &mut BytesMut,
+    tag: &str,
+) -> Result<BytesMut, LineError> {
+    loop {
+        let line = stream::next_line(stream, buffer, SETUP_LINE_MAX).await?;
+        if matches!(response::classify(&line), ResponseKind::Tagged { tag: t, .. } if t == tag) {
+            return Ok(line);
+        }
+    }
+}
+
+/// The LOGIN command as the writes it takes: one write with quoted strings, or, when a value
+/// cannot be quoted (8-bit or control characters), synchronising literals, each write after
+/// the first waiting for a continuation. Buffers holding the password are zeroized.
+fn login_command(login: &str, password: &str) -> Vec<Zeroizing<Vec<u8>>> {
+    let mut steps = Vec::new();
+    let mut current = Zeroizing::new(b"pg1 LOGIN ".to_vec());
+    for (i, value) in [login, password].into_iter().enumerate() {
+        if i == 1 {
+            current.push(b' ');
+        }
+        let quotable = value.bytes().all(|b| (0x20..0x7f).contains(&b));
+        if quotable {
+            current.push(b'"');
+            for b in value.bytes() {
+                if b == b'"' || b == b'\\' {
+                    current.push(b'\\');
+                }
+                current.push(b);
+            }
+            current.push(b'"');
+        } else {
+            current.extend_from_slice(format!("{{{}}}\r\n", value.len()).as_bytes());
+            steps.push(std::mem::replace(&mut current, Zeroizing::new(Vec::new())));
+            current.extend_from_slice(value.as_bytes());
+        }
+    }
+    current.extend_from_slice(b"\r\n");
+    steps.push(current);
+    steps
+}
+
+fn printable(line: &[u8]) -> String {
+    crate::imap::command::printable(line, 300)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(steps: Vec<Zeroizing<Vec<u8>>>) -> Vec<String> {
+        steps
+            .iter()
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn login_quotes_or_uses_literals() {
+        assert_eq!(
+            text(login_command("studio@pec.it", "a\"b\\c")),
+            ["pg1 LOGIN \"studio@pec.it\" \"a\\\"b\\\\c\"\r\n"]
+        );
+        assert_eq!(
+            text(login_command("studio", "pässword")),
+            ["pg1 LOGIN \"studio\" {9}\r\n", "pässword\r\n"]
+        );
+    }
+
+    #[test]
+    fn budget_counts_permits() {
+        let budget = ConnectionBudget::new(2);
+        let a = budget.try_acquire().unwrap();
+        let _b = budget.try_acquire().unwrap();
+        assert!(budget.try_acquire().is_none());
+        assert_eq!(budget.in_use(), 2);
+        drop(a);
+        assert!(budget.try_acquire().is_some());
+    }
+}

@@ -1,0 +1,1158 @@
+#!/usr/bin/env python3
+"""End-to-end harness for pecgate.
+
+One library shared by the pytest suite (tests/e2e), the sandbox script
+(scripts/sandbox.sh) and benchmarks:
+
+* ``make_cert`` / ``free_port`` helpers;
+* ``Dovecot``: a private Dovecot instance playing the PEC provider;
+* ``Pecgate``: writes a pecgate config, stores the provider password in the
+  vault, runs ``pecgate serve`` and gives logged-in imaplib clients;
+* ``RawImap``: a tiny line/literal-aware IMAP client over a raw (TLS) socket
+  for the tests that must control the bytes on the wire.
+
+Run ``python3 tests/support/harness.py sandbox`` for the "run it for real"
+mode (see ``main``).  Python standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import imaplib
+import json
+import os
+import pwd
+import grp
+import hashlib
+import re
+import secrets
+import shutil
+import signal
+import smtplib
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HOST = "127.0.0.1"
+PROVIDER_ADDRESS = "studio@pec.example.test"
+
+# ---------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------
+
+
+class HarnessError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - reported on timeout
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            extra = f" (last error: {last_exc!r})" if last_exc else ""
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+def make_cert(directory, cn: str = "localhost"):
+    """Self-signed certificate with SAN DNS:localhost, IP:127.0.0.1."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cert = directory / f"{cn}.crt"
+    key = directory / f"{cn}.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+            "-days", "30", "-subj", f"/CN={cn}",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    os.chmod(key, 0o644)  # read by Dovecot's login processes (unprivileged)
+    return cert, key
+
+
+def tls_context(cafile) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    ctx.check_hostname = True
+    return ctx
+
+
+def make_message(subject: str, body: str = "", sender: str = "mittente@pec.example.test",
+                 to: str = PROVIDER_ADDRESS, extra_headers=None, msgid: str | None = None) -> bytes:
+    """A small RFC 5322 message with CRLF line endings."""
+    headers = [
+        ("From", sender),
+        ("To", to),
+        ("Subject", subject),
+        ("Date", formatdate(localtime=False)),
+        ("Message-ID", msgid or make_msgid(domain="pec.example.test")),
+        ("MIME-Version", "1.0"),
+        ("Content-Type", "text/plain; charset=utf-8"),
+    ]
+    for k, v in (extra_headers or {}).items():
+        headers.append((k, v))
+    text = "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+    body = body or f"Corpo del messaggio: {subject}\r\n"
+    body = body.replace("\r\n", "\n").replace("\n", "\r\n")
+    if not body.endswith("\r\n"):
+        body += "\r\n"
+    return (text + body).encode("utf-8")
+
+
+def make_big_message(size: int, subject: str = "big message") -> bytes:
+    """A ~``size`` bytes message made of 76-char base64-ish lines (CRLF)."""
+    msgid = make_msgid(domain="pec.example.test")
+    head = (
+        f"From: mittente@pec.example.test\r\nTo: {PROVIDER_ADDRESS}\r\n"
+        f"Subject: {subject}\r\nMessage-ID: {msgid}\r\nDate: {formatdate()}\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
+        "Content-Transfer-Encoding: base64\r\n\r\n"
+    ).encode()
+    alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    rnd = secrets.token_bytes(76)
+    lines = []
+    total = len(head)
+    i = 0
+    while total < size:
+        line = bytes(alphabet[(b + i) % 64] for b in rnd) + b"\r\n"
+        lines.append(line)
+        total += len(line)
+        i += 1
+    return head + b"".join(lines)
+
+
+def message_id_of(raw: bytes) -> str:
+    m = re.search(rb"^Message-ID:\s*(<[^>]+>)", raw, re.M | re.I)
+    if not m:
+        raise ValueError("message has no Message-ID")
+    return m.group(1).decode()
+
+
+def _ensure_traversable(path: Path):
+    """Dovecot's unprivileged processes must reach files under ``path``."""
+    path.chmod(0o755)
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            raise HarnessError(
+                f"{parent} is not traversable by other users (mode {oct(mode & 0o777)}); "
+                "Dovecot's unprivileged processes could not reach its files. "
+                "Use a directory under the system temp dir."
+            )
+
+
+def run_cli(args, input_bytes: bytes | None = None, timeout: float = 120, env=None):
+    """Run a CLI command without a controlling terminal (no tty prompt can hang us)."""
+    return subprocess.run(
+        [str(a) for a in args], input=input_bytes if input_bytes is not None else b"",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
+        start_new_session=True, env=env,
+    )
+
+
+def _kill_group(proc: subprocess.Popen, term_timeout: float = 3.0) -> int | None:
+    """SIGTERM the process group, then SIGKILL it after ``term_timeout``."""
+    if proc.poll() is not None and not _group_alive(proc.pid):
+        return proc.returncode
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=term_timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        wait_until(lambda: not _group_alive(proc.pid), term_timeout, "process group exit")
+    except TimeoutError:
+        pass
+    if _group_alive(proc.pid) or proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    return proc.returncode
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------
+# raw IMAP client
+# ---------------------------------------------------------------------------
+
+_LITERAL_RE = re.compile(rb"\{(\d+)\+?\}\r\n$")
+
+
+class RawImap:
+    """Minimal IMAP client over a raw socket (optionally TLS).
+
+    ``read_line`` returns one complete server response line, literals
+    included (``{N}\\r\\n`` followed by N bytes is folded into the line).
+    Every read has a deadline; nothing blocks forever.
+    """
+
+    def __init__(self, port: int, tls: bool = True, cafile=None, host: str = HOST,
+                 timeout: float = 15.0):
+        self.host = host
+        self.timeout = timeout
+        self.cafile = cafile
+        sock = socket.create_connection((host, port), timeout=timeout)
+        if tls:
+            sock = tls_context(cafile).wrap_socket(sock, server_hostname=host)
+        self.sock = sock
+        self.buf = b""
+        self.greeting = self.read_line()
+
+    # -- low level -------------------------------------------------------
+    def send(self, data: bytes | str):
+        if isinstance(data, str):
+            data = data.encode()
+        self.sock.sendall(data)
+
+    def _fill(self, deadline: float) -> bool:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("IMAP read deadline passed; buffered: %r" % self.buf[:300])
+        self.sock.settimeout(remaining)
+        try:
+            chunk = self.sock.recv(65536)
+        except (socket.timeout, TimeoutError):
+            raise TimeoutError("IMAP read deadline passed; buffered: %r" % self.buf[:300])
+        if not chunk:
+            return False
+        self.buf += chunk
+        return True
+
+    def read_line(self, timeout: float | None = None) -> bytes:
+        """One logical response line (with literals), without the final CRLF."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        out = b""
+        while True:
+            idx = self.buf.find(b"\r\n")
+            while idx < 0:
+                if not self._fill(deadline):
+                    raise EOFError("connection closed by server; partial: %r" % (out + self.buf)[:300])
+                idx = self.buf.find(b"\r\n")
+            line, self.buf = self.buf[: idx + 2], self.buf[idx + 2:]
+            out += line
+            m = _LITERAL_RE.search(line)
+            if not m:
+                return out[:-2]
+            n = int(m.group(1))
+            while len(self.buf) < n:
+                if not self._fill(deadline):
+                    raise EOFError("connection closed inside a literal")
+            out += self.buf[:n]
+            self.buf = self.buf[n:]
+
+    def read_until_tagged(self, tag: str, timeout: float | None = None):
+        """Read until the tagged response for ``tag``. Returns (untagged, tagged)."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        untagged = []
+        t = tag.encode() + b" "
+        while True:
+            line = self.read_line(max(0.001, deadline - time.monotonic()))
+            if line.startswith(t):
+                return untagged, line
+            untagged.append(line)
+
+    def command(self, tag: str, text: str | bytes, timeout: float | None = None):
+        if isinstance(text, str):
+            text = text.encode()
+        self.send(tag.encode() + b" " + text + b"\r\n")
+        return self.read_until_tagged(tag, timeout)
+
+    def login(self, user: str, password: str, tag: str = "L1"):
+        _, tagged = self.command(tag, f"LOGIN {quote(user)} {quote(password)}")
+        if not tagged.startswith(f"{tag} OK".encode()):
+            raise HarnessError(f"LOGIN failed: {tagged!r}")
+        return tagged
+
+    def starttls(self, tag: str = "S1"):
+        _, tagged = self.command(tag, "STARTTLS")
+        if not tagged.startswith(f"{tag} OK".encode()):
+            raise HarnessError(f"STARTTLS failed: {tagged!r}")
+        if self.buf:
+            raise HarnessError("server sent data after STARTTLS OK (injection)")
+        self.sock = tls_context(self.cafile).wrap_socket(self.sock, server_hostname=self.host)
+        return tagged
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def quote(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def capabilities_from(lines) -> set[str]:
+    """Capability atoms from '* CAPABILITY ...' lines or '[CAPABILITY ...]' codes."""
+    caps = set()
+    for line in lines:
+        if isinstance(line, bytes):
+            line = line.decode("utf-8", "replace")
+        m = re.search(r"^\* CAPABILITY (.*)$", line, re.I) or re.search(r"\[CAPABILITY ([^\]]*)\]", line, re.I)
+        if m:
+            caps.update(a.upper() for a in m.group(1).split())
+    return caps
+
+
+# ---------------------------------------------------------------------------
+# Dovecot
+# ---------------------------------------------------------------------------
+
+
+class Dovecot:
+    """A private Dovecot playing the PEC provider, on loopback free ports."""
+
+    def __init__(self, base_dir=None, imaps_port=None, imap_port=None, lmtp_port=None):
+        if base_dir is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="pecgate-dovecot-"))
+            self._own_dir = True
+        else:
+            self.dir = Path(base_dir).resolve()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._own_dir = False
+        _ensure_traversable(self.dir)
+        self.imaps_port = imaps_port or free_port()
+        self.imap_port = imap_port or free_port()
+        self.lmtp_port = lmtp_port or free_port()
+        self.users: dict[str, str] = {}
+        self.homes: dict[str, Path] = {}
+        self.proc: subprocess.Popen | None = None
+        self.conf_path = self.dir / "dovecot.conf"
+        self.log_path = self.dir / "dovecot.log"
+        self.mail_root = self.dir / "mail"
+        self.cert, self.key = make_cert(self.dir / "tls", "localhost")
+
+    # -- setup -----------------------------------------------------------
+    def add_user(self, name: str, password: str, share_with: str | None = None):
+        """Add a passwd-file user (before start). ``share_with``: another user
+        whose mail home this login opens too (an alias of the same mailbox)."""
+        if self.proc is not None:
+            raise HarnessError("add_user must be called before start()")
+        if ":" in name or ":" in password or "\n" in password:
+            raise ValueError("':' and newlines are not allowed in passwd-file entries")
+        if share_with is not None and share_with not in self.users:
+            raise ValueError(f"unknown user {share_with!r}")
+        self.users[name] = password
+        self.homes[name] = self.mail_root / (share_with if share_with else name)
+
+    def _identity(self):
+        if os.geteuid() == 0:
+            return "nobody", grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+        pw = pwd.getpwuid(os.geteuid())
+        return pw.pw_name, grp.getgrgid(pw.pw_gid).gr_name
+
+    def _write_config(self):
+        user, group = self._identity()
+        run = self.dir / "run"
+        state = self.dir / "state"
+        for d in (run, state, self.mail_root):
+            d.mkdir(exist_ok=True)
+        passwd = self.dir / "passwd"
+        passwd.write_text("".join(f"{u}:{{PLAIN}}{p}::::{self.homes[u]}::\n" for u, p in self.users.items()))
+        passwd.chmod(0o644)
+        if os.geteuid() == 0:
+            uid = pwd.getpwnam(user).pw_uid
+            gid = grp.getgrnam(group).gr_gid
+            os.chown(self.mail_root, uid, gid)
+            os.chown(state, uid, gid)
+        privileged = os.geteuid() == 0
+        ident = f"""
+default_internal_user = {user}
+default_internal_group = {group}
+default_login_user = {user}
+""" if not privileged else ""
+        conf = f"""# generated by tests/support/harness.py
+instance_name = pecgate-test-{self.imaps_port}
+base_dir = {run}
+state_dir = {state}
+protocols = imap lmtp
+listen = {HOST}
+log_path = {self.log_path}
+info_log_path = {self.log_path}
+{ident}
+ssl = yes
+ssl_cert = <{self.cert}
+ssl_key = <{self.key}
+ssl_min_protocol = TLSv1.2
+auth_mechanisms = plain login
+disable_plaintext_auth = no
+auth_cache_size = 0
+auth_failure_delay = 0
+mail_location = maildir:~/Maildir
+mail_uid = {user}
+mail_gid = {group}
+first_valid_uid = 0
+first_valid_gid = 0
+mail_fsync = never
+mail_max_userip_connections = 1000
+protocol imap {{
+  mail_max_userip_connections = 1000
+  imap_idle_notify_interval = 120 secs
+}}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {passwd}
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {passwd}
+  default_fields = uid={user} gid={group}
+}}
+namespace inbox {{
+  inbox = yes
+  separator = /
+  prefix =
+  mailbox Sent {{
+    special_use = \\Sent
+  }}
+}}
+service imap-login {{
+  chroot =
+  inet_listener imap {{
+    address = {HOST}
+    port = {self.imap_port}
+  }}
+  inet_listener imaps {{
+    address = {HOST}
+    port = {self.imaps_port}
+    ssl = yes
+  }}
+  service_count = 0
+  process_limit = 4
+  client_limit = 1000
+}}
+service imap {{
+  process_limit = 1000
+}}
+service lmtp {{
+  chroot =
+  inet_listener lmtp {{
+    address = {HOST}
+    port = {self.lmtp_port}
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+service auth {{
+  chroot =
+}}
+service auth-worker {{
+  chroot =
+}}
+service stats {{
+  chroot =
+}}
+default_client_limit = 5000
+lmtp_add_received_header = no
+"""
+        self.conf_path.write_text(conf)
+        self.conf_path.chmod(0o644)
+
+    def start(self, timeout: float = 20.0):
+        if self.proc is not None:
+            raise HarnessError("already started")
+        self._write_config()
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.proc = subprocess.Popen(
+            ["dovecot", "-F", "-c", str(self.conf_path)],
+            stdin=subprocess.DEVNULL, stdout=open(self.dir / "dovecot.stdout", "ab"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise HarnessError(f"dovecot exited with {self.proc.returncode}:\n{self.log_text()}")
+            with socket.create_connection((HOST, self.imaps_port), timeout=2) as s:
+                with tls_context(self.cert).wrap_socket(s, server_hostname=HOST) as t:
+                    t.settimeout(2)
+                    if not t.recv(256).startswith(b"* OK"):
+                        return False
+            with socket.create_connection((HOST, self.lmtp_port), timeout=2) as s:
+                s.settimeout(2)
+                return s.recv(256).startswith(b"220")
+
+        try:
+            wait_until(ready, timeout, "dovecot to accept connections")
+        except Exception as exc:
+            self.stop()
+            raise HarnessError(f"dovecot did not start: {exc}\n{self.log_text()}") from exc
+        return self
+
+    def log_text(self) -> str:
+        out = ""
+        for p in (self.log_path, self.dir / "dovecot.stdout"):
+            if p.exists():
+                out += p.read_text(errors="replace")
+        return out
+
+    def stop(self):
+        if self.proc is not None:
+            _kill_group(self.proc)
+            self.proc = None
+
+    def cleanup(self):
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.cleanup()
+
+    # -- provider-side operations ---------------------------------------
+    @property
+    def imaps_url(self) -> str:
+        return f"imaps://{HOST}:{self.imaps_port}"
+
+    @property
+    def imap_url(self) -> str:
+        return f"imap://{HOST}:{self.imap_port}"
+
+    def imap_direct(self, user: str, timeout: float = 60) -> imaplib.IMAP4_SSL:
+        c = imaplib.IMAP4_SSL(HOST, self.imaps_port, ssl_context=tls_context(self.cert), timeout=timeout)
+        c.login(user, self.users[user])
+        return c
+
+    def deliver(self, user: str, raw: bytes, sender: str = "posta-certificata@pec.example.test"):
+        """Deliver ``raw`` to ``user``'s INBOX through LMTP."""
+        with smtplib.LMTP(HOST, self.lmtp_port, timeout=30) as lmtp:
+            refused = lmtp.sendmail(sender, [user], raw)
+            if refused:
+                raise HarnessError(f"LMTP refused: {refused}")
+
+    def append(self, user: str, folder: str, raw: bytes, flags: str | None = None):
+        c = self.imap_direct(user)
+        try:
+            typ, data = c.append(quote(folder), flags, None, raw)
+            if typ != "OK":
+                raise HarnessError(f"APPEND failed: {data}")
+            return data
+        finally:
+            c.logout()
+
+    def append_many(self, user: str, folder: str, messages, batch: int = 250):
+        """Fast bulk load: MULTIAPPEND with LITERAL+ in batches."""
+        messages = list(messages)
+        with RawImap(self.imaps_port, tls=True, cafile=self.cert) as r:
+            r.login(user, self.users[user])
+            for n, start in enumerate(range(0, len(messages), batch)):
+                chunk = messages[start:start + batch]
+                parts = [f"B{n} APPEND {quote(folder)}".encode()]
+                for m in chunk:
+                    parts.append(b" {%d+}\r\n" % len(m) + m)
+                r.send(b"".join(parts) + b"\r\n")
+                _, tagged = r.read_until_tagged(f"B{n}", timeout=120)
+                if not tagged.startswith(f"B{n} OK".encode()):
+                    raise HarnessError(f"bulk APPEND failed: {tagged!r}")
+            r.command("Z", "LOGOUT")
+
+    def create_folders(self, user: str, folders):
+        c = self.imap_direct(user)
+        try:
+            for f in folders:
+                typ, data = c.create(quote(f))
+                if typ != "OK" and b"exists" not in b" ".join(data).lower():
+                    raise HarnessError(f"CREATE {f} failed: {data}")
+                c.subscribe(quote(f))
+        finally:
+            c.logout()
+
+    def fetch_all(self, user: str, folder: str) -> list[bytes]:
+        """Every message of ``folder`` (BODY.PEEK[]), in UID order."""
+        c = self.imap_direct(user)
+        try:
+            typ, _ = c.select(quote(folder), readonly=True)
+            if typ != "OK":
+                raise HarnessError(f"SELECT {folder} failed")
+            typ, data = c.uid("FETCH", "1:*", "(BODY.PEEK[])")
+            return [part[1] for part in data if isinstance(part, tuple)]
+        finally:
+            c.logout()
+
+
+# ---------------------------------------------------------------------------
+# pecgate
+# ---------------------------------------------------------------------------
+
+ALL_PERMISSIONS = ["read", "flag", "delete", "move", "append", "manage_folders", "send"]
+
+DEFAULT_ROLES = {
+    "segreteria": {
+        "mailboxes": ["studio"],
+        "folders": ["INBOX", "Sent", "Ricevute/**"],
+        "permissions": ALL_PERMISSIONS,
+    },
+    "reception": {
+        "mailboxes": ["studio"],
+        "folders": ["INBOX"],
+        "permissions": ["read", "flag"],
+    },
+}
+
+_HASH_CACHE: dict[tuple[str, str], str] = {}
+_HASH_LOCK = threading.Lock()
+
+
+def pecgate_bin() -> Path:
+    p = Path(os.environ.get("PECGATE_BIN", "target/debug/pecgate"))
+    return p if p.is_absolute() else (REPO_ROOT / p)
+
+
+def hash_password(password: str, binary: Path | None = None) -> str:
+    """PHC string from ``pecgate hash-password`` (password on stdin); cached."""
+    binary = Path(binary or pecgate_bin())
+    key = (str(binary), password)
+    with _HASH_LOCK:
+        if key in _HASH_CACHE:
+            return _HASH_CACHE[key]
+    res = run_cli([binary, "hash-password"], (password + "\n").encode())
+    out = res.stdout.decode().strip()
+    phc = out.splitlines()[-1].strip() if out else ""
+    if res.returncode != 0 or not phc.startswith("$argon2"):
+        raise HarnessError(
+            f"pecgate hash-password failed (exit {res.returncode}): stdout={res.stdout!r} stderr={res.stderr!r}")
+    with _HASH_LOCK:
+        _HASH_CACHE[key] = phc
+    return phc
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, (str, Path)):
+        return json.dumps(str(v))  # JSON string escapes are valid TOML basic strings
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot encode {v!r}")
+
+
+def toml_table(name: str, table: dict) -> str:
+    lines = [f"[{name}]"]
+    for k, v in table.items():
+        if v is None:
+            continue
+        lines.append(f"{k} = {toml_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+class Pecgate:
+    """One pecgate instance with its own temp dir, config, vault and audit log."""
+
+    def __init__(self, dovecot: Dovecot | None = None, *, users: dict | None = None,
+                 roles: dict | None = None, mailboxes: dict | None = None,
+                 mailbox_name: str = "studio", provider_login: str = PROVIDER_ADDRESS,
+                 provider_password: str | None = None, upstream: str = "imaps",
+                 upstream_url: str | None = None, max_connections: int = 10,
+                 login_failure_delay_ms: int = 200, base_dir=None, binary=None,
+                 tls_port: int | None = None, starttls_port: int | None = None,
+                 env: dict | None = None):
+        self.bin = Path(binary or pecgate_bin())
+        if base_dir is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="pecgate-gw-"))
+            self._own_dir = True
+        else:
+            self.dir = Path(base_dir).resolve()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._own_dir = False
+        self.state_dir = self.dir / "state"
+        self.state_dir.mkdir(exist_ok=True)
+        self.conf_path = self.dir / "pecgate.toml"
+        self.log_path = self.dir / "pecgate.log"
+        self.tls_port = tls_port or free_port()
+        self.starttls_port = starttls_port or free_port()
+        self.cert, self.key = make_cert(self.dir / "tls", "localhost")
+        self.login_failure_delay_ms = login_failure_delay_ms
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+
+        if users is None:
+            users = {
+                "mario": {"password": "mario-" + secrets.token_hex(6), "roles": ["segreteria"]},
+                "anna": {"password": "anna-" + secrets.token_hex(6), "roles": ["reception"]},
+            }
+        self.users = users
+        self.roles = DEFAULT_ROLES if roles is None else roles
+
+        if mailboxes is None:
+            if upstream_url is None:
+                if dovecot is None:
+                    raise HarnessError("need a Dovecot or an explicit upstream_url")
+                upstream_url = dovecot.imaps_url if upstream == "imaps" else dovecot.imap_url
+            if provider_password is None and dovecot is not None:
+                provider_password = dovecot.users[provider_login]
+            mailboxes = {
+                mailbox_name: {
+                    "address": provider_login,
+                    "login": provider_login,
+                    "imap": upstream_url,
+                    "ca_file": str(dovecot.cert) if dovecot is not None else None,
+                    "max_connections": max_connections,
+                    "_password": provider_password or "unused-" + secrets.token_hex(4),
+                }
+            }
+        self.mailboxes = mailboxes
+
+    # -- config ------------------------------------------------------------
+    def config_text(self) -> str:
+        parts = [
+            toml_table("gateway", {
+                "state_dir": str(self.state_dir),
+                "login_failure_delay_ms": self.login_failure_delay_ms,
+            }),
+            toml_table("tls", {"cert": str(self.cert), "key": str(self.key)}),
+            toml_table("imap", {
+                "listen_tls": [f"{HOST}:{self.tls_port}"],
+                "listen_starttls": [f"{HOST}:{self.starttls_port}"],
+            }),
+        ]
+        for name, mb in self.mailboxes.items():
+            parts.append(toml_table(f"mailboxes.{name}", {k: v for k, v in mb.items() if not k.startswith("_")}))
+        for name, role in self.roles.items():
+            parts.append(toml_table(f"roles.{name}", role))
+        for name, u in self.users.items():
+            parts.append(toml_table(f"users.{name}", {
+                "password": hash_password(u["password"], self.bin),
+                "roles": u["roles"],
+            }))
+        return "\n".join(parts)
+
+    def write_config(self) -> Path:
+        self.conf_path.write_text(self.config_text())
+        return self.conf_path
+
+    def cli(self, *args, input_bytes: bytes | None = None, timeout: float = 120, config=None):
+        """Run ``pecgate ARGS... -c CONF``."""
+        return run_cli([self.bin, *args, "-c", str(config or self.conf_path)], input_bytes, timeout,
+                       env=self._env())
+
+    def _env(self):
+        env = dict(os.environ)
+        env.setdefault("RUST_BACKTRACE", "1")
+        if self.env:
+            env.update(self.env)
+        return env
+
+    def setup(self):
+        """Write the config and store every provider password in the vault."""
+        if not self.bin.exists():
+            raise HarnessError(f"pecgate binary not found at {self.bin} (set PECGATE_BIN or run cargo build)")
+        self.write_config()
+        for name, mb in self.mailboxes.items():
+            res = self.cli("vault", "set", name, input_bytes=(mb["_password"] + "\n").encode())
+            if res.returncode != 0:
+                raise HarnessError(
+                    f"pecgate vault set {name} failed (exit {res.returncode}): {res.stderr.decode(errors='replace')}")
+        return self
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self, timeout: float = 30.0):
+        if self.proc is not None:
+            raise HarnessError("already started")
+        if not self.conf_path.exists():
+            self.setup()
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [str(self.bin), "serve", "-c", str(self.conf_path)],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+            start_new_session=True, env=self._env(),
+        )
+
+        def listening(port):
+            def probe():
+                if self.proc.poll() is not None:
+                    raise HarnessError(
+                        f"pecgate exited with {self.proc.returncode} during startup:\n{self.log_text()}")
+                with socket.create_connection((HOST, port), timeout=1):
+                    return True
+            return probe
+
+        try:
+            for port in (self.tls_port, self.starttls_port):
+                wait_until(listening(port), timeout, f"pecgate to listen on {port}")
+        except HarnessError:
+            self.proc = None
+            raise
+        except TimeoutError as exc:
+            self.kill()
+            raise HarnessError(f"{exc}\n--- pecgate log ---\n{self.log_text()}") from exc
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM and wait; returns the exit code (None if it was not running)."""
+        if self.proc is None:
+            return None
+        proc = self.proc
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise HarnessError(f"pecgate did not exit {timeout}s after SIGTERM:\n{self.log_text()}")
+        self.proc = None
+        with contextlib.suppress(Exception):
+            self._log.close()
+        return proc.returncode
+
+    def kill(self):
+        if self.proc is not None:
+            _kill_group(self.proc, 1.0)
+            self.proc = None
+
+    def cleanup(self):
+        with contextlib.suppress(Exception):
+            self.stop()
+        self.kill()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        if self.proc is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.cleanup()
+
+    # -- clients -----------------------------------------------------------
+    def password(self, user: str) -> str:
+        return self.users[user]["password"]
+
+    def connect(self, tls=True, timeout: float = 60):
+        """An unauthenticated imaplib client (tls=True: implicit TLS;
+        tls='starttls': plain port after STARTTLS; tls=False: plain port, no TLS)."""
+        ctx = tls_context(self.cert)
+        if tls is True:
+            return imaplib.IMAP4_SSL(HOST, self.tls_port, ssl_context=ctx, timeout=timeout)
+        c = imaplib.IMAP4(HOST, self.starttls_port, timeout=timeout)
+        if tls == "starttls":
+            c.starttls(ssl_context=ctx)
+        elif tls is not False:
+            raise ValueError(f"bad tls mode {tls!r}")
+        return c
+
+    def client(self, login: str, password: str | None = None, tls=True, timeout: float = 60):
+        """A logged-in imaplib client."""
+        if password is None:
+            password = self.password(login.split("/")[0])
+        c = self.connect(tls, timeout)
+        try:
+            c.login(login, password)
+        except Exception:
+            with contextlib.suppress(Exception):
+                c.shutdown()
+            raise
+        return c
+
+    def raw(self, tls=True, timeout: float = 15) -> RawImap:
+        if tls is True:
+            return RawImap(self.tls_port, tls=True, cafile=self.cert, timeout=timeout)
+        r = RawImap(self.starttls_port, tls=False, cafile=self.cert, timeout=timeout)
+        if tls == "starttls":
+            r.starttls()
+        return r
+
+    # -- audit -------------------------------------------------------------
+    @property
+    def audit_path(self) -> Path:
+        return self.state_dir / "audit.sqlite"
+
+    def audit_rows(self, where: str = "", params=()) -> list[dict]:
+        if not self.audit_path.exists():
+            return []
+        db = sqlite3.connect(f"file:{self.audit_path}?mode=ro", uri=True, timeout=10)
+        try:
+            db.row_factory = sqlite3.Row
+            sql = "SELECT * FROM events" + (f" WHERE {where}" if where else "") + " ORDER BY id"
+            return [dict(r) for r in db.execute(sql, params)]
+        finally:
+            db.close()
+
+
+# ---------------------------------------------------------------------------
+# mbsync helpers
+# ---------------------------------------------------------------------------
+
+
+def _mbsync_quote(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def mbsync_pull(port: int, user: str, password: str, cafile, folders, dest, *, tls: str = "imaps",
+                workdir=None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Pull ``folders`` from an IMAP server into the Maildir tree ``dest`` with mbsync."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    workdir = Path(workdir or dest.parent)
+    state = workdir / (dest.name + ".mbsync-state")
+    state.mkdir(parents=True, exist_ok=True)
+    cfg = workdir / (dest.name + ".mbsyncrc")
+    patterns = " ".join(_mbsync_quote(f) for f in folders)
+    cfg.write_text(f"""IMAPAccount acc
+Host localhost
+Port {port}
+User {_mbsync_quote(user)}
+Pass {_mbsync_quote(password)}
+SSLType {"IMAPS" if tls == "imaps" else "STARTTLS"}
+CertificateFile {cafile}
+AuthMechs LOGIN
+Timeout 120
+
+IMAPStore remote
+Account acc
+
+MaildirStore local
+Path {dest}/
+Inbox {dest}/INBOX
+SubFolders Verbatim
+
+Channel ch
+Far :remote:
+Near :local:
+Patterns {patterns}
+Create Near
+Sync Pull
+Expunge None
+SyncState {state}/
+""")
+    return subprocess.run(["mbsync", "-c", str(cfg), "ch"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL, timeout=timeout, start_new_session=True)
+
+
+_X_TUID_RE = re.compile(rb"^X-TUID: [^\n]*\n", re.M)
+
+
+def normalise_synced(raw: bytes) -> bytes:
+    """mbsync stores LF line endings and adds its own random ``X-TUID`` header
+    to the header block; undo both so contents can be compared."""
+    raw = raw.replace(b"\r\n", b"\n")
+    end = raw.find(b"\n\n")
+    head, rest = (raw, b"") if end < 0 else (raw[: end + 1], raw[end + 1:])
+    return _X_TUID_RE.sub(b"", head) + rest
+
+
+def maildir_digests(folder_dir) -> list[str]:
+    """Sorted sha256 digests of every message in a Maildir folder (cur+new),
+    normalised with ``normalise_synced``; file names (and so mbsync's flag
+    suffixes) are ignored."""
+    folder_dir = Path(folder_dir)
+    out = []
+    for sub in ("cur", "new"):
+        d = folder_dir / sub
+        if d.is_dir():
+            for f in d.iterdir():
+                out.append(hashlib.sha256(normalise_synced(f.read_bytes())).hexdigest())
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------
+# sandbox mode
+# ---------------------------------------------------------------------------
+
+DEMO_FOLDERS = ["Sent", "Ricevute", "Ricevute/Consegne", "Riservata"]
+
+
+def demo_messages():
+    """(folder, raw) pairs resembling a PEC mailbox's traffic."""
+    ref = make_msgid(domain="pec.example.test")
+    return [
+        ("INBOX", make_message(
+            "POSTA CERTIFICATA: Convocazione assemblea", "Si trasmette la convocazione in allegato.",
+            sender='"Per conto di: comune@pec.example.test" <posta-certificata@pec.example.test>',
+            extra_headers={"X-Trasporto": "posta-certificata", "Reply-To": "comune@pec.example.test"})),
+        ("INBOX", make_message(
+            "POSTA CERTIFICATA: Fattura n. 42", "Fattura elettronica n. 42.",
+            sender='"Per conto di: fornitore@pec.example.test" <posta-certificata@pec.example.test>',
+            extra_headers={"X-Trasporto": "posta-certificata", "Reply-To": "fornitore@pec.example.test"})),
+        ("INBOX", make_message("ANOMALIA MESSAGGIO: Newsletter", "Messaggio non PEC.",
+                               sender="posta-certificata@pec.example.test",
+                               extra_headers={"X-Trasporto": "errore"})),
+        ("Sent", make_message("Richiesta documenti", "Buongiorno, si richiedono i documenti.",
+                              sender=PROVIDER_ADDRESS, to="ufficio@pec.example.test", msgid=ref)),
+        ("Ricevute", make_message("ACCETTAZIONE: Richiesta documenti", "Ricevuta di accettazione.",
+                                  sender="posta-certificata@pec.example.test",
+                                  extra_headers={"X-Ricevuta": "accettazione", "X-Riferimento-Message-ID": ref})),
+        ("Ricevute/Consegne", make_message("CONSEGNA: Richiesta documenti", "Ricevuta di avvenuta consegna.",
+                                           sender="posta-certificata@pec.example.test",
+                                           extra_headers={"X-Ricevuta": "avvenuta-consegna",
+                                                          "X-Riferimento-Message-ID": ref})),
+        ("Riservata", make_message("Pratica riservata", "Contenuto riservato: visibile solo alla segreteria "
+                                   "se la policy lo consente (qui: a nessuno).")),
+    ]
+
+
+def populate_demo(dovecot: Dovecot, user: str = PROVIDER_ADDRESS):
+    dovecot.create_folders(user, DEMO_FOLDERS)
+    for folder, raw in demo_messages():
+        dovecot.append(user, folder, raw)
+
+
+def _pick_port(preferred: int) -> int:
+    return preferred if preferred and port_is_free(preferred) else free_port()
+
+
+def sandbox(args) -> int:
+    root = Path(args.dir).resolve()
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    binary = pecgate_bin()
+    if not binary.exists():
+        print(f"pecgate binary not found at {binary}; build it first (cargo build --release) "
+              "or set PECGATE_BIN", file=sys.stderr)
+        return 2
+
+    try:
+        _ensure_traversable(root)
+        dove_dir = root / "dovecot"
+    except HarnessError as exc:
+        dove_dir = None  # fall back to a temp dir Dovecot can reach
+        print(f"note: {exc}; Dovecot will live in a temp dir", file=sys.stderr)
+
+    provider_pw = secrets.token_urlsafe(12)
+    stop_event = threading.Event()
+
+    def on_signal(signum, _frame):
+        stop_event.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    dovecot = Dovecot(base_dir=dove_dir)
+    dovecot.add_user(PROVIDER_ADDRESS, provider_pw)
+    gw = None
+    try:
+        dovecot.start()
+        populate_demo(dovecot)
+        users = {
+            "mario": {"password": args.mario_password or "mario-" + secrets.token_hex(4), "roles": ["segreteria"]},
+            "anna": {"password": args.anna_password or "anna-" + secrets.token_hex(4), "roles": ["reception"]},
+        }
+        gw = Pecgate(dovecot, users=users, base_dir=root / "pecgate", binary=binary,
+                     tls_port=_pick_port(args.tls_port), starttls_port=_pick_port(args.starttls_port),
+                     login_failure_delay_ms=1500)
+        gw.setup()
+        gw.start()
+        print(f"""
+pecgate sandbox is running (Ctrl-C to stop)
+
+  IMAP server (incoming mail) for your mail client
+    host:            {HOST}
+    port {gw.tls_port:<6}      SSL/TLS (implicit TLS)
+    port {gw.starttls_port:<6}      STARTTLS (required before login)
+    authentication:  normal password
+    certificate:     {gw.cert}
+                     (self-signed for localhost/127.0.0.1: trust it or accept the exception)
+
+  users
+    mario  / {users['mario']['password']:<20} role segreteria: all permissions; INBOX, Sent, Ricevute/**
+    anna   / {users['anna']['password']:<20} role reception: read+flag; INBOX
+    (log in as "mario" or "mario/studio")
+
+  files
+    config:          {gw.conf_path}
+    pecgate log:     {gw.log_path}
+    audit log:       {gw.audit_path}   (sqlite3 ... 'SELECT * FROM events')
+    verify audit:    {gw.bin} audit verify -c {gw.conf_path}
+
+  provider (Dovecot playing the PEC provider)
+    {PROVIDER_ADDRESS} / {provider_pw}
+    imaps {HOST}:{dovecot.imaps_port}, imap+STARTTLS {HOST}:{dovecot.imap_port}, LMTP {HOST}:{dovecot.lmtp_port}
+    deliver a test message:  swaks --server {HOST}:{dovecot.lmtp_port} --protocol LMTP --to {PROVIDER_ADDRESS}
+""", flush=True)
+        while not stop_event.wait(0.5):
+            if gw.proc.poll() is not None:
+                print(f"pecgate exited unexpectedly ({gw.proc.returncode}); log:\n{gw.log_text()[-4000:]}",
+                      file=sys.stderr)
+                return 1
+            if dovecot.proc.poll() is not None:
+                print(f"dovecot exited unexpectedly; log:\n{dovecot.log_text()[-4000:]}", file=sys.stderr)
+                return 1
+        print("stopping...", flush=True)
+        code = gw.stop()
+        print(f"pecgate exited with {code}", flush=True)
+        return 0 if code == 0 else 1
+    finally:
+        if gw is not None:
+            gw.kill()
+        dovecot.stop()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sb = sub.add_parser("sandbox", help="run Dovecot + pecgate with demo data until Ctrl-C")
+    sb.add_argument("--dir", default="sandbox-run", help="state directory (removed and recreated)")
+    sb.add_argument("--tls-port", type=int, default=10993, help="preferred implicit-TLS port")
+    sb.add_argument("--starttls-port", type=int, default=10143, help="preferred STARTTLS port")
+    sb.add_argument("--mario-password", default=None)
+    sb.add_argument("--anna-password", default=None)
+    args = ap.parse_args(argv)
+    if args.cmd == "sandbox":
+        return sandbox(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
