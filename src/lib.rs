@@ -9,6 +9,7 @@ pub mod config;
 pub mod gateway;
 pub mod imap;
 pub mod password;
+pub mod policy;
 pub mod server;
 pub mod tls;
 pub mod upstream;

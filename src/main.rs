@@ -145,6 +145,22 @@ fn forbid_core_dumps() {
     }
 }
 
+/// A gateway holds two sockets per session: lift the soft descriptor limit to the hard one.
+fn raise_file_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 fn check(path: &Path) -> anyhow::Result<ExitCode> {
     let config = match Config::load(path) {
         Ok(config) => config,
@@ -155,32 +171,34 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
         }
     };
     let mut problems = config.check_files();
-    let vault_path = config.vault_path();
-    match vault::load_key(&config.vault_key_path()) {
-        Ok(key) => match Vault::open(&vault_path, key) {
-            Ok(vault) => {
-                for name in config.mailboxes.keys() {
-                    if !vault.contains(name) {
-                        problems.push(pecgate::config::Problem {
-                            key: format!("mailboxes.{name}"),
-                            message: format!(
-                                "no provider password in the vault (run `pecgate vault set {name}`)"
-                            ),
-                        });
-                    }
-                }
+    let mut warnings = config.warnings();
+    // A mailbox without a vaulted password is a warning, as `serve` treats it: the other
+    // mailboxes keep working, and logins to that one fail with a clear log line.
+    match vault::load_key(&config.vault_key_path())
+        .and_then(|key| Vault::open(&config.vault_path(), key))
+    {
+        Ok(vault) => {
+            for name in config.mailboxes.keys().filter(|name| !vault.contains(name)) {
+                warnings.push(pecgate::config::Problem {
+                    key: format!("mailboxes.{name}"),
+                    message: format!(
+                        "no provider password in the vault (run `pecgate vault set {name}`)"
+                    ),
+                });
             }
-            Err(error) => problems.push(pecgate::config::Problem {
+        }
+        Err(vault::VaultError::KeyMissing { .. }) if !config.vault_path().exists() => {
+            warnings.push(pecgate::config::Problem {
                 key: "gateway.vault_key".to_owned(),
-                message: error.to_string(),
-            }),
-        },
+                message: "no vault yet (run `pecgate vault set MAILBOX`)".to_owned(),
+            });
+        }
         Err(error) => problems.push(pecgate::config::Problem {
             key: "gateway.vault_key".to_owned(),
             message: error.to_string(),
         }),
     }
-    for warning in config.warnings() {
+    for warning in &warnings {
         eprintln!("warning: {warning}");
     }
     if !problems.is_empty() {
@@ -316,6 +334,7 @@ fn audit_command(action: AuditAction) -> anyhow::Result<ExitCode> {
 
 fn serve(path: &Path) -> anyhow::Result<ExitCode> {
     forbid_core_dumps();
+    raise_file_limit();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -99,6 +99,8 @@ pub struct ProviderConnection {
     pub buffer: BytesMut,
     /// The provider's capabilities after login.
     pub capabilities: Vec<String>,
+    /// The provider's hierarchy delimiter (`None`: a flat namespace).
+    pub delimiter: Option<char>,
     /// Held for the connection's lifetime; returned to the mailbox's budget on drop.
     _permit: OwnedSemaphorePermit,
 }
@@ -269,12 +271,30 @@ async fn connect_inner(
             }
         }
     }
+    // The hierarchy delimiter: folder policy splits names on it.
+    stream
+        .write_all(b"pg3 LIST \"\" \"\"\r\n")
+        .await
+        .map_err(|e| protocol(e.to_string()))?;
+    let mut delimiter = None;
+    loop {
+        let line = stream::next_line(&mut stream, &mut buffer, SETUP_LINE_MAX)
+            .await
+            .map_err(line_error)?;
+        if let Some(found) = list_delimiter(&line) {
+            delimiter = found;
+        }
+        if let ResponseKind::Tagged { tag: "pg3", .. } = response::classify(&line) {
+            break;
+        }
+    }
     let (reader, writer) = tokio::io::split(stream);
     Ok(ProviderConnection {
         reader,
         writer,
         buffer,
         capabilities: login_caps,
+        delimiter,
         _permit: permit,
     })
 }
@@ -342,6 +362,18 @@ fn login_command(login: &str, password: &str) -> Vec<Zeroizing<Vec<u8>>> {
     steps
 }
 
+/// The delimiter in a `* LIST (..) "/" ""` answer: `Some(Some('/'))`, `Some(None)` for NIL,
+/// `None` if the line is not such an answer.
+fn list_delimiter(line: &[u8]) -> Option<Option<char>> {
+    use imap_codec::ResponseCodec;
+    use imap_codec::decode::Decoder;
+    use imap_codec::imap_types::response::{Data, Response};
+    match ResponseCodec::default().decode(line) {
+        Ok((_, Response::Data(Data::List { delimiter, .. }))) => Some(delimiter.map(|d| d.inner())),
+        _ => None,
+    }
+}
+
 fn printable(line: &[u8]) -> String {
     crate::imap::command::printable(line, 300)
 }
@@ -367,6 +399,23 @@ mod tests {
             text(login_command("studio", "pässword")),
             ["pg1 LOGIN \"studio\" {9}\r\n", "pässword\r\n"]
         );
+    }
+
+    #[test]
+    fn delimiter_probe() {
+        assert_eq!(
+            list_delimiter(b"* LIST (\\Noselect) \"/\" \"\"\r\n"),
+            Some(Some('/'))
+        );
+        assert_eq!(
+            list_delimiter(b"* LIST (\\Noselect) \".\" \"\"\r\n"),
+            Some(Some('.'))
+        );
+        assert_eq!(
+            list_delimiter(b"* LIST (\\Noselect) NIL \"\"\r\n"),
+            Some(None)
+        );
+        assert_eq!(list_delimiter(b"pg3 OK done\r\n"), None);
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! - [`session`]: one connection: TLS, not-authenticated state, login;
 //! - [`relay`]: the authenticated relay between client and provider.
 
+pub mod authorize;
 pub mod command;
 pub mod framing;
+pub mod mutf7;
 pub mod relay;
 pub mod response;
 pub mod session;

@@ -24,6 +24,9 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::Outcome;
+use crate::imap::authorize::{
+    Decision, Filtered, SessionPolicy, authorize, filter_mailbox_data, is_mailbox_data, substitute,
+};
 use crate::imap::command::{
     self, AuthenticatedAction, CommandSummary, UpstreamStep, append_skeleton, summarize,
 };
@@ -45,6 +48,8 @@ struct Pending {
     tag: String,
     summary: CommandSummary,
     effect: Effect,
+    /// Placeholders to put back into the provider's answer (hidden folder names).
+    substitutions: Vec<(String, String)>,
 }
 
 /// What a successful completion changes in the client's view.
@@ -82,6 +87,7 @@ pub async fn run(
     client_buffer: BytesMut,
     provider: ProviderConnection,
     capabilities: Vec<String>,
+    policy: SessionPolicy,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
     let literal_plus = provider.literal_plus();
@@ -109,6 +115,7 @@ pub async fn run(
             &client_writer,
             &state,
             &capabilities,
+            &policy,
             literal_plus,
             limits,
             idle_timeout,
@@ -120,6 +127,7 @@ pub async fn run(
             &client_writer,
             &state,
             &capabilities,
+            &policy,
             shutdown,
         );
         tokio::pin!(upward, downward);
@@ -184,6 +192,7 @@ async fn client_to_provider(
     client_writer: &ClientWriter,
     state: &Mutex<RelayState>,
     capabilities: &[String],
+    policy: &SessionPolicy,
     literal_plus: bool,
     limits: CommandLimits,
     idle_timeout: Duration,
@@ -242,7 +251,7 @@ async fn client_to_provider(
                 }
             }
             Assembled::Command(bytes) => {
-                let command = match command::parse_command(&bytes) {
+                let mut command = match command::parse_command(&bytes) {
                     Ok(command) => command,
                     Err(error) => {
                         let tag = tag_of(&bytes, &[]);
@@ -305,6 +314,18 @@ async fn client_to_provider(
                     action @ (AuthenticatedAction::Forward
                     | AuthenticatedAction::ForwardIdle
                     | AuthenticatedAction::ForwardLogout) => {
+                        let substitutions = match authorize(&mut command, policy) {
+                            Decision::Allow => Vec::new(),
+                            Decision::AsNonexistent { substitutions } => substitutions,
+                            Decision::CloseAsUnselect => {
+                                summary.detail = "without expunge: no delete permission".into();
+                                Vec::new()
+                            }
+                            denial => {
+                                try_end!(deny(ctx, client_writer, &tag, &summary, &denial).await);
+                                continue;
+                            }
+                        };
                         let effect = match &command.body {
                             imap_codec::imap_types::command::CommandBody::Select {
                                 mailbox,
@@ -326,6 +347,7 @@ async fn client_to_provider(
                                 tag: tag.clone(),
                                 summary,
                                 effect,
+                                substitutions,
                             });
                             match action {
                                 AuthenticatedAction::ForwardIdle => {
@@ -352,7 +374,7 @@ async fn client_to_provider(
                 }
             }
             Assembled::MessageLiteral { head, literal } => {
-                let Some(skeleton) = append_skeleton(&head, &literal) else {
+                let Some(mut skeleton) = append_skeleton(&head, &literal) else {
                     unreachable!("the assembler asked the same question")
                 };
                 let tag = skeleton.tag.as_ref().to_owned();
@@ -360,10 +382,24 @@ async fn client_to_provider(
                 summary
                     .detail
                     .push_str(&format!(" size={}", literal.length));
+                let substitutions = match authorize(&mut skeleton, policy) {
+                    Decision::Allow => Vec::new(),
+                    Decision::AsNonexistent { substitutions } => substitutions,
+                    denial => {
+                        if !literal.sync {
+                            // LITERAL+: the message is on its way regardless; drop it.
+                            try_end!(discard(client, &mut buffer, u64::from(literal.length)).await);
+                            try_end!(skip_line(client, &mut buffer).await);
+                        }
+                        try_end!(deny(ctx, client_writer, &tag, &summary, &denial).await);
+                        continue;
+                    }
+                };
                 state.lock().unwrap().pending.push_back(Pending {
                     tag: tag.clone(),
                     summary,
                     effect: Effect::None,
+                    substitutions,
                 });
                 let steps = command::append_head_steps(&skeleton, literal.length, literal_plus);
                 let accepted = match run_steps(provider, state, &tag, &steps).await {
@@ -446,6 +482,38 @@ async fn refuse(
         format!("{} BAD {text}\r\n", tag.unwrap_or("*")).as_bytes(),
     )
     .await
+}
+
+/// Record and answer a command refused by the folder and permission policy.
+async fn deny(
+    ctx: &SessionContext,
+    client: &ClientWriter,
+    tag: &str,
+    summary: &CommandSummary,
+    decision: &Decision,
+) -> Result<(), SessionEnd> {
+    let text = match decision {
+        Decision::DenyPermission(permission) => {
+            format!("Permission denied: your roles do not grant \"{permission}\" on this mailbox")
+        }
+        Decision::DenyName(name) => {
+            format!("Permission denied: your roles do not allow a folder named \"{name}\"")
+        }
+        Decision::DenySubtree(name) => format!(
+            "Permission denied: \"{name}\" may have sub-folders outside your roles, so it cannot be renamed or deleted"
+        ),
+        other => unreachable!("not a denial: {other:?}"),
+    };
+    tracing::info!(command = %summary.name, folder = ?summary.folder, "denied: {text}");
+    ctx.audit(
+        &summary.name,
+        summary.folder.clone(),
+        format!("{} ({text})", summary.detail),
+        Outcome::Denied,
+    )
+    .await
+    .map_err(|_| SessionEnd::AuditFailed)?;
+    answer(client, format!("{tag} NO [NOPERM] {text}\r\n").as_bytes()).await
 }
 
 async fn send_upstream(
@@ -574,6 +642,7 @@ async fn provider_to_client(
     client: &ClientWriter,
     state: &Mutex<RelayState>,
     capabilities: &[String],
+    policy: &SessionPolicy,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
     loop {
@@ -652,8 +721,14 @@ async fn provider_to_client(
                     }
                     (pending, state.logout_tag.as_deref() == Some(tag.as_str()))
                 };
+                let mut line = line.to_vec();
                 if let Some(pending) = pending {
+                    if !pending.substitutions.is_empty() {
+                        line = substitute(&line, &pending.substitutions);
+                    }
                     let outcome = match status {
+                        // A hidden folder, answered as nonexistent by the provider.
+                        _ if !pending.substitutions.is_empty() => Outcome::Denied,
                         Status::Ok => Outcome::Ok,
                         Status::No => Outcome::No,
                         _ => Outcome::Bad,
@@ -685,6 +760,24 @@ async fn provider_to_client(
                     return end;
                 }
             }
+            _ if is_mailbox_data(&line) => {
+                let unit = match read_unit(provider, buffer, line).await {
+                    Ok(unit) => unit,
+                    Err(end) => {
+                        let _ =
+                            answer(client, b"* BYE The PEC provider connection failed\r\n").await;
+                        return end;
+                    }
+                };
+                let out = match filter_mailbox_data(&unit, policy) {
+                    Filtered::Pass => unit,
+                    Filtered::Replace(bytes) => bytes,
+                    Filtered::Drop => continue,
+                };
+                if let Err(end) = answer(client, &out).await {
+                    return end;
+                }
+            }
             _ => {
                 if let Err(end) = pass_through(provider, buffer, client, line).await {
                     return end;
@@ -692,6 +785,42 @@ async fn provider_to_client(
             }
         }
     }
+}
+
+/// Largest mailbox-data response (LIST/LSUB/STATUS) buffered for filtering.
+const MAX_MAILBOX_DATA: usize = 64 * 1024;
+
+/// Read a whole small response (line and literals) for filtering.
+async fn read_unit(
+    provider: &mut ReadHalf<BoxStream>,
+    buffer: &mut BytesMut,
+    line: BytesMut,
+) -> Result<Vec<u8>, SessionEnd> {
+    let mut unit = line.to_vec();
+    let mut last_line_start = 0;
+    while let Some(literal) = crate::imap::framing::literal_at_end(&unit[last_line_start..]) {
+        let length = literal.length as usize;
+        if unit.len() + length > MAX_MAILBOX_DATA {
+            return Err(SessionEnd::Error(
+                "oversized mailbox data from the provider".into(),
+            ));
+        }
+        while buffer.len() < length {
+            if !stream::fill(provider, buffer)
+                .await
+                .map_err(|_| SessionEnd::UpstreamClosed)?
+            {
+                return Err(SessionEnd::UpstreamClosed);
+            }
+        }
+        unit.extend_from_slice(&buffer.split_to(length));
+        last_line_start = unit.len();
+        let rest = stream::next_line(provider, buffer, MAX_MAILBOX_DATA)
+            .await
+            .map_err(|_| SessionEnd::UpstreamClosed)?;
+        unit.extend_from_slice(&rest);
+    }
+    Ok(unit)
 }
 
 /// Relay one untagged response byte for byte, streaming its literals.

@@ -20,12 +20,14 @@ use zeroize::Zeroizing;
 
 use crate::audit::{AuditError, AuditEvent, Outcome, Protocol};
 use crate::gateway::Gateway;
+use crate::imap::authorize::SessionPolicy;
 use crate::imap::command::{self, summarize};
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, tag_of};
 use crate::imap::relay;
 use crate::imap::response;
 use crate::imap::stream::{self, BoxStream};
 use crate::password;
+use crate::policy::FolderPolicy;
 use crate::upstream::{self, ProviderConnection};
 
 /// Which kind of listener accepted the connection.
@@ -161,7 +163,30 @@ async fn run(
             } => (stream, buffer, provider, capabilities),
             PreAuthEnd::Closed(end) => return end,
         };
-    let end = relay::run(ctx, stream, buffer, provider, capabilities, shutdown).await;
+    let (user, mailbox) = (
+        ctx.user.clone().unwrap_or_default(),
+        ctx.mailbox.clone().unwrap_or_default(),
+    );
+    let config = &ctx.gateway.config;
+    let policy = SessionPolicy {
+        folders: FolderPolicy::new(&config.folder_patterns(&user, &mailbox)),
+        permissions: config.permissions(&user, &mailbox),
+        delimiter: provider.delimiter,
+        provider_unselect: provider
+            .capabilities
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case("UNSELECT")),
+    };
+    let end = relay::run(
+        ctx,
+        stream,
+        buffer,
+        provider,
+        capabilities,
+        policy,
+        shutdown,
+    )
+    .await;
     let (command, outcome) = match &end {
         SessionEnd::Logout => ("logout", Outcome::Ok),
         SessionEnd::UpstreamClosed => ("upstream-error", Outcome::Error),

@@ -108,7 +108,7 @@ def test_audit_verify_detects_tampering(make_gateway, clients):
 
     db = sqlite3.connect(gw.audit_path)
     try:
-        target = db.execute("SELECT id FROM events WHERE command = 'SELECT' ORDER BY id LIMIT 1").fetchone()
+        target = db.execute("SELECT id FROM events WHERE command IN ('SELECT', 'EXAMINE') ORDER BY id LIMIT 1").fetchone()
         assert target, "no SELECT row to tamper with"
         db.execute("UPDATE events SET folder = 'Riservata' WHERE id = ?", target)
         db.commit()

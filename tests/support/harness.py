@@ -98,6 +98,11 @@ def make_cert(directory, cn: str = "localhost"):
             "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
             "-days", "30", "-subj", f"/CN={cn}",
             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            # A leaf, not a CA: rustls (webpki) refuses a CA certificate as a server's
+            # end-entity certificate, and so would a careful client.
+            "-addext", "basicConstraints=critical,CA:FALSE",
+            "-addext", "keyUsage=critical,digitalSignature,keyEncipherment",
+            "-addext", "extendedKeyUsage=serverAuth",
             "-keyout", str(key), "-out", str(cert),
         ],
         check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -486,6 +491,10 @@ service lmtp {{
 }}
 service anvil {{
   chroot =
+  # no auth penalty: failed logins (tests) must not slow down later good ones
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
 }}
 service auth {{
   chroot =
@@ -645,6 +654,7 @@ DEFAULT_ROLES = {
     },
 }
 
+_DEFAULT_PASSWORDS = {name: f"{name}-{secrets.token_hex(6)}" for name in ("mario", "anna")}
 _HASH_CACHE: dict[tuple[str, str], str] = {}
 _HASH_LOCK = threading.Lock()
 
@@ -724,9 +734,11 @@ class Pecgate:
         self.proc: subprocess.Popen | None = None
 
         if users is None:
+            # random per test run, shared by every instance so the (slow,
+            # argon2) hashes are computed once
             users = {
-                "mario": {"password": "mario-" + secrets.token_hex(6), "roles": ["segreteria"]},
-                "anna": {"password": "anna-" + secrets.token_hex(6), "roles": ["reception"]},
+                "mario": {"password": _DEFAULT_PASSWORDS["mario"], "roles": ["segreteria"]},
+                "anna": {"password": _DEFAULT_PASSWORDS["anna"], "roles": ["reception"]},
             }
         self.users = users
         self.roles = DEFAULT_ROLES if roles is None else roles
