@@ -416,10 +416,14 @@ class Bench:
         times = {"direct": [], "pecgate": []}
         cpu = []
         for i in range(a.runs):
-            times["direct"].append(self.fetch_all(self.direct)[0])
-            c0 = cpu_seconds(self.pid)
-            times["pecgate"].append(self.fetch_all(self.gateway)[0])
-            cpu.append(cpu_seconds(self.pid) - c0)
+            # Alternate which path goes first, so neither always follows the other.
+            for path in (("direct", "pecgate") if i % 2 == 0 else ("pecgate", "direct")):
+                if path == "direct":
+                    times["direct"].append(self.fetch_all(self.direct)[0])
+                else:
+                    c0 = cpu_seconds(self.pid)
+                    times["pecgate"].append(self.fetch_all(self.gateway)[0])
+                    cpu.append(cpu_seconds(self.pid) - c0)
             log(f"bulk run {i + 1}/{a.runs}: direct {times['direct'][-1]:.3f}s, "
                 f"pecgate {times['pecgate'][-1]:.3f}s (pecgate CPU {cpu[-1]:.2f}s)")
         self.results["bulk"] = {

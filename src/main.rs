@@ -41,6 +41,9 @@ enum Command {
     Check {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Also log in to each provider and show, per user, the folders they will see.
+        #[arg(long)]
+        live: bool,
     },
     /// Read a password (prompt on a terminal, else one line of stdin) and print its argon2id hash.
     HashPassword,
@@ -114,7 +117,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
-        Command::Check { config } => check(&config),
+        Command::Check { config, live } => check(&config, live),
         Command::HashPassword => hash_password(),
         Command::Vault { action } => vault_command(action),
         Command::Audit { action } => audit_command(action),
@@ -161,7 +164,7 @@ fn raise_file_limit() {
     }
 }
 
-fn check(path: &Path) -> anyhow::Result<ExitCode> {
+fn check(path: &Path, live: bool) -> anyhow::Result<ExitCode> {
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(error) => {
@@ -210,7 +213,113 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
     }
     println!("{}: configuration OK", path.display());
     print!("{}", config.summary());
+    if live {
+        return check_live(&config);
+    }
+    println!("access (folder patterns; `--live` lists the real folders):");
+    for (user, mailbox) in user_mailboxes(&config) {
+        println!(
+            "  {user} on {mailbox}: permissions {}; folders {}",
+            config.permissions(&user, &mailbox),
+            config.folder_patterns(&user, &mailbox).join(", ")
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+fn user_mailboxes(config: &Config) -> Vec<(String, String)> {
+    config
+        .users
+        .keys()
+        .flat_map(|user| {
+            config
+                .mailboxes_of(user)
+                .into_iter()
+                .map(move |mailbox| (user.clone(), mailbox.to_owned()))
+        })
+        .collect()
+}
+
+/// `check --live`: list every mailbox's folders on the provider and show what each user sees.
+fn check_live(config: &Config) -> anyhow::Result<ExitCode> {
+    use pecgate::imap::mutf7;
+    use pecgate::policy::{FolderPolicy, Visibility, split_name};
+    use pecgate::upstream::{self, ConnectionBudget};
+
+    let key = vault::load_key(&config.vault_key_path())?;
+    let vault = Vault::open(&config.vault_path(), key)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut failed = false;
+    for (name, mailbox) in &config.mailboxes {
+        let Some(password) = vault.get(name) else {
+            println!("{name}: no provider password in the vault; skipped");
+            failed = true;
+            continue;
+        };
+        let tls = pecgate::tls::client_config(mailbox.ca_file.as_deref())?;
+        let target = upstream::ProviderTarget {
+            endpoint: &mailbox.imap,
+            tls,
+            login: &mailbox.login,
+            password: password.expose(),
+            timeout: std::time::Duration::from_secs(30),
+        };
+        let folders = runtime.block_on(async {
+            let permit = ConnectionBudget::new(1)
+                .try_acquire()
+                .expect("a fresh budget");
+            let mut connection = upstream::connect(&target, permit)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let folders = connection
+                .list_all()
+                .await
+                .map_err(|e| anyhow::anyhow!("LIST on {}: {e}", mailbox.imap))?;
+            connection.logout().await;
+            anyhow::Ok(folders)
+        });
+        let folders = match folders {
+            Ok(folders) => folders,
+            Err(error) => {
+                println!("{name}: {error:#}");
+                failed = true;
+                continue;
+            }
+        };
+        println!("{name}: {} folders on {}", folders.len(), mailbox.imap);
+        for (user, _) in user_mailboxes(config)
+            .into_iter()
+            .filter(|(_, m)| m == name)
+        {
+            let policy = FolderPolicy::new(&config.folder_patterns(&user, name));
+            println!("  {user} sees:");
+            let mut shown = 0;
+            for folder in &folders {
+                let visibility = split_name(&folder.wire, folder.delimiter)
+                    .map_or(Visibility::Hidden, |s| policy.visibility(&s));
+                let text = mutf7::decode_canonical(&folder.wire)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&folder.wire).into_owned());
+                match visibility {
+                    Visibility::Granted => println!("    {text}"),
+                    Visibility::Parent => {
+                        println!("    {text}  (\\Noselect: parent of a granted folder)")
+                    }
+                    Visibility::Hidden => continue,
+                }
+                shown += 1;
+            }
+            if shown == 0 {
+                println!("    (nothing)");
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn hash_password() -> anyhow::Result<ExitCode> {

@@ -131,6 +131,72 @@ impl ProviderConnection {
     }
 }
 
+/// One folder as the provider lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedFolder {
+    /// The name on the wire (modified UTF-7).
+    pub wire: Vec<u8>,
+    pub delimiter: Option<char>,
+    pub attributes: Vec<String>,
+}
+
+impl ProviderConnection {
+    /// `LIST "" "*"`: every folder of the mailbox (for `pecgate check --live`).
+    pub async fn list_all(&mut self) -> Result<Vec<ListedFolder>, LineError> {
+        use imap_codec::ResponseCodec;
+        use imap_codec::decode::Decoder;
+        use imap_codec::imap_types::mailbox::Mailbox;
+        use imap_codec::imap_types::response::{Data, Response};
+
+        self.writer.write_all(b"pg4 LIST \"\" \"*\"\r\n").await?;
+        self.writer.flush().await?;
+        let mut folders = Vec::new();
+        loop {
+            let mut unit = stream::next_line(&mut self.reader, &mut self.buffer, SETUP_LINE_MAX)
+                .await?
+                .to_vec();
+            if let ResponseKind::Tagged { tag: "pg4", .. } = response::classify(&unit) {
+                return Ok(folders);
+            }
+            // A name sent as a literal: read it and the rest of the line.
+            while let Some(literal) = crate::imap::framing::literal_at_end(&unit) {
+                let length = literal.length as usize;
+                if length > SETUP_LINE_MAX {
+                    return Err(LineError::TooLong(SETUP_LINE_MAX));
+                }
+                while self.buffer.len() < length {
+                    if !stream::fill(&mut self.reader, &mut self.buffer).await? {
+                        return Err(LineError::Closed);
+                    }
+                }
+                unit.extend_from_slice(&self.buffer.split_to(length));
+                let rest =
+                    stream::next_line(&mut self.reader, &mut self.buffer, SETUP_LINE_MAX).await?;
+                unit.extend_from_slice(&rest);
+            }
+            if let Ok((
+                _,
+                Response::Data(Data::List {
+                    items,
+                    delimiter,
+                    mailbox,
+                }),
+            )) = ResponseCodec::default().decode(&unit)
+            {
+                let wire = match mailbox {
+                    Mailbox::Inbox => b"INBOX".to_vec(),
+                    Mailbox::Other(other) => other.as_ref().to_vec(),
+                };
+                folders.push(ListedFolder {
+                    wire,
+                    delimiter: delimiter.map(|d| d.inner()),
+                    attributes: items.iter().map(ToString::to_string).collect(),
+                });
+            }
+        }
+    }
+}
+
 /// Open a session to the provider and log in with the mailbox's credentials.
 pub async fn connect(
     target: &ProviderTarget<'_>,
