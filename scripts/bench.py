@@ -233,10 +233,43 @@ def reset_hwm(pid: int) -> bool:
         return False
 
 
+def _stat_fields(path: str) -> list[str]:
+    with open(path) as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """user+system CPU of a process (all its threads)."""
+    f = _stat_fields(f"/proc/{pid}/stat")
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int, name: str) -> float:
+    """user+system CPU of the threads of ``pid`` called ``name``."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() == name:
+                f = _stat_fields(f"/proc/{pid}/task/{tid}/stat")
+                total += int(f[11]) + int(f[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu(pgid: int) -> float:
+    """user+system CPU of the live processes of process group ``pgid`` (Dovecot's)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                f = _stat_fields(f"/proc/{entry}/stat")
+                if int(f[2]) == pgid:
+                    total += int(f[11]) + int(f[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 class RssSampler(threading.Thread):
@@ -414,23 +447,22 @@ class Bench:
         self.fetch_all(self.direct)
         self.fetch_all(self.gateway)
         times = {"direct": [], "pecgate": []}
-        cpu = []
+        cpu = {"direct": [], "pecgate": []}  # (client, dovecot, pecgate) CPU seconds per run
+        dpid = self.dovecot.proc.pid
         for i in range(a.runs):
             # Alternate which path goes first, so neither always follows the other.
             for path in (("direct", "pecgate") if i % 2 == 0 else ("pecgate", "direct")):
-                if path == "direct":
-                    times["direct"].append(self.fetch_all(self.direct)[0])
-                else:
-                    c0 = cpu_seconds(self.pid)
-                    times["pecgate"].append(self.fetch_all(self.gateway)[0])
-                    cpu.append(cpu_seconds(self.pid) - c0)
+                c0, d0, g0 = self_cpu(), group_cpu(dpid), cpu_seconds(self.pid)
+                times[path].append(self.fetch_all(self.direct if path == "direct" else self.gateway)[0])
+                cpu[path].append((self_cpu() - c0, group_cpu(dpid) - d0, cpu_seconds(self.pid) - g0))
             log(f"bulk run {i + 1}/{a.runs}: direct {times['direct'][-1]:.3f}s, "
-                f"pecgate {times['pecgate'][-1]:.3f}s (pecgate CPU {cpu[-1]:.2f}s)")
+                f"pecgate {times['pecgate'][-1]:.3f}s (pecgate CPU {cpu['pecgate'][-1][2]:.2f}s)")
+        med = lambda runs: tuple(statistics.median(x[k] for x in runs) for k in range(3))  # noqa: E731
         self.results["bulk"] = {
             "direct": statistics.median(times["direct"]),
             "pecgate": statistics.median(times["pecgate"]),
             "all": times,
-            "pecgate_cpu": statistics.median(cpu),
+            "cpu": {k: med(v) for k, v in cpu.items()},
         }
 
     # -- 2. round trips -------------------------------------------------------
@@ -448,6 +480,7 @@ class Bench:
                     g.run(cmd(i))
                 lat = {"direct": [], "pecgate": []}
                 clock = time.perf_counter_ns
+                g0, w0 = cpu_seconds(self.pid), thread_cpu(self.pid, "audit-writer")
                 # Alternate the two paths command by command: both see the same noise.
                 for i in range(a.rtt):
                     text = cmd(i)
@@ -456,6 +489,8 @@ class Bench:
                         c.run(text)
                         lat[key].append((clock() - t0) / 1000.0)
                 out[name] = {k: (pct(v, 50), pct(v, 99)) for k, v in lat.items()}
+                writer = thread_cpu(self.pid, "audit-writer") - w0
+                out[name]["cpu_us"] = ((cpu_seconds(self.pid) - g0) / a.rtt * 1e6, writer / a.rtt * 1e6)
                 log(f"{name}: direct p50/p99 {out[name]['direct'][0]:.0f}/{out[name]['direct'][1]:.0f} us, "
                     f"pecgate {out[name]['pecgate'][0]:.0f}/{out[name]['pecgate'][1]:.0f} us")
         finally:
@@ -611,18 +646,26 @@ class Bench:
               f"| — | {mib(i['base'])} → {mib(i['after'])} | {per:.0f} KiB/session | — | |")
         if "idle_default" in r:
             i = r["idle_default"]
-            per = (i["after"] - i["base"]) / i["n"]
-            p(f"| Same {i['n']} sessions, glibc malloc defaults² | — | {mib(i['base'])} → {mib(i['after'])} "
-              f"(→ {mib(i['closed'])} after all closed) | {per:.0f} KiB/session | — | **no** |")
+            half = i["n"] // 2
+            p(f"| Same {i['n']} sessions, glibc malloc defaults² | — | {mib(i['base'])} → {mib(i['mid'])} "
+              f"at {half} → {mib(i['after'])} at {i['n']} | +{mib(i['after'] - i['base'])}, "
+              f"{mib(i['closed'])} still held after all closed | bounded | see ² |")
         p("")
         notes = []
         if "bulk" in r:
             b = r["bulk"]
+            gb = self.bulk_bytes / 1e9
+            cd, cg = b["cpu"]["direct"], b["cpu"]["pecgate"]
             notes.append(
                 "bulk runs (s): direct " + ", ".join(f"{x:.3f}" for x in b["all"]["direct"])
                 + "; pecgate " + ", ".join(f"{x:.3f}" for x in b["all"]["pecgate"])
-                + f"; pecgate CPU per run {b['pecgate_cpu']:.2f} s "
-                f"({b['pecgate_cpu'] / (self.bulk_bytes / 1e9):.2f} CPU-s/GB)")
+                + f". CPU per run (median, s), client / Dovecot / pecgate: direct {cd[0]:.2f} / {cd[1]:.2f} / —, "
+                f"through pecgate {cg[0]:.2f} / {cg[1]:.2f} / {cg[2]:.2f} "
+                f"(pecgate {cg[2] / gb:.1f} CPU-s per GB relayed; {facts['nproc']} cores available)")
+        if "rtt" in r:
+            parts = [f"`{name}` {v['cpu_us'][0]:.0f} µs (audit-writer thread {v['cpu_us'][1]:.0f})"
+                     for name, v in r["rtt"].items()]
+            notes.append("pecgate CPU per relayed command: " + ", ".join(parts))
         if "stream" in r or "idle" in r:
             notes.append(
                 "¹ memory rows run pecgate with `MALLOC_MMAP_THRESHOLD_=131072` so that glibc returns "
