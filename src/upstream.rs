@@ -152,28 +152,14 @@ impl ProviderConnection {
         self.writer.flush().await?;
         let mut folders = Vec::new();
         loop {
-            let mut unit = stream::next_line(&mut self.reader, &mut self.buffer, SETUP_LINE_MAX)
-                .await?
-                .to_vec();
-            if let ResponseKind::Tagged { tag: "pg4", .. } = response::classify(&unit) {
+            let line =
+                stream::next_line(&mut self.reader, &mut self.buffer, SETUP_LINE_MAX).await?;
+            if let ResponseKind::Tagged { tag: "pg4", .. } = response::classify(&line) {
                 return Ok(folders);
             }
-            // A name sent as a literal: read it and the rest of the line.
-            while let Some(literal) = crate::imap::framing::literal_at_end(&unit) {
-                let length = literal.length as usize;
-                if length > SETUP_LINE_MAX {
-                    return Err(LineError::TooLong(SETUP_LINE_MAX));
-                }
-                while self.buffer.len() < length {
-                    if !stream::fill(&mut self.reader, &mut self.buffer).await? {
-                        return Err(LineError::Closed);
-                    }
-                }
-                unit.extend_from_slice(&self.buffer.split_to(length));
-                let rest =
-                    stream::next_line(&mut self.reader, &mut self.buffer, SETUP_LINE_MAX).await?;
-                unit.extend_from_slice(&rest);
-            }
+            // A name may come as a literal: read the whole response.
+            let unit = stream::read_unit(&mut self.reader, &mut self.buffer, &line, SETUP_LINE_MAX)
+                .await?;
             if let Ok((
                 _,
                 Response::Data(Data::List {
@@ -253,7 +239,7 @@ async fn connect_inner(
             .write_all(b"pg0 STARTTLS\r\n")
             .await
             .map_err(|e| protocol(e.to_string()))?;
-        let reply = read_tagged(&mut stream, &mut buffer, "pg0")
+        let reply = read_tagged(&mut stream, &mut buffer, "pg0", |_| {})
             .await
             .map_err(line_error)?;
         if response::classify(&reply)
@@ -297,17 +283,14 @@ async fn connect_inner(
         }
     }
     let mut login_caps = Vec::new();
-    let reply = loop {
-        let line = stream::next_line(&mut stream, &mut buffer, SETUP_LINE_MAX)
-            .await
-            .map_err(line_error)?;
-        if response::carries_capabilities(&line) {
-            login_caps = response::capabilities_in(&line);
-        }
-        if let ResponseKind::Tagged { tag: "pg1", .. } = response::classify(&line) {
-            break line;
-        }
-    };
+    let reply = read_tagged(
+        &mut stream,
+        &mut buffer,
+        "pg1",
+        note_capabilities(&mut login_caps),
+    )
+    .await
+    .map_err(line_error)?;
     if response::classify(&reply)
         != (ResponseKind::Tagged {
             tag: "pg1",
@@ -325,17 +308,14 @@ async fn connect_inner(
             .write_all(b"pg2 CAPABILITY\r\n")
             .await
             .map_err(|e| protocol(e.to_string()))?;
-        loop {
-            let line = stream::next_line(&mut stream, &mut buffer, SETUP_LINE_MAX)
-                .await
-                .map_err(line_error)?;
-            if response::carries_capabilities(&line) {
-                login_caps = response::capabilities_in(&line);
-            }
-            if let ResponseKind::Tagged { tag: "pg2", .. } = response::classify(&line) {
-                break;
-            }
-        }
+        read_tagged(
+            &mut stream,
+            &mut buffer,
+            "pg2",
+            note_capabilities(&mut login_caps),
+        )
+        .await
+        .map_err(line_error)?;
     }
     // The hierarchy delimiter: folder policy splits names on it.
     stream
@@ -343,17 +323,13 @@ async fn connect_inner(
         .await
         .map_err(|e| protocol(e.to_string()))?;
     let mut delimiter = None;
-    loop {
-        let line = stream::next_line(&mut stream, &mut buffer, SETUP_LINE_MAX)
-            .await
-            .map_err(line_error)?;
-        if let Some(found) = list_delimiter(&line) {
+    read_tagged(&mut stream, &mut buffer, "pg3", |line| {
+        if let Some(found) = list_delimiter(line) {
             delimiter = found;
         }
-        if let ResponseKind::Tagged { tag: "pg3", .. } = response::classify(&line) {
-            break;
-        }
-    }
+    })
+    .await
+    .map_err(line_error)?;
     let (reader, writer) = tokio::io::split(stream);
     Ok(ProviderConnection {
         reader,
@@ -384,15 +360,28 @@ async fn tls_wrap<S: stream::AsyncStream + 'static>(
         })
 }
 
+/// Read responses until the tagged one for `tag`, which is returned; every line before it
+/// (and the tagged one) is shown to `inspect`.
 async fn read_tagged(
     stream: &mut BoxStream,
     buffer: &mut BytesMut,
     tag: &str,
+    mut inspect: impl FnMut(&[u8]),
 ) -> Result<BytesMut, LineError> {
     loop {
         let line = stream::next_line(stream, buffer, SETUP_LINE_MAX).await?;
+        inspect(&line);
         if matches!(response::classify(&line), ResponseKind::Tagged { tag: t, .. } if t == tag) {
             return Ok(line);
+        }
+    }
+}
+
+/// Collect the capability list from a line that carries one.
+fn note_capabilities(found: &mut Vec<String>) -> impl FnMut(&[u8]) + '_ {
+    |line| {
+        if response::carries_capabilities(line) {
+            *found = response::capabilities_in(line);
         }
     }
 }

@@ -761,12 +761,14 @@ async fn provider_to_client(
                 }
             }
             _ if is_mailbox_data(&line) => {
-                let unit = match read_unit(provider, buffer, line).await {
+                let unit = match stream::read_unit(provider, buffer, &line, MAX_MAILBOX_DATA).await
+                {
                     Ok(unit) => unit,
-                    Err(end) => {
+                    Err(error) => {
+                        tracing::warn!(%error, "unreadable mailbox data from the provider");
                         let _ =
                             answer(client, b"* BYE The PEC provider connection failed\r\n").await;
-                        return end;
+                        return SessionEnd::UpstreamClosed;
                     }
                 };
                 let out = match filter_mailbox_data(&unit, policy) {
@@ -789,39 +791,6 @@ async fn provider_to_client(
 
 /// Largest mailbox-data response (LIST/LSUB/STATUS) buffered for filtering.
 const MAX_MAILBOX_DATA: usize = 64 * 1024;
-
-/// Read a whole small response (line and literals) for filtering.
-async fn read_unit(
-    provider: &mut ReadHalf<BoxStream>,
-    buffer: &mut BytesMut,
-    line: BytesMut,
-) -> Result<Vec<u8>, SessionEnd> {
-    let mut unit = line.to_vec();
-    let mut last_line_start = 0;
-    while let Some(literal) = crate::imap::framing::literal_at_end(&unit[last_line_start..]) {
-        let length = literal.length as usize;
-        if unit.len() + length > MAX_MAILBOX_DATA {
-            return Err(SessionEnd::Error(
-                "oversized mailbox data from the provider".into(),
-            ));
-        }
-        while buffer.len() < length {
-            if !stream::fill(provider, buffer)
-                .await
-                .map_err(|_| SessionEnd::UpstreamClosed)?
-            {
-                return Err(SessionEnd::UpstreamClosed);
-            }
-        }
-        unit.extend_from_slice(&buffer.split_to(length));
-        last_line_start = unit.len();
-        let rest = stream::next_line(provider, buffer, MAX_MAILBOX_DATA)
-            .await
-            .map_err(|_| SessionEnd::UpstreamClosed)?;
-        unit.extend_from_slice(&rest);
-    }
-    Ok(unit)
-}
 
 /// Relay one untagged response byte for byte, streaming its literals.
 async fn pass_through(

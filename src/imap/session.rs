@@ -323,7 +323,7 @@ async fn not_authenticated(
         };
         let tag = command.tag.as_ref().to_owned();
         let name = command.body.name();
-        match command.body {
+        let (login, secret) = match command.body {
             CommandBody::Capability => {
                 audit_or_close!(name, String::new(), Outcome::Ok);
                 let reply = format!(
@@ -331,10 +331,12 @@ async fn not_authenticated(
                     preauth_capabilities(tls)
                 );
                 send_or_close!(reply.as_bytes());
+                continue;
             }
             CommandBody::Noop => {
                 audit_or_close!(name, String::new(), Outcome::Ok);
                 send_or_close!(format!("{tag} OK NOOP completed\r\n").as_bytes());
+                continue;
             }
             CommandBody::Id { .. } => {
                 audit_or_close!(name, summarize(&command).detail, Outcome::Ok);
@@ -343,6 +345,7 @@ async fn not_authenticated(
                     env!("CARGO_PKG_VERSION")
                 );
                 send_or_close!(reply.as_bytes());
+                continue;
             }
             CommandBody::Logout => {
                 audit_or_close!(name, String::new(), Outcome::Ok);
@@ -356,6 +359,7 @@ async fn not_authenticated(
             CommandBody::StartTLS if tls => {
                 audit_or_close!(name, "already using TLS".to_owned(), Outcome::Bad);
                 send_or_close!(bad(Some(&tag), "TLS is already active").as_bytes());
+                continue;
             }
             CommandBody::StartTLS => {
                 audit_or_close!(name, String::new(), Outcome::Ok);
@@ -369,6 +373,7 @@ async fn not_authenticated(
                     Err(end) => return PreAuthEnd::Closed(end),
                 };
                 tls = true;
+                continue;
             }
             CommandBody::Login { .. } | CommandBody::Authenticate { .. } if !tls => {
                 audit_or_close!(name, "before STARTTLS".to_owned(), Outcome::Denied);
@@ -376,6 +381,7 @@ async fn not_authenticated(
                     format!("{tag} NO [PRIVACYREQUIRED] Use STARTTLS before logging in\r\n")
                         .as_bytes()
                 );
+                continue;
             }
             CommandBody::Authenticate {
                 mechanism,
@@ -424,62 +430,40 @@ async fn not_authenticated(
                     send_or_close!(bad(Some(&tag), "Malformed SASL PLAIN response").as_bytes());
                     continue;
                 };
-                match log_in(ctx, &tag, name, &login, secret).await {
-                    LoginResult::Success {
-                        provider,
-                        capabilities,
-                        reply,
-                    } => {
-                        send_or_close!(reply.as_bytes());
-                        return PreAuthEnd::LoggedIn {
-                            stream,
-                            buffer,
-                            provider,
-                            capabilities,
-                        };
-                    }
-                    LoginResult::Refused(reply) => send_or_close!(reply.as_bytes()),
-                    LoginResult::AuditFailed => {
-                        let _ = send(
-                            &mut stream,
-                            b"* BYE [UNAVAILABLE] Audit log unavailable\r\n",
-                        )
-                        .await;
-                        return PreAuthEnd::Closed(SessionEnd::AuditFailed);
-                    }
-                }
+                (login, secret)
             }
-            CommandBody::Login { username, password } => {
-                let login = String::from_utf8_lossy(username.as_ref()).into_owned();
-                let secret = Zeroizing::new(password.declassify().as_ref().to_vec());
-                match log_in(ctx, &tag, name, &login, secret).await {
-                    LoginResult::Success {
-                        provider,
-                        capabilities,
-                        reply,
-                    } => {
-                        send_or_close!(reply.as_bytes());
-                        return PreAuthEnd::LoggedIn {
-                            stream,
-                            buffer,
-                            provider,
-                            capabilities,
-                        };
-                    }
-                    LoginResult::Refused(reply) => send_or_close!(reply.as_bytes()),
-                    LoginResult::AuditFailed => {
-                        let _ = send(
-                            &mut stream,
-                            b"* BYE [UNAVAILABLE] Audit log unavailable\r\n",
-                        )
-                        .await;
-                        return PreAuthEnd::Closed(SessionEnd::AuditFailed);
-                    }
-                }
-            }
+            CommandBody::Login { username, password } => (
+                String::from_utf8_lossy(username.as_ref()).into_owned(),
+                Zeroizing::new(password.declassify().as_ref().to_vec()),
+            ),
             _ => {
                 audit_or_close!(name, "before login".to_owned(), Outcome::Bad);
                 send_or_close!(bad(Some(&tag), "Log in first").as_bytes());
+                continue;
+            }
+        };
+        match log_in(ctx, &tag, name, &login, secret).await {
+            LoginResult::Success {
+                provider,
+                capabilities,
+                reply,
+            } => {
+                send_or_close!(reply.as_bytes());
+                return PreAuthEnd::LoggedIn {
+                    stream,
+                    buffer,
+                    provider,
+                    capabilities,
+                };
+            }
+            LoginResult::Refused(reply) => send_or_close!(reply.as_bytes()),
+            LoginResult::AuditFailed => {
+                let _ = send(
+                    &mut stream,
+                    b"* BYE [UNAVAILABLE] Audit log unavailable\r\n",
+                )
+                .await;
+                return PreAuthEnd::Closed(SessionEnd::AuditFailed);
             }
         }
     }

@@ -64,3 +64,32 @@ pub async fn next_line<R: AsyncRead + Unpin + ?Sized>(
         }
     }
 }
+
+/// Complete a small response whose first line is `line`: while a line ends with a literal
+/// announcement, read the literal and the line that follows. For responses that must be
+/// inspected whole (mailbox names may be literals); `max` bounds the total.
+pub async fn read_unit<R: AsyncRead + Unpin + ?Sized>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    line: &[u8],
+    max: usize,
+) -> Result<Vec<u8>, LineError> {
+    let mut unit = line.to_vec();
+    let mut line_start = 0;
+    while let Some(literal) = super::framing::literal_at_end(&unit[line_start..]) {
+        let length = literal.length as usize;
+        if unit.len() + length > max {
+            return Err(LineError::TooLong(max));
+        }
+        while buf.len() < length {
+            if !fill(reader, buf).await? {
+                return Err(LineError::Closed);
+            }
+        }
+        unit.extend_from_slice(&buf.split_to(length));
+        line_start = unit.len();
+        let rest = next_line(reader, buf, max - unit.len()).await?;
+        unit.extend_from_slice(&rest);
+    }
+    Ok(unit)
+}
