@@ -245,6 +245,9 @@ async fn client_to_provider(
             }
             Assembled::Command(bytes) if idle_tag.is_some() => {
                 if trim_line(&bytes).eq_ignore_ascii_case(b"DONE") {
+                    // Cleared here, not when the provider completes the IDLE: a client may
+                    // pipeline its next command right after DONE.
+                    state.lock().unwrap().idle_tag = None;
                     try_end!(send_upstream(provider, b"DONE\r\n").await);
                 } else {
                     try_end!(answer(client_writer, b"* BAD Expected DONE to end IDLE\r\n").await);
@@ -758,6 +761,19 @@ async fn provider_to_client(
                 let out = response::replace_capabilities(&line, capabilities);
                 if let Err(end) = answer(client, &out).await {
                     return end;
+                }
+            }
+            ResponseKind::UntaggedStatus(Status::Bye) => {
+                let logging_out = state.lock().unwrap().logout_tag.is_some();
+                if let Err(end) = answer(client, &line).await {
+                    return end;
+                }
+                if !logging_out {
+                    tracing::warn!(
+                        reply = %command::printable(&line, 200),
+                        "the provider ended the session"
+                    );
+                    return SessionEnd::UpstreamClosed;
                 }
             }
             _ if is_mailbox_data(&line) => {
