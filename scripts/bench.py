@@ -370,18 +370,13 @@ class Bench:
     def pid(self) -> int:
         return self.gw.proc.pid
 
-    def restart_gateway(self, pinned_malloc: bool):
+    def restart_gateway(self):
         """A fresh pecgate process, so a memory section starts from a clean heap.
 
-        ``pinned_malloc``: run it with glibc's mmap threshold fixed at 128 KiB. By
-        default glibc raises the threshold to the largest block freed so far (up to
-        32 MiB), so after the first login every argon2 verification (a 19 MiB block,
-        on a blocking thread) is carved from a malloc arena and stays resident after
-        it is freed. Pinned, those blocks are mmapped and unmapped each time and RSS
-        shows what the sessions themselves hold.
+        (pecgate pins glibc's mmap threshold itself, so argon2's 19 MiB login buffers go back
+        to the system when freed and RSS shows what the sessions hold.)
         """
         self.gw.stop()
-        self.gw.env = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)} if pinned_malloc else None
         self.gw.start()
         # One full session first: lazy one-time allocations are not per-session costs.
         self.gateway().close()
@@ -501,7 +496,7 @@ class Bench:
     # -- 3. streaming memory --------------------------------------------------
     def bench_stream(self):
         a = self.a
-        self.restart_gateway(pinned_malloc=True)
+        self.restart_gateway()
         pid = self.pid
         before_login = settle_rss(pid, 1.0)
         n = a.stream_clients
@@ -550,15 +545,13 @@ class Bench:
 
     # -- 4. idle sessions -----------------------------------------------------
     def bench_idle(self):
-        self.results["idle"] = self._idle(pinned_malloc=True)
-        self.results["idle_default"] = self._idle(pinned_malloc=False)
+        self.results["idle"] = self._idle()
 
-    def _idle(self, pinned_malloc: bool) -> dict:
+    def _idle(self) -> dict:
         a = self.a
-        self.restart_gateway(pinned_malloc)
+        self.restart_gateway()
         pid = self.pid
         workers = 8
-        label = "pinned malloc" if pinned_malloc else "default malloc"
 
         def open_one(_):
             c = self.gateway()
@@ -566,7 +559,7 @@ class Bench:
             return c
 
         base = settle_rss(pid, 1.0)
-        log(f"idle ({label}): baseline RSS {base / 1024:.1f} MiB; opening {a.idle_sessions} sessions")
+        log(f"idle: baseline RSS {base / 1024:.1f} MiB; opening {a.idle_sessions} sessions")
         sessions: list[Conn] = []
         t0 = time.perf_counter()
         half = a.idle_sessions // 2
@@ -586,7 +579,7 @@ class Bench:
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 list(pool.map(Conn.close, sessions))
         closed = settle_rss(pid, 1.5)
-        log(f"idle ({label}): {len(sessions)} sessions in {opened:.1f}s; RSS {after / 1024:.1f} MiB "
+        log(f"idle: {len(sessions)} sessions in {opened:.1f}s; RSS {after / 1024:.1f} MiB "
             f"(half-way {mid / 1024:.1f}); after closing {closed / 1024:.1f} MiB; pecgate fds {fds}")
         return {"n": len(sessions), "base": base, "mid": mid, "after": after, "closed": closed,
                 "opened_s": opened, "fds": fds, "workers": workers}
@@ -636,20 +629,14 @@ class Bench:
             delta = s["peak"] - s["base"]
             per = delta / s["clients"] / 1024
             p(f"| Streaming: {s['clients']} clients fetch one {s['mb']:.0f} MB message at once "
-              f"(pecgate RSS, logged in → peak)¹ | — | {mib(s['base'])} → {mib(s['peak'])} "
+              f"(pecgate RSS, logged in → peak) | — | {mib(s['base'])} → {mib(s['peak'])} "
               f"| +{mib(delta)} ({per:.2f} MiB/session) | ≤ {TARGET_STREAM_MIB_PER_SESSION:.0f} MiB/session, "
               f"flat in message size | {ok(per <= TARGET_STREAM_MIB_PER_SESSION)} |")
         if "idle" in r:
             i = r["idle"]
             per = (i["after"] - i["base"]) / i["n"]
-            p(f"| Idle: {i['n']} logged-in sessions, INBOX selected (pecgate RSS, before → after)¹ "
+            p(f"| Idle: {i['n']} logged-in sessions, INBOX selected (pecgate RSS, before → after) "
               f"| — | {mib(i['base'])} → {mib(i['after'])} | {per:.0f} KiB/session | — | |")
-        if "idle_default" in r:
-            i = r["idle_default"]
-            half = i["n"] // 2
-            p(f"| Same {i['n']} sessions, glibc malloc defaults² | — | {mib(i['base'])} → {mib(i['mid'])} "
-              f"at {half} → {mib(i['after'])} at {i['n']} | +{mib(i['after'] - i['base'])}, "
-              f"{mib(i['closed'])} still held after all closed | bounded | see ² |")
         p("")
         notes = []
         if "bulk" in r:
@@ -666,16 +653,6 @@ class Bench:
             parts = [f"`{name}` {v['cpu_us'][0]:.0f} µs (audit-writer thread {v['cpu_us'][1]:.0f})"
                      for name, v in r["rtt"].items()]
             notes.append("pecgate CPU per relayed command: " + ", ".join(parts))
-        if "stream" in r or "idle" in r:
-            notes.append(
-                "¹ memory rows run pecgate with `MALLOC_MMAP_THRESHOLD_=131072` so that glibc returns "
-                "argon2's 19 MiB login buffers; they show what sessions and streams hold")
-        if "idle_default" in r:
-            i = r["idle_default"]
-            notes.append(
-                "² without it, glibc raises its mmap threshold after the first login, argon2's buffers "
-                f"come from malloc arenas and stay resident: RSS grows with concurrent logins "
-                f"({i['workers']} at a time here) and is not returned when sessions close")
         if "stream" in r:
             s = r["stream"]
             notes.append(
@@ -735,6 +712,10 @@ def main(argv=None) -> int:
     unknown = set(sections) - {"bulk", "rtt", "stream", "idle"}
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}")
+
+    if a.idle_sessions + a.stream_clients > 900:
+        ap.error("the harness's Dovecot allows 1000 connections per user and IP: keep "
+                 "--idle-sessions + --stream-clients under 900")
 
     soft, _ = raise_nofile()  # inherited by Dovecot and pecgate too
     need = a.idle_sessions * 2 + 200

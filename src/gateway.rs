@@ -53,6 +53,10 @@ pub struct Gateway {
     pub mailboxes: HashMap<String, MailboxRuntime>,
     /// How long a provider gets to accept a connection and a login.
     pub provider_timeout: Duration,
+    /// Password verifications running at once. argon2id takes ~19 MiB and tens of
+    /// milliseconds of CPU each: unbounded, a burst of logins (or a guessing attack) would
+    /// take every core and grow memory by 19 MiB per concurrent login.
+    pub password_checks: Arc<tokio::sync::Semaphore>,
 }
 
 impl Gateway {
@@ -92,6 +96,9 @@ impl Gateway {
             acceptor: TlsAcceptor::from(server),
             mailboxes,
             provider_timeout: Duration::from_secs(30),
+            password_checks: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
         })
     }
 }

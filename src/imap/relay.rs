@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -78,7 +78,12 @@ struct RelayState {
     selected: Option<String>,
 }
 
-type ClientWriter = tokio::sync::Mutex<WriteHalf<BoxStream>>;
+/// Writes are buffered (64 KiB) and flushed when the relay is about to wait: a FETCH of many
+/// messages goes out in large TLS records instead of one per provider read.
+type ClientWriter = tokio::sync::Mutex<BufWriter<WriteHalf<BoxStream>>>;
+type ProviderWriter = BufWriter<WriteHalf<BoxStream>>;
+
+const WRITE_BUFFER: usize = 64 * 1024;
 
 /// Relay until the session ends.
 pub async fn run(
@@ -93,12 +98,14 @@ pub async fn run(
     let literal_plus = provider.literal_plus();
     let ProviderConnection {
         reader: mut provider_reader,
-        writer: mut provider_writer,
+        writer: provider_writer,
         buffer: mut provider_buffer,
         ..
     } = provider;
+    let mut provider_writer = BufWriter::with_capacity(WRITE_BUFFER, provider_writer);
     let (mut client_reader, client_writer) = tokio::io::split(client);
-    let client_writer = tokio::sync::Mutex::new(client_writer);
+    let client_writer =
+        tokio::sync::Mutex::new(BufWriter::with_capacity(WRITE_BUFFER, client_writer));
     let state = Mutex::new(RelayState::default());
     let idle_timeout = ctx.gateway.config.gateway.idle_timeout;
     let limits = CommandLimits {
@@ -188,7 +195,7 @@ async fn client_to_provider(
     ctx: &SessionContext,
     client: &mut ReadHalf<BoxStream>,
     mut buffer: BytesMut,
-    provider: &mut WriteHalf<BoxStream>,
+    provider: &mut ProviderWriter,
     client_writer: &ClientWriter,
     state: &Mutex<RelayState>,
     capabilities: &[String],
@@ -519,10 +526,7 @@ async fn deny(
     answer(client, format!("{tag} NO [NOPERM] {text}\r\n").as_bytes()).await
 }
 
-async fn send_upstream(
-    provider: &mut WriteHalf<BoxStream>,
-    bytes: &[u8],
-) -> Result<(), SessionEnd> {
+async fn send_upstream(provider: &mut ProviderWriter, bytes: &[u8]) -> Result<(), SessionEnd> {
     let result = async {
         provider.write_all(bytes).await?;
         provider.flush().await
@@ -533,7 +537,7 @@ async fn send_upstream(
 
 /// Send a command's steps, waiting for the provider's `+` where a literal is synchronising.
 async fn run_steps(
-    provider: &mut WriteHalf<BoxStream>,
+    provider: &mut ProviderWriter,
     state: &Mutex<RelayState>,
     tag: &str,
     steps: &[UpstreamStep],
@@ -568,7 +572,7 @@ async fn wait(rx: oneshot::Receiver<Continuation>) -> Result<Continuation, Sessi
 async fn stream_literal(
     client: &mut ReadHalf<BoxStream>,
     buffer: &mut BytesMut,
-    provider: &mut WriteHalf<BoxStream>,
+    provider: &mut ProviderWriter,
     length: u64,
 ) -> Result<(), SessionEnd> {
     copy_exact(client, buffer, provider, length)

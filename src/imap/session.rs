@@ -519,11 +519,15 @@ async fn log_in(
     let user_exists = hash.is_some();
     // argon2 takes tens of milliseconds of CPU: keep it off the async workers. Unknown users
     // are checked against a dummy hash so both cases cost the same.
-    let verified = tokio::task::spawn_blocking(move || match hash {
-        Some(hash) => password::verify_password(&hash, &secret),
-        None => {
-            password::verify_against_dummy(&secret);
-            false
+    let permit = gateway.password_checks.clone().acquire_owned().await;
+    let verified = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        match hash {
+            Some(hash) => password::verify_password(&hash, &secret),
+            None => {
+                password::verify_against_dummy(&secret);
+                false
+            }
         }
     })
     .await
