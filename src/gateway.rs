@@ -9,6 +9,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::audit::AuditLog;
 use crate::config::{Config, MailboxConfig};
+use crate::ledger::Ledger;
+use crate::smtp::checks::RateLimiter;
 use crate::tls::{self, TlsError};
 use crate::upstream::{ConnectionBudget, ProviderTarget};
 use crate::vault::{SecretString, Vault};
@@ -57,6 +59,48 @@ pub struct Gateway {
     /// milliseconds of CPU each: unbounded, a burst of logins (or a guessing attack) would
     /// take every core and grow memory by 19 MiB per concurrent login.
     pub password_checks: Arc<tokio::sync::Semaphore>,
+    /// State of the SMTP side.
+    pub smtp: SmtpRuntime,
+}
+
+/// Runtime state of SMTP submission.
+pub struct SmtpRuntime {
+    /// The name pecgate gives in its greeting, EHLO and `Received:` lines.
+    pub hostname: String,
+    /// Where messages being received are spooled (`state_dir/spool`).
+    pub spool_dir: std::path::PathBuf,
+    /// The sent ledger; without one (see [`Gateway::with_ledger`]) nothing can be sent.
+    pub ledger: Option<Ledger>,
+    /// Per-mailbox `send_rate` windows (only mailboxes that have one).
+    pub rate: HashMap<String, std::sync::Mutex<RateLimiter>>,
+}
+
+impl Gateway {
+    /// Attach the sent ledger (opened by the caller, off the async runtime).
+    pub fn with_ledger(mut self, ledger: Ledger) -> Gateway {
+        self.smtp.ledger = Some(ledger);
+        self
+    }
+}
+
+/// The machine's host name, for SMTP greetings (`localhost` if it cannot be read).
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into the buffer we own.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(name)
+            if rc == 0
+                && !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') =>
+        {
+            name.to_owned()
+        }
+        _ => "localhost".to_owned(),
+    }
 }
 
 impl Gateway {
@@ -90,6 +134,20 @@ impl Gateway {
                 },
             );
         }
+        let rate = config
+            .mailboxes
+            .iter()
+            .filter_map(|(name, m)| {
+                m.send_rate
+                    .map(|r| (name.clone(), std::sync::Mutex::new(RateLimiter::new(r))))
+            })
+            .collect();
+        let smtp = SmtpRuntime {
+            hostname: hostname(),
+            spool_dir: config.gateway.state_dir.join("spool"),
+            ledger: None,
+            rate,
+        };
         Ok(Gateway {
             config,
             audit,
@@ -99,6 +157,7 @@ impl Gateway {
             password_checks: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
+            smtp,
         })
     }
 }

@@ -1,4 +1,4 @@
-//! The `pecgate` command line: `serve`, `check`, `hash-password`, `vault`, `audit`.
+//! The `pecgate` command line: `serve`, `check`, `hash-password`, `vault`, `audit`, `ledger`.
 //!
 //! This is the binary edge: errors become `anyhow` reports here and nowhere else.
 
@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use pecgate::audit::{self, AuditLog, QueryFilter};
 use pecgate::config::Config;
 use pecgate::gateway::Gateway;
+use pecgate::ledger::{self, Ledger, LedgerFilter};
 use pecgate::password;
 use pecgate::server::{self, Listeners};
 use pecgate::vault::{self, SecretString, Vault};
@@ -56,6 +57,30 @@ enum Command {
     Audit {
         #[command(subcommand)]
         action: AuditAction,
+    },
+    /// Read the sent ledger (who sent which message through which mailbox).
+    Ledger {
+        #[command(subcommand)]
+        action: LedgerAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerAction {
+    /// Print sent messages, oldest first.
+    Show {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        mailbox: Option<String>,
+        /// Only the message with this Message-ID (with the angle brackets).
+        #[arg(long)]
+        message_id: Option<String>,
+        /// Only the most recent N messages.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
     },
 }
 
@@ -121,6 +146,7 @@ fn main() -> ExitCode {
         Command::HashPassword => hash_password(),
         Command::Vault { action } => vault_command(action),
         Command::Audit { action } => audit_command(action),
+        Command::Ledger { action } => ledger_command(action),
     };
     match result {
         Ok(code) => code,
@@ -453,6 +479,36 @@ fn pin_mmap_threshold() {
     }
 }
 
+fn ledger_command(action: LedgerAction) -> anyhow::Result<ExitCode> {
+    match action {
+        LedgerAction::Show {
+            config,
+            user,
+            mailbox,
+            message_id,
+            limit,
+        } => {
+            let path = load_config(&config)?
+                .gateway
+                .state_dir
+                .join(ledger::LEDGER_FILE_NAME);
+            if !path.exists() {
+                bail!("no sent ledger at {} yet", path.display());
+            }
+            let filter = LedgerFilter {
+                user,
+                mailbox,
+                message_id,
+                limit: Some(limit),
+            };
+            for entry in ledger::query(&path, &filter)? {
+                println!("{}", ledger::format_entry(&entry));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 fn serve(path: &Path) -> anyhow::Result<ExitCode> {
     forbid_core_dumps();
     raise_file_limit();
@@ -478,6 +534,10 @@ fn serve(path: &Path) -> anyhow::Result<ExitCode> {
         Err(error) => return Err(error.into()),
     };
     let (audit_log, audit_writer) = AuditLog::open(&state_dir.join("audit.sqlite"))?;
+    let sent_ledger = Ledger::open(&state_dir.join(ledger::LEDGER_FILE_NAME))?;
+    let spool_dir = state_dir.join("spool");
+    pecgate::smtp::spool::clean(&spool_dir)
+        .with_context(|| format!("cannot prepare the spool directory {}", spool_dir.display()))?;
     let grace = config.gateway.shutdown_grace;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -486,11 +546,11 @@ fn serve(path: &Path) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let gateway = Arc::new(Gateway::new(config, audit_log, &vault)?);
+        let gateway = Arc::new(Gateway::new(config, audit_log, &vault)?.with_ledger(sent_ledger));
         drop(vault);
         let listeners = Listeners::bind(&gateway).await?;
-        for (address, kind) in listeners.addresses() {
-            tracing::info!(%address, ?kind, "listening for IMAP");
+        for (address, service, kind) in listeners.addresses() {
+            tracing::info!(%address, ?kind, "listening for {service:?}");
         }
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(wait_for_signal(shutdown.clone()));

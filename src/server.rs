@@ -1,10 +1,10 @@
-//! Listeners, the accept loop and graceful shutdown.
+//! Listeners, the accept loop and graceful shutdown, for IMAP and SMTP alike.
 //!
 //! Every listener is bound before the daemon reports ready, so a wrong address fails start-up
-//! instead of failing later. Accepting is limited by a semaphore (`max_sessions`); a session
-//! task holds its permit until it ends. All tasks are tracked: on shutdown the accept loops
-//! stop, every session says `* BYE` at its next response boundary, and `run` returns once they
-//! are gone (or the grace period is over).
+//! instead of failing later. Accepting is limited by one semaphore (`max_sessions`) shared by
+//! both protocols; a session task holds its permit until it ends. All tasks are tracked: on
+//! shutdown the accept loops stop, every session says goodbye at its next response boundary
+//! (`* BYE` / `421`), and `run` returns once they are gone (or the grace period is over).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +19,23 @@ use tokio_util::task::TaskTracker;
 use crate::gateway::Gateway;
 use crate::imap::session::{self, ListenerKind};
 
+/// Which protocol a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    Imap,
+    Smtp,
+}
+
+impl Service {
+    /// What a plain-text (STARTTLS-port) client is told when `max_sessions` is reached.
+    fn busy_line(self) -> &'static [u8] {
+        match self {
+            Service::Imap => b"* BYE [UNAVAILABLE] Too many connections to pecgate\r\n",
+            Service::Smtp => b"421 4.3.2 Too many connections to pecgate, try again later\r\n",
+        }
+    }
+}
+
 /// Errors starting the listeners.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -32,26 +49,41 @@ pub enum ServerError {
 
 /// Bound listeners, ready to serve.
 pub struct Listeners {
-    imap: Vec<(TcpListener, ListenerKind)>,
+    bound: Vec<(TcpListener, Service, ListenerKind)>,
 }
 
 impl Listeners {
     /// Bind every configured address.
     pub async fn bind(gateway: &Gateway) -> Result<Listeners, ServerError> {
-        let mut imap = Vec::new();
+        let mut bound = Vec::new();
+        let (imap, smtp) = (&gateway.config.imap, &gateway.config.smtp);
         let kinds = [
             (
                 "imap.listen_tls",
-                &gateway.config.imap.listen_tls,
+                &imap.listen_tls,
+                Service::Imap,
                 ListenerKind::ImplicitTls,
             ),
             (
                 "imap.listen_starttls",
-                &gateway.config.imap.listen_starttls,
+                &imap.listen_starttls,
+                Service::Imap,
+                ListenerKind::StartTls,
+            ),
+            (
+                "smtp.listen_tls",
+                &smtp.listen_tls,
+                Service::Smtp,
+                ListenerKind::ImplicitTls,
+            ),
+            (
+                "smtp.listen_starttls",
+                &smtp.listen_starttls,
+                Service::Smtp,
                 ListenerKind::StartTls,
             ),
         ];
-        for (key, addresses, kind) in kinds {
+        for (key, addresses, service, kind) in kinds {
             for &address in addresses {
                 let listener =
                     TcpListener::bind(address)
@@ -61,17 +93,17 @@ impl Listeners {
                             key,
                             source,
                         })?;
-                imap.push((listener, kind));
+                bound.push((listener, service, kind));
             }
         }
-        Ok(Listeners { imap })
+        Ok(Listeners { bound })
     }
 
     /// The bound addresses (with the real port where 0 was configured).
-    pub fn addresses(&self) -> Vec<(SocketAddr, ListenerKind)> {
-        self.imap
+    pub fn addresses(&self) -> Vec<(SocketAddr, Service, ListenerKind)> {
+        self.bound
             .iter()
-            .filter_map(|(l, kind)| l.local_addr().ok().map(|a| (a, *kind)))
+            .filter_map(|(l, service, kind)| l.local_addr().ok().map(|a| (a, *service, *kind)))
             .collect()
     }
 }
@@ -85,10 +117,11 @@ pub async fn run(
 ) {
     let tracker = TaskTracker::new();
     let sessions = Arc::new(Semaphore::new(gateway.config.gateway.max_sessions));
-    for (listener, kind) in listeners.imap {
+    for (listener, service, kind) in listeners.bound {
         tracker.spawn(accept_loop(
             gateway.clone(),
             listener,
+            service,
             kind,
             sessions.clone(),
             shutdown.clone(),
@@ -112,6 +145,7 @@ pub async fn run(
 async fn accept_loop(
     gateway: Arc<Gateway>,
     listener: TcpListener,
+    service: Service,
     kind: ListenerKind,
     sessions: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -132,18 +166,21 @@ async fn accept_loop(
             }
         };
         let Ok(permit) = sessions.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "max_sessions reached: connection refused");
+            tracing::warn!(%peer, ?service, "max_sessions reached: connection refused");
             if kind == ListenerKind::StartTls {
-                let _ = tcp
-                    .write_all(b"* BYE [UNAVAILABLE] Too many connections to pecgate\r\n")
-                    .await;
+                let _ = tcp.write_all(service.busy_line()).await;
             }
             continue;
         };
         let gateway = gateway.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            session::serve(gateway, tcp, peer, kind, shutdown).await;
+            match service {
+                Service::Imap => session::serve(gateway, tcp, peer, kind, shutdown).await,
+                Service::Smtp => {
+                    crate::smtp::session::serve(gateway, tcp, peer, kind, shutdown).await
+                }
+            }
             drop(permit);
         });
     }

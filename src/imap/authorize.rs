@@ -8,17 +8,19 @@
 //! in that answer is put back to the name the client typed. Commands that would *create* a
 //! name (CREATE, RENAME's target) are decided on the name alone, so existence never shows.
 //!
-//! Responses: [`filter_mailbox_data`] drops LIST/LSUB/STATUS data about hidden folders, shows
-//! parents of granted folders as `\Noselect`, and hides children flags that would betray a
-//! hidden sub-folder.
+//! Responses: LIST and LSUB are answered by pecgate from the provider's full listing
+//! ([`ListRequest`], [`answer_list`]): exactly the visible tree, parents of visible folders as
+//! `\Noselect`, children flags computed from the visible tree only. `* STATUS` data about a
+//! folder that is not granted is dropped ([`status_visible`]).
 
 use imap_codec::ResponseCodec;
 use imap_codec::decode::Decoder;
 use imap_codec::encode::Encoder;
 use imap_codec::imap_types::command::{Command, CommandBody};
 use imap_codec::imap_types::core::Atom;
+use imap_codec::imap_types::core::QuotedChar;
 use imap_codec::imap_types::flag::{Flag, FlagNameAttribute};
-use imap_codec::imap_types::mailbox::{Mailbox, MailboxOther};
+use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox, MailboxOther};
 use imap_codec::imap_types::response::{Data, Response};
 
 use crate::config::{Permission, Permissions};
@@ -75,7 +77,7 @@ pub fn required_permission(body: &CommandBody<'_>) -> Option<Permission> {
         | CommandBody::Fetch { .. }
         | CommandBody::Search { .. } => Permission::Read,
         CommandBody::Store { flags, .. } => {
-            if flags.iter().any(|f| *f == Flag::Deleted) {
+            if flags.contains(&Flag::Deleted) {
                 Permission::Delete
             } else {
                 Permission::Flag
@@ -95,10 +97,10 @@ pub fn required_permission(body: &CommandBody<'_>) -> Option<Permission> {
 
 /// Decide on a parsed command, rewriting it where the decision says so.
 pub fn authorize(command: &mut Command<'static>, policy: &SessionPolicy) -> Decision {
-    if let Some(permission) = required_permission(&command.body) {
-        if !policy.permissions.has(permission) {
-            return Decision::DenyPermission(permission);
-        }
+    if let Some(permission) = required_permission(&command.body)
+        && !policy.permissions.has(permission)
+    {
+        return Decision::DenyPermission(permission);
     }
     if matches!(command.body, CommandBody::Close) && !policy.permissions.has(Permission::Delete) {
         if !policy.provider_unselect {
@@ -238,7 +240,8 @@ fn replace_all(haystack: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Whether a response line starts mailbox data that [`filter_mailbox_data`] must see.
+/// Whether a response line starts mailbox data (LIST, LSUB, STATUS) that the relay must
+/// not pass through unexamined.
 pub fn is_mailbox_data(line: &[u8]) -> bool {
     let upper: Vec<u8> = line.iter().take(10).map(u8::to_ascii_uppercase).collect();
     upper.starts_with(b"* LIST ")
@@ -246,116 +249,283 @@ pub fn is_mailbox_data(line: &[u8]) -> bool {
         || upper.starts_with(b"* STATUS ")
 }
 
-/// What to do with a LIST/LSUB/STATUS response.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Filtered {
-    Pass,
-    Replace(Vec<u8>),
-    Drop,
+/// A `* STATUS` response may reach the client only for a granted folder. What cannot be
+/// parsed is dropped: closed by default.
+pub fn status_visible(unit: &[u8], policy: &SessionPolicy) -> bool {
+    match ResponseCodec::default().decode(unit) {
+        Ok((&[], Response::Data(Data::Status { mailbox, .. }))) => {
+            let wire = wire_name(&mailbox);
+            policy.folders.visibility_of_wire(&wire, policy.delimiter) == Visibility::Granted
+        }
+        _ => false,
+    }
 }
 
-/// Filter one complete mailbox-data response (literals included). What cannot be parsed is
-/// dropped: closed by default.
-pub fn filter_mailbox_data(unit: &[u8], policy: &SessionPolicy) -> Filtered {
-    let Ok((rest, response)) = ResponseCodec::default().decode(unit) else {
-        return Filtered::Drop;
-    };
+/// One folder of the provider's full listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListEntry {
+    pub wire: Vec<u8>,
+    pub delimiter: Option<char>,
+    pub attributes: Vec<String>,
+}
+
+/// Parse a `* LIST` or `* LSUB` response (literals included).
+pub fn list_entry(unit: &[u8]) -> Option<ListEntry> {
+    let (rest, response) = ResponseCodec::default().decode(unit).ok()?;
     if !rest.is_empty() {
-        return Filtered::Drop;
+        return None;
     }
-    let Response::Data(data) = response else {
-        return Filtered::Drop;
-    };
-    match data {
-        Data::List {
+    let (items, delimiter, mailbox) = match response {
+        Response::Data(Data::List {
             items,
             delimiter,
             mailbox,
-        } => filter_list(items, delimiter, mailbox, policy, true),
+        })
+        | Response::Data(Data::Lsub {
+            items,
+            delimiter,
+            mailbox,
+        }) => (items, delimiter, mailbox),
+        _ => return None,
+    };
+    Some(ListEntry {
+        wire: wire_name(&mailbox),
+        delimiter: delimiter.map(|d| d.inner()),
+        attributes: items.iter().map(ToString::to_string).collect(),
+    })
+}
+
+/// A client's LIST or LSUB, answered by pecgate from the provider's full listing.
+///
+/// Filtering the provider's answer to the client's own pattern cannot be airtight: whether a
+/// visible folder has children, or whether a parent should show, depends on folders the
+/// pattern did not list. So the provider is asked for everything (`LIST "" "*"`), and the
+/// answer is computed from the visible part only: nothing hidden can leak through a
+/// reference, a wildcard or a children flag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListRequest {
+    pub lsub: bool,
+    /// The reference and the pattern concatenated, as RFC 3501 interprets them.
+    pub pattern: Vec<u8>,
+}
+
+impl ListRequest {
+    /// The LIST/LSUB request in a command, if it is one.
+    pub fn of(body: &CommandBody<'_>) -> Option<ListRequest> {
+        let (lsub, reference, wildcard) = match body {
+            CommandBody::List {
+                reference,
+                mailbox_wildcard,
+            } => (false, reference, mailbox_wildcard),
+            CommandBody::Lsub {
+                reference,
+                mailbox_wildcard,
+            } => (true, reference, mailbox_wildcard),
+            _ => return None,
+        };
+        let mut pattern = wire_name_or_empty(reference);
+        pattern.extend_from_slice(match wildcard {
+            ListMailbox::Token(token) => token.as_ref(),
+            ListMailbox::String(string) => string.as_ref(),
+        });
+        Some(ListRequest { lsub, pattern })
+    }
+
+    /// The command sent to the provider instead: everything, under the client's tag.
+    pub fn provider_command(&self, tag: &str) -> Vec<u8> {
+        let verb = if self.lsub { "LSUB" } else { "LIST" };
+        format!("{tag} {verb} \"\" \"*\"\r\n").into_bytes()
+    }
+}
+
+/// A reference argument as bytes; `INBOX` only when the client wrote it.
+fn wire_name_or_empty(mailbox: &Mailbox<'_>) -> Vec<u8> {
+    match mailbox {
+        Mailbox::Inbox => b"INBOX".to_vec(),
+        Mailbox::Other(other) => other.as_ref().to_vec(),
+    }
+}
+
+/// The response lines for `request`, computed from the provider's full listing.
+pub fn answer_list(
+    request: &ListRequest,
+    entries: &[ListEntry],
+    policy: &SessionPolicy,
+) -> Vec<Vec<u8>> {
+    let delimiter = policy
+        .delimiter
+        .or_else(|| entries.iter().find_map(|e| e.delimiter));
+    if request.pattern.is_empty() {
+        // `LIST "" ""` asks for the delimiter only.
+        return if request.lsub {
+            Vec::new()
+        } else {
+            vec![encode_list(
+                false,
+                vec![FlagNameAttribute::Noselect],
+                delimiter,
+                b"",
+            )]
+        };
+    }
+    let is = |attr: &str, name: &str| attr.eq_ignore_ascii_case(name);
+    // The visible folders: granted, and for LSUB really subscribed (LSUB's \Noselect marks a
+    // name that is only there because something below it is subscribed).
+    let visible: Vec<&ListEntry> = entries
+        .iter()
+        .filter(|e| !(request.lsub && e.attributes.iter().any(|a| is(a, "\\Noselect"))))
+        .filter(|e| {
+            split_name(&e.wire, delimiter)
+                .is_some_and(|s| policy.folders.visibility(&s) == Visibility::Granted)
+        })
+        .collect();
+    // For LSUB: the names the provider has subscribed (not its `\Noselect` placeholders).
+    let provider_names: std::collections::HashSet<&[u8]> = entries
+        .iter()
+        .filter(|e| !e.attributes.iter().any(|a| is(a, "\\Noselect")))
+        .map(|e| e.wire.as_slice())
+        .collect();
+    let visible_names: std::collections::HashSet<&[u8]> =
+        visible.iter().map(|e| e.wire.as_slice()).collect();
+    let ancestors_of = |wire: &[u8]| -> Vec<Vec<u8>> {
+        let Some(d) = delimiter else {
+            return Vec::new();
+        };
+        wire.iter()
+            .enumerate()
+            .filter(|&(_, &b)| b == d as u8)
+            .map(|(i, _)| wire[..i].to_vec())
+            .collect()
+    };
+    // Everything the user's tree holds: visible folders and the parents drawn above them.
+    let mut tree: std::collections::HashSet<Vec<u8>> =
+        visible_names.iter().map(|n| n.to_vec()).collect();
+    for entry in &visible {
+        tree.extend(ancestors_of(&entry.wire));
+    }
+    let has_children = |wire: &[u8]| {
+        delimiter.is_some_and(|d| {
+            tree.iter()
+                .any(|t| t.len() > wire.len() && t.starts_with(wire) && t[wire.len()] == d as u8)
+        })
+    };
+    let pattern = normalise_inbox(&request.pattern, delimiter);
+    let matches = |wire: &[u8]| list_match(&pattern, &normalise_inbox(wire, delimiter), delimiter);
+
+    let mut out = Vec::new();
+    let mut shown: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+    for entry in &visible {
+        // Parents first, so a client drawing the tree meets them before their children.
+        for ancestor in ancestors_of(&entry.wire) {
+            if visible_names.contains(ancestor.as_slice()) || shown.contains(&ancestor) {
+                continue;
+            }
+            // Parents of visible folders show as `\Noselect` so the tree can be drawn. LSUB
+            // lists subscriptions: a parent shows if it is itself subscribed, or where the
+            // pattern stops above a subscribed folder (RFC 3501's `%` rule).
+            let shows = matches(&ancestor)
+                && (!request.lsub
+                    || provider_names.contains(ancestor.as_slice())
+                    || !matches(&entry.wire));
+            if !shows {
+                continue;
+            }
+            let mut attributes = vec![FlagNameAttribute::Noselect];
+            if !request.lsub {
+                attributes.push(attribute("HasChildren"));
+            }
+            out.push(encode_list(request.lsub, attributes, delimiter, &ancestor));
+            shown.insert(ancestor);
+        }
+        if !matches(&entry.wire) || shown.contains(&entry.wire) {
+            continue;
+        }
+        let mut attributes: Vec<FlagNameAttribute<'static>> = entry
+            .attributes
+            .iter()
+            .filter(|a| !is(a, "\\HasChildren") && !is(a, "\\HasNoChildren"))
+            .filter_map(|a| parse_attribute(a))
+            .collect();
+        if !request.lsub {
+            attributes.push(attribute(if has_children(&entry.wire) {
+                "HasChildren"
+            } else {
+                "HasNoChildren"
+            }));
+        }
+        out.push(encode_list(
+            request.lsub,
+            attributes,
+            delimiter,
+            &entry.wire,
+        ));
+        shown.insert(entry.wire.clone());
+    }
+    out
+}
+
+/// `INBOX` is case-insensitive, also as the first level of a path: fold it for matching.
+fn normalise_inbox(wire: &[u8], delimiter: Option<char>) -> Vec<u8> {
+    let mut out = wire.to_vec();
+    let prefix_ok = wire.len() >= 5
+        && wire[..5].eq_ignore_ascii_case(b"INBOX")
+        && (wire.len() == 5 || delimiter.is_some_and(|d| wire[5] == d as u8));
+    if prefix_ok {
+        out[..5].copy_from_slice(b"INBOX");
+    }
+    out
+}
+
+/// RFC 3501 LIST matching: `*` matches anything, `%` anything but the delimiter.
+fn list_match(pattern: &[u8], name: &[u8], delimiter: Option<char>) -> bool {
+    match pattern.split_first() {
+        None => name.is_empty(),
+        Some((b'*', rest)) => (0..=name.len()).any(|i| list_match(rest, &name[i..], delimiter)),
+        Some((b'%', rest)) => {
+            let stop = delimiter
+                .and_then(|d| name.iter().position(|&b| b == d as u8))
+                .unwrap_or(name.len());
+            (0..=stop).any(|i| list_match(rest, &name[i..], delimiter))
+        }
+        Some((&c, rest)) => name.first() == Some(&c) && list_match(rest, &name[1..], delimiter),
+    }
+}
+
+fn parse_attribute(text: &str) -> Option<FlagNameAttribute<'static>> {
+    let atom = text.strip_prefix('\\')?.to_owned();
+    Some(FlagNameAttribute::from(Atom::try_from(atom).ok()?))
+}
+
+fn encode_list(
+    lsub: bool,
+    items: Vec<FlagNameAttribute<'static>>,
+    delimiter: Option<char>,
+    wire: &[u8],
+) -> Vec<u8> {
+    let delimiter = delimiter.and_then(|d| QuotedChar::try_from(d).ok());
+    let mailbox = if wire.is_empty() {
+        Mailbox::Other(MailboxOther::try_from(Vec::new()).expect("an empty name is valid"))
+    } else {
+        Mailbox::try_from(wire.to_vec()).unwrap_or_else(|_| {
+            Mailbox::Other(MailboxOther::try_from(Vec::new()).expect("an empty name is valid"))
+        })
+    };
+    let data = if lsub {
         Data::Lsub {
             items,
-            delimiter,
-            mailbox,
-        } => filter_list(items, delimiter, mailbox, policy, false),
-        Data::Status { mailbox, .. } => {
-            let wire = wire_name(&mailbox);
-            if policy.folders.visibility_of_wire(&wire, policy.delimiter) == Visibility::Granted {
-                Filtered::Pass
-            } else {
-                Filtered::Drop
-            }
-        }
-        _ => Filtered::Drop,
-    }
-}
-
-fn filter_list(
-    items: Vec<FlagNameAttribute<'_>>,
-    delimiter: Option<imap_codec::imap_types::core::QuotedChar>,
-    mailbox: Mailbox<'_>,
-    policy: &SessionPolicy,
-    list: bool,
-) -> Filtered {
-    let wire = wire_name(&mailbox);
-    // `LIST "" ""` asks only for the delimiter: the empty name reveals no folder.
-    if wire.is_empty() {
-        return Filtered::Pass;
-    }
-    let delim = delimiter.map(|d| d.inner()).or(policy.delimiter);
-    let Some(segments) = split_name(&wire, delim) else {
-        return Filtered::Drop;
-    };
-    let is = |attr: &FlagNameAttribute<'_>, name: &str| attr.to_string().eq_ignore_ascii_case(name);
-    let (new_items, changed) = match policy.folders.visibility(&segments) {
-        Visibility::Hidden => return Filtered::Drop,
-        Visibility::Granted => {
-            if policy.folders.may_have_granted_descendants(&segments)
-                || !items.iter().any(|a| is(a, "\\HasChildren"))
-            {
-                return Filtered::Pass;
-            }
-            // Its children are all hidden: \HasChildren would betray them.
-            let items: Vec<_> = items
-                .into_iter()
-                .map(|a| {
-                    if is(&a, "\\HasChildren") {
-                        attribute("HasNoChildren")
-                    } else {
-                        a
-                    }
-                })
-                .collect();
-            (items, true)
-        }
-        Visibility::Parent => {
-            // Shown only so the client can draw the path to a granted folder: nothing of
-            // its own (special-use, marks) shows.
-            let mut items = vec![FlagNameAttribute::Noselect];
-            if list {
-                items.push(attribute("HasChildren"));
-            }
-            (items, true)
-        }
-    };
-    debug_assert!(changed);
-    let data = if list {
-        Data::List {
-            items: new_items,
             delimiter,
             mailbox,
         }
     } else {
-        Data::Lsub {
-            items: new_items,
+        Data::List {
+            items,
             delimiter,
             mailbox,
         }
     };
-    Filtered::Replace(
-        ResponseCodec::default()
-            .encode(&Response::Data(data))
-            .dump(),
-    )
+    ResponseCodec::default()
+        .encode(&Response::Data(data))
+        .dump()
 }
 
 fn attribute(name: &'static str) -> FlagNameAttribute<'static> {
@@ -529,44 +699,157 @@ mod tests {
         );
     }
 
+    fn entry(attrs: &str, name: &str) -> ListEntry {
+        ListEntry {
+            wire: name.as_bytes().to_vec(),
+            delimiter: Some('/'),
+            attributes: attrs.split_whitespace().map(str::to_owned).collect(),
+        }
+    }
+
+    fn listing(request: &str, entries: &[ListEntry], policy: &SessionPolicy) -> Vec<String> {
+        let command = parse_command(format!("a {request}\r\n").as_bytes()).unwrap();
+        let request = ListRequest::of(&command.body).unwrap();
+        answer_list(&request, entries, policy)
+            .into_iter()
+            .map(|l| String::from_utf8(l).unwrap().trim_end().to_owned())
+            .collect()
+    }
+
+    fn mailbox_folders() -> Vec<ListEntry> {
+        vec![
+            entry("\\HasChildren", "INBOX"),
+            entry("\\HasNoChildren", "INBOX/Personale"),
+            entry("\\HasChildren \\Sent", "Sent"),
+            entry("\\HasNoChildren", "Sent/Zeta"),
+            entry("\\HasChildren", "Ricevute"),
+            entry("\\HasNoChildren", "Ricevute/Consegne"),
+            entry("\\HasChildren", "Archivio"),
+            entry("\\HasChildren", "Archivio/2026"),
+            entry("\\HasNoChildren", "Archivio/2026/Legale"),
+            entry("\\HasChildren", "Riservata"),
+            entry("\\HasNoChildren", "Riservata/Legale"),
+        ]
+    }
+
     #[test]
-    fn list_responses() {
-        let p = policy(&["INBOX", "Sent", "Archivio/2026/**"], &all());
-        let cases: &[(&[u8], Filtered)] = &[
-            (b"* LIST (\\HasNoChildren) \"/\" INBOX\r\n", Filtered::Pass),
-            (
-                b"* LIST (\\HasNoChildren) \"/\" Riservata\r\n",
-                Filtered::Drop,
-            ),
-            (
-                b"* LIST (\\HasNoChildren) \"/\" {9}\r\nRiservata\r\n",
-                Filtered::Drop,
-            ),
-            (b"* LSUB () \"/\" Riservata\r\n", Filtered::Drop),
-            (b"* STATUS Riservata (MESSAGES 3)\r\n", Filtered::Drop),
-            (b"* STATUS Sent (MESSAGES 3)\r\n", Filtered::Pass),
-            (
-                b"* LIST (\\HasChildren) \"/\" INBOX\r\n",
-                Filtered::Replace(b"* LIST (\\HasNoChildren) \"/\" INBOX\r\n".to_vec()),
-            ),
-            (
-                b"* LIST (\\HasChildren \\Archive) \"/\" Archivio\r\n",
-                Filtered::Replace(b"* LIST (\\Noselect \\HasChildren) \"/\" Archivio\r\n".to_vec()),
-            ),
-            (
-                b"* LIST (\\HasChildren) \"/\" Archivio/2026\r\n",
-                Filtered::Pass,
-            ),
-            (b"* LIST (\\Noselect) \"/\" \"\"\r\n", Filtered::Pass),
-            (b"* LIST garbage\r\n", Filtered::Drop),
-        ];
-        for (unit, want) in cases {
-            assert_eq!(
-                filter_mailbox_data(unit, &p),
-                *want,
-                "{}",
-                String::from_utf8_lossy(unit)
+    fn list_shows_exactly_the_visible_tree() {
+        let p = policy(
+            &["INBOX", "Sent", "*/Consegne/**", "Archivio/2026/Legale"],
+            &all(),
+        );
+        let entries = mailbox_folders();
+        assert_eq!(
+            listing("LIST \"\" *", &entries, &p),
+            [
+                "* LIST (\\HasNoChildren) \"/\" INBOX",
+                "* LIST (\\Sent \\HasNoChildren) \"/\" Sent",
+                "* LIST (\\Noselect \\HasChildren) \"/\" Ricevute",
+                "* LIST (\\HasNoChildren) \"/\" Ricevute/Consegne",
+                "* LIST (\\Noselect \\HasChildren) \"/\" Archivio",
+                "* LIST (\\Noselect \\HasChildren) \"/\" Archivio/2026",
+                "* LIST (\\HasNoChildren) \"/\" Archivio/2026/Legale",
+            ]
+        );
+        assert_eq!(
+            listing("LIST \"\" %", &entries, &p),
+            [
+                "* LIST (\\HasNoChildren) \"/\" INBOX",
+                "* LIST (\\Sent \\HasNoChildren) \"/\" Sent",
+                "* LIST (\\Noselect \\HasChildren) \"/\" Ricevute",
+                "* LIST (\\Noselect \\HasChildren) \"/\" Archivio",
+            ]
+        );
+        // References and patterns cannot re-root into hidden folders.
+        for request in [
+            "LIST Riservata/ *",
+            "LIST \"\" Riservata/*",
+            "LIST Ricevute ../Riservata",
+            "LIST \"\" *Legale",
+        ] {
+            let lines = listing(request, &entries, &p);
+            assert!(
+                lines.iter().all(|l| !l.contains("Riservata")),
+                "{request}: {lines:?}"
             );
         }
+        assert_eq!(
+            listing("LIST \"\" *Legale", &entries, &p),
+            ["* LIST (\\HasNoChildren) \"/\" Archivio/2026/Legale"]
+        );
+        assert_eq!(
+            listing("LIST \"\" inbox", &entries, &p),
+            ["* LIST (\\HasNoChildren) \"/\" INBOX"]
+        );
+        assert_eq!(
+            listing("LIST \"\" \"\"", &entries, &p),
+            ["* LIST (\\Noselect) \"/\" \"\""]
+        );
+    }
+
+    #[test]
+    fn lsub_shows_only_visible_subscriptions() {
+        let p = policy(&["INBOX", "Sent"], &all());
+        // INBOX itself unsubscribed; its hidden child subscribed (LSUB marks INBOX \Noselect).
+        let entries = vec![
+            entry("\\Noselect", "INBOX"),
+            entry("", "INBOX/Personale"),
+            entry("", "Sent"),
+            entry("", "Riservata"),
+        ];
+        assert_eq!(
+            listing("LSUB \"\" %", &entries, &p),
+            ["* LSUB () \"/\" Sent"]
+        );
+        assert_eq!(
+            listing("LSUB \"\" *", &entries, &p),
+            ["* LSUB () \"/\" Sent"]
+        );
+        // A subscribed visible child below an unsubscribed parent: `%` shows the parent.
+        let p = policy(&["Ricevute/**"], &all());
+        let entries = vec![entry("", "Ricevute/Consegne")];
+        assert_eq!(
+            listing("LSUB \"\" %", &entries, &p),
+            ["* LSUB (\\Noselect) \"/\" Ricevute"]
+        );
+        assert_eq!(
+            listing("LSUB \"\" *", &entries, &p),
+            ["* LSUB () \"/\" Ricevute/Consegne"]
+        );
+        // A subscribed parent that is not granted shows as `\Noselect`, never as itself.
+        let p = policy(&["Ricevute/Consegne"], &all());
+        let entries = vec![entry("", "Ricevute"), entry("", "Ricevute/Consegne")];
+        assert_eq!(
+            listing("LSUB \"\" *", &entries, &p),
+            [
+                "* LSUB (\\Noselect) \"/\" Ricevute",
+                "* LSUB () \"/\" Ricevute/Consegne"
+            ]
+        );
+    }
+
+    #[test]
+    fn list_wildcards() {
+        let d = Some('/');
+        assert!(list_match(b"*", b"a/b/c", d));
+        assert!(list_match(b"%", b"abc", d));
+        assert!(!list_match(b"%", b"a/b", d));
+        assert!(list_match(b"a/%", b"a/b", d));
+        assert!(!list_match(b"a/%", b"a/b/c", d));
+        assert!(list_match(b"a*c", b"a/b/c", d));
+        assert!(list_match(b"%/%", b"a/b", d));
+        assert!(!list_match(b"a", b"ab", d));
+    }
+
+    #[test]
+    fn status_of_hidden_folders_is_dropped() {
+        let p = policy(&["INBOX", "Sent"], &all());
+        assert!(status_visible(b"* STATUS Sent (MESSAGES 3)\r\n", &p));
+        assert!(!status_visible(b"* STATUS Riservata (MESSAGES 3)\r\n", &p));
+        assert!(!status_visible(
+            b"* STATUS {9}\r\nRiservata (MESSAGES 3)\r\n",
+            &p
+        ));
+        assert!(!status_visible(b"* STATUS garbage\r\n", &p));
     }
 }

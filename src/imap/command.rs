@@ -28,7 +28,7 @@ pub enum ParseError {
 /// Parse one complete command (as assembled by the framer, literals included).
 pub fn parse_command(bytes: &[u8]) -> Result<Command<'static>, ParseError> {
     match CommandCodec::default().decode_static(bytes) {
-        Ok((rest, command)) if rest.is_empty() => Ok(command),
+        Ok((&[], command)) => Ok(command),
         Ok(_) => Err(ParseError::TrailingBytes),
         Err(CommandDecodeError::Incomplete | CommandDecodeError::LiteralFound { .. }) => {
             Err(ParseError::Invalid)

@@ -312,7 +312,8 @@ mod tests {
 
     #[test]
     fn literal_announcements() {
-        let cases: &[(&[u8], Option<(u32, bool, bool)>)] = &[
+        type Case<'a> = (&'a [u8], Option<(u32, bool, bool)>);
+        let cases: &[Case] = &[
             (b"a LOGIN {5}\r\n", Some((5, true, false))),
             (b"a LOGIN {5+}\r\n", Some((5, false, false))),
             (b"a APPEND x ~{7}\r\n", Some((7, true, true))),

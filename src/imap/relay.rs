@@ -20,12 +20,13 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::Outcome;
 use crate::imap::authorize::{
-    Decision, Filtered, SessionPolicy, authorize, filter_mailbox_data, is_mailbox_data, substitute,
+    Decision, ListEntry, ListRequest, SessionPolicy, answer_list, authorize, is_mailbox_data,
+    list_entry, status_visible, substitute,
 };
 use crate::imap::command::{
     self, AuthenticatedAction, CommandSummary, UpstreamStep, append_skeleton, summarize,
@@ -76,7 +77,20 @@ struct RelayState {
     idle_tag: Option<String>,
     logout_tag: Option<String>,
     selected: Option<String>,
+    /// The LIST/LSUB being answered: the provider's full listing is gathered here.
+    list_job: Option<ListJob>,
 }
+
+/// A client's LIST or LSUB in flight. Only one at a time: untagged LIST lines carry no tag,
+/// so they belong to the one job there is.
+struct ListJob {
+    tag: String,
+    request: ListRequest,
+    entries: Vec<ListEntry>,
+}
+
+/// Most folders gathered for one LIST: far beyond any real mailbox, and a bound on memory.
+const MAX_LIST_ENTRIES: usize = 100_000;
 
 /// Writes are buffered (64 KiB) and flushed when the relay is about to wait: a FETCH of many
 /// messages goes out in large TLS records instead of one per provider read.
@@ -104,9 +118,14 @@ pub async fn run(
     } = provider;
     let mut provider_writer = BufWriter::with_capacity(WRITE_BUFFER, provider_writer);
     let (mut client_reader, client_writer) = tokio::io::split(client);
-    let client_writer =
-        tokio::sync::Mutex::new(BufWriter::with_capacity(WRITE_BUFFER, client_writer));
-    let state = Mutex::new(RelayState::default());
+    let shared = Shared {
+        ctx,
+        client: tokio::sync::Mutex::new(BufWriter::with_capacity(WRITE_BUFFER, client_writer)),
+        state: Mutex::new(RelayState::default()),
+        list_done: Notify::new(),
+        capabilities: &capabilities,
+        policy: &policy,
+    };
     let idle_timeout = ctx.gateway.config.gateway.idle_timeout;
     let limits = CommandLimits {
         max_literal: ctx.gateway.config.imap.max_literal_bytes,
@@ -115,26 +134,18 @@ pub async fn run(
 
     let end = {
         let upward = client_to_provider(
-            ctx,
+            &shared,
             &mut client_reader,
             client_buffer,
             &mut provider_writer,
-            &client_writer,
-            &state,
-            &capabilities,
-            &policy,
             literal_plus,
             limits,
             idle_timeout,
         );
         let downward = provider_to_client(
-            ctx,
+            &shared,
             &mut provider_reader,
             &mut provider_buffer,
-            &client_writer,
-            &state,
-            &capabilities,
-            &policy,
             shutdown,
         );
         tokio::pin!(upward, downward);
@@ -151,7 +162,7 @@ pub async fn run(
     };
 
     // Commands the provider never completed are still recorded, as errors.
-    let orphans: Vec<Pending> = state.lock().unwrap().pending.drain(..).collect();
+    let orphans: Vec<Pending> = shared.state.lock().unwrap().pending.drain(..).collect();
     for pending in orphans {
         let _ = ctx
             .audit(
@@ -169,9 +180,20 @@ pub async fn run(
         })
         .await;
     }
-    let mut client_writer = client_writer.into_inner();
+    let mut client_writer = shared.client.into_inner();
     let _ = tokio::time::timeout(Duration::from_secs(3), client_writer.shutdown()).await;
     end
+}
+
+/// What both loops of a session share.
+struct Shared<'a> {
+    ctx: &'a SessionContext,
+    client: ClientWriter,
+    state: Mutex<RelayState>,
+    /// Signalled when a LIST/LSUB job completes.
+    list_done: Notify,
+    capabilities: &'a [String],
+    policy: &'a SessionPolicy,
 }
 
 enum UpwardEnd {
@@ -192,18 +214,22 @@ async fn answer(client: &ClientWriter, bytes: &[u8]) -> Result<(), SessionEnd> {
 
 #[allow(clippy::too_many_arguments)]
 async fn client_to_provider(
-    ctx: &SessionContext,
+    shared: &Shared<'_>,
     client: &mut ReadHalf<BoxStream>,
     mut buffer: BytesMut,
     provider: &mut ProviderWriter,
-    client_writer: &ClientWriter,
-    state: &Mutex<RelayState>,
-    capabilities: &[String],
-    policy: &SessionPolicy,
     literal_plus: bool,
     limits: CommandLimits,
     idle_timeout: Duration,
 ) -> UpwardEnd {
+    let Shared {
+        ctx,
+        client: client_writer,
+        state,
+        list_done,
+        capabilities,
+        policy,
+    } = shared;
     let mut assembler = CommandAssembler::new(limits);
     macro_rules! try_end {
         ($result:expr) => {
@@ -369,7 +395,29 @@ async fn client_to_provider(
                                 _ => {}
                             }
                         }
-                        let steps = command::upstream_steps(&command, literal_plus);
+                        let list_request = ListRequest::of(&command.body);
+                        if list_request.is_some() {
+                            // One LIST/LSUB at a time (see ListJob).
+                            loop {
+                                let done = list_done.notified();
+                                if state.lock().unwrap().list_job.is_none() {
+                                    break;
+                                }
+                                done.await;
+                            }
+                        }
+                        let steps = match list_request {
+                            Some(request) => {
+                                let bytes = request.provider_command(&tag);
+                                state.lock().unwrap().list_job = Some(ListJob {
+                                    tag: tag.clone(),
+                                    request,
+                                    entries: Vec::new(),
+                                });
+                                vec![UpstreamStep::Send(bytes)]
+                            }
+                            None => command::upstream_steps(&command, literal_plus),
+                        };
                         match run_steps(provider, state, &tag, &steps).await {
                             Ok(Continuation::Go) => {}
                             // The provider refused a literal: its tagged answer completes
@@ -555,10 +603,10 @@ async fn run_steps(
             rx
         });
         send_upstream(provider, bytes).await?;
-        if let Some(rx) = waiter {
-            if let Continuation::Rejected = wait(rx).await? {
-                return Ok(Continuation::Rejected);
-            }
+        if let Some(rx) = waiter
+            && let Continuation::Rejected = wait(rx).await?
+        {
+            return Ok(Continuation::Rejected);
         }
     }
     Ok(Continuation::Go)
@@ -643,15 +691,19 @@ where
 }
 
 async fn provider_to_client(
-    ctx: &SessionContext,
+    shared: &Shared<'_>,
     provider: &mut ReadHalf<BoxStream>,
     buffer: &mut BytesMut,
-    client: &ClientWriter,
-    state: &Mutex<RelayState>,
-    capabilities: &[String],
-    policy: &SessionPolicy,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
+    let Shared {
+        ctx,
+        client,
+        state,
+        list_done,
+        capabilities,
+        policy,
+    } = shared;
     loop {
         // Between responses: the only place where the session may stop cleanly.
         if !buffer.contains(&b'\n') {
@@ -749,11 +801,27 @@ async fn provider_to_client(
                         return SessionEnd::AuditFailed;
                     }
                 }
-                let out = if response::carries_capabilities(&line) {
-                    response::replace_capabilities(&line, capabilities)
-                } else {
-                    line.to_vec()
+                let finished_list = {
+                    let mut state = state.lock().unwrap();
+                    match &state.list_job {
+                        Some(job) if job.tag == tag => state.list_job.take(),
+                        _ => None,
+                    }
                 };
+                let mut out = Vec::new();
+                if let Some(job) = finished_list {
+                    if status == Status::Ok {
+                        for listed in answer_list(&job.request, &job.entries, policy) {
+                            out.extend_from_slice(&listed);
+                        }
+                    }
+                    list_done.notify_waiters();
+                }
+                if response::carries_capabilities(&line) {
+                    out.extend_from_slice(&response::replace_capabilities(&line, capabilities));
+                } else {
+                    out.extend_from_slice(&line);
+                }
                 if let Err(end) = answer(client, &out).await {
                     return end;
                 }
@@ -791,12 +859,17 @@ async fn provider_to_client(
                         return SessionEnd::UpstreamClosed;
                     }
                 };
-                let out = match filter_mailbox_data(&unit, policy) {
-                    Filtered::Pass => unit,
-                    Filtered::Replace(bytes) => bytes,
-                    Filtered::Drop => continue,
-                };
-                if let Err(end) = answer(client, &out).await {
+                if let Some(entry) = list_entry(&unit) {
+                    // Gathered for the LIST/LSUB job; without one, dropped (closed default).
+                    let mut state = state.lock().unwrap();
+                    if let Some(job) = state.list_job.as_mut()
+                        && job.entries.len() < MAX_LIST_ENTRIES
+                    {
+                        job.entries.push(entry);
+                    }
+                } else if status_visible(&unit, policy)
+                    && let Err(end) = answer(client, &unit).await
+                {
                     return end;
                 }
             }

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use bytes::BytesMut;
@@ -26,7 +26,7 @@ use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, tag_of};
 use crate::imap::relay;
 use crate::imap::response;
 use crate::imap::stream::{self, BoxStream};
-use crate::password;
+use crate::login::{self, LoginRefusal};
 use crate::policy::FolderPolicy;
 use crate::upstream::{self, ProviderConnection};
 
@@ -425,7 +425,7 @@ async fn not_authenticated(
                         }
                     }
                 };
-                let Some((login, secret)) = parse_sasl_plain(&response) else {
+                let Some((login, secret)) = login::parse_sasl_plain(&response) else {
                     audit_or_close!(name, "malformed PLAIN response".to_owned(), Outcome::Bad);
                     send_or_close!(bad(Some(&tag), "Malformed SASL PLAIN response").as_bytes());
                     continue;
@@ -473,23 +473,6 @@ fn bad(tag: Option<&str>, text: &str) -> String {
     format!("{} BAD {text}\r\n", tag.unwrap_or("*"))
 }
 
-/// `authzid NUL authcid NUL password`; an authzid other than empty or the authcid is refused
-/// (pecgate has no proxy-authorisation).
-fn parse_sasl_plain(response: &[u8]) -> Option<(String, Zeroizing<Vec<u8>>)> {
-    let mut parts = response.split(|&b| b == 0);
-    let authzid = parts.next()?;
-    let authcid = parts.next()?;
-    let password = parts.next()?;
-    if parts.next().is_some() || authcid.is_empty() {
-        return None;
-    }
-    if !authzid.is_empty() && authzid != authcid {
-        return None;
-    }
-    let login = std::str::from_utf8(authcid).ok()?.to_owned();
-    Some((login, Zeroizing::new(password.to_vec())))
-}
-
 enum LoginResult {
     Success {
         provider: ProviderConnection,
@@ -509,87 +492,44 @@ async fn log_in(
     secret: Zeroizing<Vec<u8>>,
 ) -> LoginResult {
     let gateway = ctx.gateway.clone();
-    let started = Instant::now();
-    let user_name = login.split('/').next().unwrap_or(login).to_owned();
-    let hash = gateway
-        .config
-        .users
-        .get(&user_name)
-        .map(|u| u.password.clone());
-    let user_exists = hash.is_some();
-    // argon2 takes tens of milliseconds of CPU: keep it off the async workers. Unknown users
-    // are checked against a dummy hash so both cases cost the same.
-    let permit = gateway.password_checks.clone().acquire_owned().await;
-    let verified = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        match hash {
-            Some(hash) => password::verify_password(&hash, &secret),
-            None => {
-                password::verify_against_dummy(&secret);
-                false
-            }
-        }
-    })
+    let target = match login::check_credentials(
+        &gateway.config,
+        &gateway.password_checks,
+        login,
+        secret,
+    )
     .await
-    .unwrap_or(false);
-
-    let failure_delay = gateway.config.gateway.login_failure_delay;
-    let failed = |reason: &str| {
-        tracing::info!(login, reason, "login failed");
-        (
-            format!("login={login:?} reason={reason}"),
-            format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed\r\n"),
-        )
-    };
-    let refuse_after_delay = |ctx: &SessionContext, detail: String, reply: String| {
-        let user = user_exists.then(|| user_name.clone());
-        let event_ctx = SessionContext {
-            gateway: ctx.gateway.clone(),
-            id: ctx.id.clone(),
-            peer: ctx.peer,
-            user,
-            mailbox: None,
-        };
-        async move {
-            tokio::time::sleep_until((started + failure_delay).into()).await;
-            match event_ctx.audit(command, None, detail, Outcome::No).await {
+    {
+        Ok(target) => target,
+        Err(failure) => {
+            let reply = match &failure.refusal {
+                LoginRefusal::BadCredentials { .. } => {
+                    format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed\r\n")
+                }
+                LoginRefusal::NoMailboxChosen { choices } => format!(
+                    "{tag} NO [AUTHENTICATIONFAILED] Choose a mailbox: log in as {}/MAILBOX (one of: {})\r\n",
+                    failure.user_name,
+                    choices.join(", ")
+                ),
+                LoginRefusal::MailboxNotGranted(_) => format!(
+                    "{tag} NO [AUTHORIZATIONFAILED] Your roles do not grant that mailbox\r\n"
+                ),
+            };
+            // The failed attempt is recorded under the user it named, when that user exists.
+            let event_ctx = SessionContext {
+                gateway: gateway.clone(),
+                id: ctx.id.clone(),
+                peer: ctx.peer,
+                user: failure.user.clone(),
+                mailbox: None,
+            };
+            return match event_ctx
+                .audit(command, None, failure.audit_detail(login), Outcome::No)
+                .await
+            {
                 Ok(()) => LoginResult::Refused(reply),
                 Err(_) => LoginResult::AuditFailed,
-            }
-        }
-    };
-    if !verified {
-        let reason = if user_exists {
-            "wrong password"
-        } else {
-            "unknown user"
-        };
-        let (detail, reply) = failed(reason);
-        return refuse_after_delay(ctx, detail, reply).await;
-    }
-    let target = match gateway.config.resolve_login(login) {
-        Ok(target) => target,
-        Err(error) => {
-            use crate::config::LoginError;
-            let (detail, reply) = match error {
-                LoginError::AmbiguousMailbox => {
-                    let choices = gateway.config.mailboxes_of(&user_name).join(", ");
-                    (
-                        format!("login={login:?} reason=no mailbox chosen"),
-                        format!(
-                            "{tag} NO [AUTHENTICATIONFAILED] Choose a mailbox: log in as {user_name}/MAILBOX (one of: {choices})\r\n"
-                        ),
-                    )
-                }
-                LoginError::MailboxNotGranted | LoginError::NoMailbox => (
-                    format!("login={login:?} reason={error}"),
-                    format!(
-                        "{tag} NO [AUTHORIZATIONFAILED] Your roles do not grant that mailbox\r\n"
-                    ),
-                ),
-                other => failed(&other.to_string()),
             };
-            return refuse_after_delay(ctx, detail, reply).await;
         }
     };
     ctx.user = Some(target.user.clone());
@@ -671,21 +611,5 @@ async fn log_in(
             Ok(()) => LoginResult::Refused(reply),
             Err(_) => LoginResult::AuditFailed,
         },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sasl_plain() {
-        let (login, pw) = parse_sasl_plain(b"\0mario\0secret").unwrap();
-        assert_eq!((login.as_str(), pw.as_slice()), ("mario", &b"secret"[..]));
-        assert!(parse_sasl_plain(b"mario\0mario\0pw").is_some());
-        assert!(parse_sasl_plain(b"admin\0mario\0pw").is_none());
-        assert!(parse_sasl_plain(b"\0\0pw").is_none());
-        assert!(parse_sasl_plain(b"mario-pw").is_none());
-        assert!(parse_sasl_plain(b"\0a\0b\0c").is_none());
     }
 }

@@ -5,9 +5,11 @@ One library shared by the pytest suite (tests/e2e), the sandbox script
 (scripts/sandbox.sh) and benchmarks:
 
 * ``make_cert`` / ``free_port`` helpers;
-* ``Dovecot``: a private Dovecot instance playing the PEC provider;
+* ``Dovecot``: a private Dovecot instance playing the PEC provider (IMAP, LMTP);
+* ``PecProvider``: the sandbox PEC provider's SMTP side (``pec_provider.py``),
+  which accepts submissions and delivers receipts into Dovecot over LMTP;
 * ``Pecgate``: writes a pecgate config, stores the provider password in the
-  vault, runs ``pecgate serve`` and gives logged-in imaplib clients;
+  vault, runs ``pecgate serve`` and gives logged-in imaplib / smtplib clients;
 * ``RawImap``: a tiny line/literal-aware IMAP client over a raw (TLS) socket
   for the tests that must control the bytes on the wire.
 
@@ -636,6 +638,142 @@ lmtp_add_received_header = no
 
 
 # ---------------------------------------------------------------------------
+# the sandbox PEC provider's SMTP side
+# ---------------------------------------------------------------------------
+
+PEC_DOMAIN = PROVIDER_ADDRESS.split("@", 1)[1]
+FAILING_ADDRESS = f"inesistente@{PEC_DOMAIN}"
+
+
+class PecProvider:
+    """``tests/support/pec_provider.py`` in a subprocess: SMTP submission (implicit TLS and
+    STARTTLS) for Dovecot's users, receipts delivered into Dovecot over LMTP. Every accepted
+    message is kept in ``store/accepted/NNNNN.eml`` (+ ``.json``: envelope and login)."""
+
+    SCRIPT = Path(__file__).resolve().parent / "pec_provider.py"
+
+    def __init__(self, dovecot: Dovecot, base_dir=None, *, fail=(FAILING_ADDRESS,),
+                 max_total_bytes: int = 100 * 1024 * 1024, rate: tuple[int, int] | None = None,
+                 tls_port: int | None = None, starttls_port: int | None = None):
+        if base_dir is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="pecgate-provider-"))
+            self._own_dir = True
+        else:
+            self.dir = Path(base_dir).resolve()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._own_dir = False
+        self.dovecot = dovecot
+        self.tls_port = tls_port or free_port()
+        self.starttls_port = starttls_port or free_port()
+        self.store = self.dir / "store"
+        self.conf_path = self.dir / "provider.json"
+        self.log_path = self.dir / "provider.log"
+        self.fail = list(fail)
+        self.max_total_bytes = max_total_bytes
+        self.rate = rate
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def smtps_url(self) -> str:
+        return f"smtps://{HOST}:{self.tls_port}"
+
+    @property
+    def smtp_url(self) -> str:
+        return f"smtp://{HOST}:{self.starttls_port}"
+
+    def config(self) -> dict:
+        users = {u: {"password": p, "address": u, "mailbox": u} for u, p in self.dovecot.users.items()}
+        return {
+            "domain": PEC_DOMAIN,
+            "store": str(self.store),
+            "users": users,
+            "local": {u: u for u in self.dovecot.users},
+            "lmtp": [HOST, self.dovecot.lmtp_port],
+            "cert": str(self.dovecot.cert),
+            "key": str(self.dovecot.key),
+            "host": HOST,
+            "listen_tls": self.tls_port,
+            "listen_starttls": self.starttls_port,
+            "fail": self.fail,
+            "max_total_bytes": self.max_total_bytes,
+            "rate": list(self.rate) if self.rate else None,
+        }
+
+    def start(self, timeout: float = 20.0):
+        if self.proc is not None:
+            raise HarnessError("already started")
+        self.conf_path.write_text(json.dumps(self.config(), indent=1))
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(self.SCRIPT), "--config", str(self.conf_path)],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, start_new_session=True,
+        )
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise HarnessError(f"pec_provider exited with {self.proc.returncode}:\n{self.log_text()}")
+            for port in (self.tls_port, self.starttls_port):
+                socket.create_connection((HOST, port), timeout=1).close()
+            return True
+
+        try:
+            wait_until(ready, timeout, "the sandbox PEC provider to listen")
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self):
+        if self.proc is not None:
+            _kill_group(self.proc)
+            self.proc = None
+            with contextlib.suppress(Exception):
+                self._log.close()
+
+    def cleanup(self):
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.cleanup()
+
+    # -- what it received --------------------------------------------------
+    def accepted(self) -> list[dict]:
+        """Every accepted message: the JSON metadata plus ``raw`` (the bytes as received)."""
+        out = []
+        folder = self.store / "accepted"
+        if not folder.is_dir():
+            return out
+        for meta_path in sorted(folder.glob("*.json")):
+            meta = json.loads(meta_path.read_text())
+            meta["raw"] = meta_path.with_suffix(".eml").read_bytes()
+            out.append(meta)
+        return out
+
+    def accepted_count(self) -> int:
+        folder = self.store / "accepted"
+        return len(list(folder.glob("*.json"))) if folder.is_dir() else 0
+
+
+def strip_trace_headers(raw: bytes) -> bytes:
+    """``raw`` without the ``Received:`` lines (and their continuations) at its top."""
+    lines = raw.split(b"\r\n")
+    i = 0
+    while i < len(lines) and lines[i][:9].lower() == b"received:":
+        i += 1
+        while i < len(lines) and lines[i][:1] in (b" ", b"\t"):
+            i += 1
+    return b"\r\n".join(lines[i:])
+
+
+# ---------------------------------------------------------------------------
 # pecgate
 # ---------------------------------------------------------------------------
 
@@ -713,7 +851,12 @@ class Pecgate:
                  upstream_url: str | None = None, max_connections: int = 10,
                  login_failure_delay_ms: int = 200, base_dir=None, binary=None,
                  tls_port: int | None = None, starttls_port: int | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, smtp_url: str | None = None,
+                 mailbox_options: dict | None = None, smtp_tls_port: int | None = None,
+                 smtp_starttls_port: int | None = None):
+        """``smtp_url``: the mailbox's provider SMTP URL (``PecProvider.smtps_url``);
+        ``mailbox_options``: extra keys of the mailbox table (``max_message_bytes``,
+        ``send_rate``...). SMTP listeners are always configured."""
         self.bin = Path(binary or pecgate_bin())
         if base_dir is None:
             self.dir = Path(tempfile.mkdtemp(prefix="pecgate-gw-"))
@@ -728,6 +871,8 @@ class Pecgate:
         self.log_path = self.dir / "pecgate.log"
         self.tls_port = tls_port or free_port()
         self.starttls_port = starttls_port or free_port()
+        self.smtp_tls_port = smtp_tls_port or free_port()
+        self.smtp_starttls_port = smtp_starttls_port or free_port()
         self.cert, self.key = make_cert(self.dir / "tls", "localhost")
         self.login_failure_delay_ms = login_failure_delay_ms
         self.env = env
@@ -760,6 +905,9 @@ class Pecgate:
                     "_password": provider_password or "unused-" + secrets.token_hex(4),
                 }
             }
+            if smtp_url is not None:
+                mailboxes[mailbox_name]["smtp"] = smtp_url
+            mailboxes[mailbox_name].update(mailbox_options or {})
         self.mailboxes = mailboxes
 
     # -- config ------------------------------------------------------------
@@ -773,6 +921,10 @@ class Pecgate:
             toml_table("imap", {
                 "listen_tls": [f"{HOST}:{self.tls_port}"],
                 "listen_starttls": [f"{HOST}:{self.starttls_port}"],
+            }),
+            toml_table("smtp", {
+                "listen_tls": [f"{HOST}:{self.smtp_tls_port}"],
+                "listen_starttls": [f"{HOST}:{self.smtp_starttls_port}"],
             }),
         ]
         for name, mb in self.mailboxes.items():
@@ -837,7 +989,7 @@ class Pecgate:
             return probe
 
         try:
-            for port in (self.tls_port, self.starttls_port):
+            for port in (self.tls_port, self.starttls_port, self.smtp_tls_port, self.smtp_starttls_port):
                 wait_until(listening(port), timeout, f"pecgate to listen on {port}")
         except HarnessError:
             self.proc = None
@@ -924,6 +1076,46 @@ class Pecgate:
         if tls == "starttls":
             r.starttls()
         return r
+
+    def smtp(self, login: str | None = None, password: str | None = None, tls=True,
+             timeout: float = 60) -> smtplib.SMTP:
+        """An smtplib client (tls=True: implicit TLS; tls='starttls': submission port after
+        STARTTLS; tls=False: submission port in clear), logged in when ``login`` is given."""
+        ctx = tls_context(self.cert)
+        if tls is True:
+            c = smtplib.SMTP_SSL(HOST, self.smtp_tls_port, context=ctx, timeout=timeout)
+        else:
+            c = smtplib.SMTP(HOST, self.smtp_starttls_port, timeout=timeout)
+            if tls == "starttls":
+                c.starttls(context=ctx)
+            elif tls is not False:
+                raise ValueError(f"bad tls mode {tls!r}")
+        if login is not None:
+            if password is None:
+                password = self.password(login.split("/")[0])
+            try:
+                c.login(login, password)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    c.close()
+                raise
+        return c
+
+    # -- ledger ------------------------------------------------------------
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite"
+
+    def ledger_rows(self, where: str = "", params=()) -> list[dict]:
+        if not self.ledger_path.exists():
+            return []
+        db = sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True, timeout=10)
+        try:
+            db.row_factory = sqlite3.Row
+            sql = "SELECT * FROM sent" + (f" WHERE {where}" if where else "") + " ORDER BY id"
+            return [dict(r) for r in db.execute(sql, params)]
+        finally:
+            db.close()
 
     # -- audit -------------------------------------------------------------
     @property
@@ -1093,17 +1285,24 @@ def sandbox(args) -> int:
 
     dovecot = Dovecot(base_dir=dove_dir)
     dovecot.add_user(PROVIDER_ADDRESS, provider_pw)
+    dovecot.add_user(f"altro@{PEC_DOMAIN}", secrets.token_urlsafe(12))
     gw = None
+    provider = None
     try:
         dovecot.start()
         populate_demo(dovecot)
+        provider = PecProvider(dovecot, base_dir=root / "provider",
+                               tls_port=_pick_port(args.provider_smtp_port))
+        provider.start()
         users = {
             "mario": {"password": args.mario_password or "mario-" + secrets.token_hex(4), "roles": ["segreteria"]},
             "anna": {"password": args.anna_password or "anna-" + secrets.token_hex(4), "roles": ["reception"]},
         }
         gw = Pecgate(dovecot, users=users, base_dir=root / "pecgate", binary=binary,
                      tls_port=_pick_port(args.tls_port), starttls_port=_pick_port(args.starttls_port),
-                     login_failure_delay_ms=1500)
+                     smtp_tls_port=_pick_port(args.smtp_tls_port),
+                     smtp_starttls_port=_pick_port(args.smtp_starttls_port),
+                     smtp_url=provider.smtps_url, login_failure_delay_ms=1500)
         gw.setup()
         gw.start()
         print(f"""
@@ -1117,6 +1316,16 @@ pecgate sandbox is running (Ctrl-C to stop)
     certificate:     {gw.cert}
                      (self-signed for localhost/127.0.0.1: trust it or accept the exception)
 
+  SMTP server (outgoing mail), same host, users and certificate
+    port {gw.smtp_tls_port:<6}      SSL/TLS (implicit TLS)
+    port {gw.smtp_starttls_port:<6}      STARTTLS (required before login)
+    sender address:  {PROVIDER_ADDRESS}   (the only one PEC accepts; no Bcc)
+    try it:          swaks --server {HOST}:{gw.smtp_tls_port} --tls-on-connect --auth PLAIN \\
+                       --auth-user mario --auth-password '{users['mario']['password']}' \\
+                       --from {PROVIDER_ADDRESS} --to altro@{PEC_DOMAIN}
+    receipts (ACCETTAZIONE, CONSEGNA) arrive in the INBOX a moment later;
+    {FAILING_ADDRESS} always fails (AVVISO DI MANCATA CONSEGNA)
+
   users
     mario  / {users['mario']['password']:<20} role segreteria: all permissions; INBOX, Sent, Ricevute/**
     anna   / {users['anna']['password']:<20} role reception: read+flag; INBOX
@@ -1127,10 +1336,13 @@ pecgate sandbox is running (Ctrl-C to stop)
     pecgate log:     {gw.log_path}
     audit log:       {gw.audit_path}   (sqlite3 ... 'SELECT * FROM events')
     verify audit:    {gw.bin} audit verify -c {gw.conf_path}
+    sent ledger:     {gw.bin} ledger show -c {gw.conf_path}
 
   provider (Dovecot playing the PEC provider)
     {PROVIDER_ADDRESS} / {provider_pw}
     imaps {HOST}:{dovecot.imaps_port}, imap+STARTTLS {HOST}:{dovecot.imap_port}, LMTP {HOST}:{dovecot.lmtp_port}
+    SMTP (sandbox PEC provider): smtps {HOST}:{provider.tls_port}, smtp+STARTTLS {HOST}:{provider.starttls_port}
+    accepted messages kept in {provider.store / "accepted"}; log {provider.log_path}
     deliver a test message:  swaks --server {HOST}:{dovecot.lmtp_port} --protocol LMTP --to {PROVIDER_ADDRESS}
 """, flush=True)
         while not stop_event.wait(0.5):
@@ -1141,6 +1353,10 @@ pecgate sandbox is running (Ctrl-C to stop)
             if dovecot.proc.poll() is not None:
                 print(f"dovecot exited unexpectedly; log:\n{dovecot.log_text()[-4000:]}", file=sys.stderr)
                 return 1
+            if provider.proc.poll() is not None:
+                print(f"the sandbox PEC provider exited unexpectedly; log:\n{provider.log_text()[-4000:]}",
+                      file=sys.stderr)
+                return 1
         print("stopping...", flush=True)
         code = gw.stop()
         print(f"pecgate exited with {code}", flush=True)
@@ -1148,6 +1364,8 @@ pecgate sandbox is running (Ctrl-C to stop)
     finally:
         if gw is not None:
             gw.kill()
+        if provider is not None:
+            provider.stop()
         dovecot.stop()
 
 
@@ -1158,6 +1376,10 @@ def main(argv=None) -> int:
     sb.add_argument("--dir", default="sandbox-run", help="state directory (removed and recreated)")
     sb.add_argument("--tls-port", type=int, default=10993, help="preferred implicit-TLS port")
     sb.add_argument("--starttls-port", type=int, default=10143, help="preferred STARTTLS port")
+    sb.add_argument("--smtp-tls-port", type=int, default=10465, help="preferred SMTP implicit-TLS port")
+    sb.add_argument("--smtp-starttls-port", type=int, default=10587, help="preferred SMTP STARTTLS port")
+    sb.add_argument("--provider-smtp-port", type=int, default=11465,
+                    help="preferred port of the sandbox provider's SMTPS")
     sb.add_argument("--mario-password", default=None)
     sb.add_argument("--anna-password", default=None)
     args = ap.parse_args(argv)

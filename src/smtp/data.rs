@@ -1,0 +1,303 @@
+//! The message bytes: receiving DATA from the client (end detection and dot-unstuffing by
+//! smtp-proto's smuggling-hardened receiver, plus size and line-ending checks and capture of
+//! the header section), and dot-stuffing on the way to the provider. Pure state machines: the
+//! session feeds them bytes and writes what they return.
+
+use smtp_proto::request::receiver::DataReceiver;
+
+/// Largest header section pecgate parses (the body is never held in memory).
+pub const MAX_HEADER_BYTES: usize = 256 * 1024;
+
+/// Why a received message cannot be relayed (the data was still read to its end, so the
+/// session stays in sync).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataProblem {
+    /// More bytes than `limit`.
+    TooBig,
+    /// A CR not followed by LF or an LF not preceded by CR: relaying it could let a lenient
+    /// server see a different end of data (SMTP smuggling).
+    BareLineEnding,
+    /// The header section is larger than [`MAX_HEADER_BYTES`].
+    HeaderTooBig,
+}
+
+/// Receives one DATA transfer.
+pub struct DataIntake {
+    receiver: DataReceiver,
+    /// Output of the receiver not yet handed out (at most one byte between calls).
+    work: Vec<u8>,
+    limit: u64,
+    size: u64,
+    previous: u8,
+    problem: Option<DataProblem>,
+    header: Vec<u8>,
+    header_done: bool,
+}
+
+impl DataIntake {
+    /// `limit`: the largest message accepted, in bytes (as received, unstuffed).
+    pub fn new(limit: u64) -> DataIntake {
+        let mut receiver = DataReceiver::new();
+        // smtp-proto's receiver recognises `.` only after a CRLF; DATA starts at a line
+        // boundary, so feed it one (and drop it from the output) so that a first line
+        // beginning with a dot is unstuffed and an immediate `.` ends the (empty) message.
+        // That CRLF goes to a scratch buffer, not into the message.
+        let mut scratch = Vec::new();
+        let done = receiver.ingest(&mut b"\r\n".iter(), &mut scratch);
+        debug_assert!(!done && scratch == b"\r\n");
+        DataIntake {
+            receiver,
+            work: Vec::with_capacity(crate::imap::stream::READ_CHUNK + 1),
+            limit,
+            size: 0,
+            previous: b'\n',
+            problem: None,
+            header: Vec::new(),
+            header_done: false,
+        }
+    }
+
+    /// Consume bytes from the front of `input`; the message bytes they carry are appended to
+    /// `out` (nothing once a problem has been found). Returns `true` once the terminating
+    /// `CRLF.CRLF` has been seen; what follows it stays in `input`.
+    pub fn ingest(&mut self, input: &mut &[u8], out: &mut Vec<u8>) -> bool {
+        let start = out.len();
+        let mut iter = input.iter();
+        // When the terminator is recognised the receiver takes back the CR it had already
+        // emitted; that CR may come from an earlier call, so the last byte is always held
+        // back until the next call (or the end).
+        let done = self.receiver.ingest(&mut iter, &mut self.work);
+        *input = iter.as_slice();
+        let emit = if done {
+            self.work.len()
+        } else {
+            self.work.len().saturating_sub(1)
+        };
+        out.extend_from_slice(&self.work[..emit]);
+        self.work.drain(..emit);
+        let new = &out[start..];
+        self.size += new.len() as u64;
+        if self.problem.is_none() {
+            if self.size > self.limit {
+                self.problem = Some(DataProblem::TooBig);
+            } else if !self.check_line_endings(start, out) {
+                self.problem = Some(DataProblem::BareLineEnding);
+            } else {
+                self.capture_header(start, out);
+            }
+        }
+        if self.problem.is_some() {
+            out.truncate(start);
+        }
+        done
+    }
+
+    fn check_line_endings(&mut self, start: usize, out: &[u8]) -> bool {
+        for &b in &out[start..] {
+            let bad =
+                (b == b'\n' && self.previous != b'\r') || (self.previous == b'\r' && b != b'\n');
+            if bad {
+                return false;
+            }
+            self.previous = b;
+        }
+        true
+    }
+
+    fn capture_header(&mut self, start: usize, out: &[u8]) {
+        if self.header_done {
+            return;
+        }
+        let new = &out[start..];
+        let before = self.header.len();
+        let room = MAX_HEADER_BYTES + 4 - before;
+        self.header.extend_from_slice(&new[..new.len().min(room)]);
+        // The header ends at the first empty line (or at a message that starts with one).
+        let search_from = before.saturating_sub(3);
+        if self.header.starts_with(b"\r\n") {
+            self.header.truncate(2);
+            self.header_done = true;
+        } else if let Some(i) = find(&self.header[search_from..], b"\r\n\r\n") {
+            self.header.truncate(search_from + i + 4);
+            self.header_done = true;
+        } else if self.header.len() > MAX_HEADER_BYTES {
+            self.problem = Some(DataProblem::HeaderTooBig);
+        }
+    }
+
+    /// The received size so far (all bytes, even past a problem).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Call after `ingest` returned `true`: the captured header section (ending with its
+    /// empty line, or the whole message if it has no body) and the message size, or the
+    /// problem that makes the message unrelayable.
+    pub fn finish(self) -> Result<(Vec<u8>, u64), DataProblem> {
+        match self.problem {
+            Some(problem) => Err(problem),
+            None => Ok((self.header, self.size)),
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Dot-stuffing (RFC 5321 §4.5.2) for a message streamed in chunks.
+#[derive(Debug)]
+pub struct DotStuffer {
+    at_line_start: bool,
+    last: u8,
+}
+
+impl Default for DotStuffer {
+    fn default() -> Self {
+        DotStuffer {
+            at_line_start: true,
+            last: b'\n',
+        }
+    }
+}
+
+impl DotStuffer {
+    /// Append `chunk`, stuffed, to `out`.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        out.reserve(chunk.len() + 8);
+        for &b in chunk {
+            if self.at_line_start && b == b'.' {
+                out.push(b'.');
+            }
+            out.push(b);
+            self.at_line_start = b == b'\n';
+            self.last = b;
+        }
+    }
+
+    /// The end-of-data sequence, with a CRLF first if the message did not end with one.
+    pub fn finish(&self) -> &'static [u8] {
+        if self.last == b'\n' {
+            b".\r\n"
+        } else {
+            b"\r\n.\r\n"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Outcome = (Result<(Vec<u8>, u64), DataProblem>, Vec<u8>, Vec<u8>);
+
+    fn run(chunks: &[&[u8]], limit: u64) -> Outcome {
+        let mut intake = DataIntake::new(limit);
+        let mut out = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let mut input = *chunk;
+            if intake.ingest(&mut input, &mut out) {
+                let rest = [input, &chunks[i + 1..].concat()].concat();
+                return (intake.finish(), out, rest);
+            }
+            assert!(input.is_empty());
+        }
+        panic!("no end of data");
+    }
+
+    #[test]
+    fn unstuffs_and_stops_at_the_terminator() {
+        let (r, out, rest) = run(
+            &[b"Subject: x\r\n\r\n..dot\r\n", b"line\r\n.\r\nQUIT\r\n"],
+            1000,
+        );
+        assert_eq!(out, b"Subject: x\r\n\r\n.dot\r\nline\r\n");
+        assert_eq!(rest, b"QUIT\r\n");
+        let (header, size) = r.unwrap();
+        assert_eq!(header, b"Subject: x\r\n\r\n");
+        assert_eq!(size, out.len() as u64);
+    }
+
+    #[test]
+    fn first_line_dot_and_empty_message() {
+        let (r, out, _) = run(&[b".\r\n"], 10);
+        assert_eq!(out, b"");
+        assert_eq!(r.unwrap().1, 0);
+        let (_, out, _) = run(&[b"..x\r\n.\r\n"], 10);
+        assert_eq!(out, b".x\r\n");
+    }
+
+    #[test]
+    fn terminator_split_across_chunks() {
+        let (_, out, rest) = run(&[b"a: b\r\n\r\nbody\r", b"\n.", b"\r", b"\nNOOP\r\n"], 100);
+        assert_eq!(out, b"a: b\r\n\r\nbody\r\n");
+        assert_eq!(rest, b"NOOP\r\n");
+    }
+
+    #[test]
+    fn smuggling_attempts_are_neither_terminators_nor_relayable() {
+        for attempt in [
+            &b"a: b\r\n\r\nx\n.\r\nMAIL FROM:<x@y>\r\n"[..],
+            b"a: b\r\n\r\nx\r.\r\n",
+        ] {
+            let (r, out, rest) = run(&[attempt, b"\r\n.\r\n"], 1000);
+            assert_eq!(r, Err(DataProblem::BareLineEnding));
+            assert!(rest.is_empty());
+            assert!(out.len() < attempt.len());
+        }
+    }
+
+    #[test]
+    fn size_limit_keeps_reading_to_the_end() {
+        let (r, out, rest) = run(&[b"a: b\r\n\r\n0123456789\r\n", b".\r\nQUIT\r\n"], 10);
+        assert_eq!(r, Err(DataProblem::TooBig));
+        assert!(out.len() <= 10);
+        assert_eq!(rest, b"QUIT\r\n");
+    }
+
+    #[test]
+    fn header_capture() {
+        let (r, _, _) = run(
+            &[b"A: 1\r\n", b" folded\r\nB: 2\r", b"\n\r\nbody\r\n.\r\n"],
+            1000,
+        );
+        assert_eq!(r.unwrap().0, b"A: 1\r\n folded\r\nB: 2\r\n\r\n");
+        // No body at all: the whole message is the header.
+        let (r, _, _) = run(&[b"A: 1\r\n.\r\n"], 1000);
+        assert_eq!(r.unwrap().0, b"A: 1\r\n");
+        let big = vec![b'x'; MAX_HEADER_BYTES + 10];
+        let (r, _, _) = run(&[b"A: ", &big, b"\r\n\r\n.\r\n"], u64::MAX);
+        assert_eq!(r, Err(DataProblem::HeaderTooBig));
+    }
+
+    #[test]
+    fn any_chunking_gives_the_same_message() {
+        let wire: &[u8] = b"A: b\r\n\r\n..x\r\n\r\n...\r\nend\r\n.\r\nQUIT\r\n";
+        let expected: &[u8] = b"A: b\r\n\r\n.x\r\n\r\n..\r\nend\r\n";
+        for split in 1..wire.len() {
+            let chunks: Vec<&[u8]> = wire.chunks(split).collect();
+            let (r, out, rest) = run(&chunks, 1000);
+            assert_eq!(out, expected, "chunks of {split}");
+            assert_eq!(rest, b"QUIT\r\n", "chunks of {split}");
+            assert_eq!(r.unwrap().0, b"A: b\r\n\r\n");
+        }
+    }
+
+    #[test]
+    fn stuffing_round_trip() {
+        let message = b"A: b\r\n\r\n.starts with a dot\r\n..two\r\n.\r\nend";
+        let mut stuffer = DotStuffer::default();
+        let mut wire = Vec::new();
+        stuffer.push(&message[..10], &mut wire);
+        stuffer.push(&message[10..], &mut wire);
+        wire.extend_from_slice(stuffer.finish());
+        assert_eq!(
+            wire,
+            b"A: b\r\n\r\n..starts with a dot\r\n...two\r\n..\r\nend\r\n.\r\n".to_vec()
+        );
+        // What the provider's receiver makes of it is the original (plus the final CRLF).
+        let (r, out, _) = run(&[&wire], 1000);
+        assert!(r.is_ok());
+        assert_eq!(out, [&message[..], b"\r\n"].concat());
+    }
+}
