@@ -376,12 +376,21 @@ mod tests {
         }
     }
 
+    /// The rows, all or only `user`'s.
+    fn rows_of(path: &Path, user: Option<&str>) -> Vec<Entry> {
+        let filter = LedgerFilter {
+            user: user.map(str::to_owned),
+            ..Default::default()
+        };
+        query(path, &filter).unwrap()
+    }
+
     #[tokio::test]
     async fn begin_finish_query() {
         let path = temp_path("rw");
         let ledger = Ledger::open(&path).unwrap();
         let id = ledger.begin(entry()).await.unwrap();
-        let rows = query(&path, &LedgerFilter::default()).unwrap();
+        let rows = rows_of(&path, None);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].status, "sending");
         assert_eq!(rows[0].recipients, r#"["x@y.it","q\"uote@z.it"]"#);
@@ -391,34 +400,19 @@ mod tests {
             .unwrap();
         let second = ledger.begin(entry()).await.unwrap();
         drop(ledger);
-        let rows = query(
-            &path,
-            &LedgerFilter {
-                user: Some("mario".into()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let rows = rows_of(&path, Some("mario"));
         assert_eq!(rows[0].status, "accepted");
         assert_eq!(rows[0].provider_reply.as_deref(), Some("250 2.0.0 Ok"));
         assert!(rows[0].answered_at.as_deref().unwrap().ends_with('Z'));
         assert!(format_entry(&rows[0]).contains("mario/studio <a@b>"));
         // Reopening marks interrupted rows.
         let _ledger = Ledger::open(&path).unwrap();
-        let rows = query(&path, &LedgerFilter::default()).unwrap();
+        let rows = rows_of(&path, None);
         assert_eq!(
             rows.iter().find(|r| r.id == second).unwrap().status,
             "unknown"
         );
-        let none = query(
-            &path,
-            &LedgerFilter {
-                user: Some("anna".into()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        assert!(none.is_empty());
+        assert!(rows_of(&path, Some("anna")).is_empty());
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 

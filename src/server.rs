@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::gateway::Gateway;
-use crate::imap::session::{self, ListenerKind};
+use crate::session::ListenerKind;
 
 /// Which protocol a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,7 +176,9 @@ async fn accept_loop(
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             match service {
-                Service::Imap => session::serve(gateway, tcp, peer, kind, shutdown).await,
+                Service::Imap => {
+                    crate::imap::session::serve(gateway, tcp, peer, kind, shutdown).await
+                }
                 Service::Smtp => {
                     crate::smtp::session::serve(gateway, tcp, peer, kind, shutdown).await
                 }

@@ -9,15 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroizing;
 
 use crate::config::{UpstreamEndpoint, UpstreamSecurity};
 use crate::imap::response::{self, ResponseKind, Status};
 use crate::imap::stream::{self, BoxStream, LineError};
+use crate::provider_io::{self, TransportError};
 
 /// Longest response line accepted during connection set-up.
 const SETUP_LINE_MAX: usize = 64 * 1024;
@@ -25,20 +24,9 @@ const SETUP_LINE_MAX: usize = 64 * 1024;
 /// Why a provider session could not be opened. Never carries the password.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("cannot connect to {endpoint}: {source}")]
-    Connect {
-        endpoint: String,
-        source: std::io::Error,
-    },
-    #[error("{endpoint} did not answer within {seconds} s")]
-    Timeout { endpoint: String, seconds: u64 },
-    #[error("TLS with {endpoint} failed: {source}")]
-    Tls {
-        endpoint: String,
-        source: std::io::Error,
-    },
-    #[error("{endpoint}: invalid host name for TLS")]
-    ServerName { endpoint: String },
+    /// TCP, TLS or a time limit.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
     #[error("{endpoint} refused STARTTLS: {reply}")]
     StartTlsRefused { endpoint: String, reply: String },
     #[error("{endpoint} rejected the login of {login}: {reply}")]
@@ -189,10 +177,9 @@ pub async fn connect(
     permit: OwnedSemaphorePermit,
 ) -> Result<ProviderConnection, UpstreamError> {
     let endpoint = target.endpoint.to_string();
-    let seconds = target.timeout.as_secs();
     tokio::time::timeout(target.timeout, connect_inner(target, permit, &endpoint))
         .await
-        .map_err(|_| UpstreamError::Timeout { endpoint, seconds })?
+        .map_err(|_| TransportError::timeout(&endpoint, target.timeout))?
 }
 
 async fn connect_inner(
@@ -206,22 +193,8 @@ async fn connect_inner(
     };
     let line_error = |e: LineError| protocol(e.to_string());
 
-    let tcp = TcpStream::connect((target.endpoint.host.as_str(), target.endpoint.port))
-        .await
-        .map_err(|source| UpstreamError::Connect {
-            endpoint: endpoint.to_owned(),
-            source,
-        })?;
-    tcp.set_nodelay(true)
-        .map_err(|source| UpstreamError::Connect {
-            endpoint: endpoint.to_owned(),
-            source,
-        })?;
+    let mut stream = provider_io::connect(target.endpoint, &target.tls, target.timeout).await?;
     let mut buffer = BytesMut::with_capacity(4096);
-    let mut stream: BoxStream = match target.endpoint.security {
-        UpstreamSecurity::ImplicitTls => Box::new(tls_wrap(target, tcp, endpoint).await?),
-        UpstreamSecurity::StartTls => Box::new(tcp),
-    };
 
     let greeting = stream::next_line(&mut stream, &mut buffer, SETUP_LINE_MAX)
         .await
@@ -257,7 +230,9 @@ async fn connect_inner(
             // Bytes sent before the TLS handshake could be an injection attempt.
             return Err(protocol("data after the STARTTLS answer".to_owned()));
         }
-        stream = Box::new(tls_wrap(target, stream, endpoint).await?);
+        stream = Box::new(
+            provider_io::connect_tls(target.endpoint, &target.tls, stream, target.timeout).await?,
+        );
         capabilities.clear();
     }
 
@@ -339,25 +314,6 @@ async fn connect_inner(
         delimiter,
         _permit: permit,
     })
-}
-
-async fn tls_wrap<S: stream::AsyncStream + 'static>(
-    target: &ProviderTarget<'_>,
-    io: S,
-    endpoint: &str,
-) -> Result<tokio_rustls::client::TlsStream<S>, UpstreamError> {
-    let name = ServerName::try_from(target.endpoint.host.clone()).map_err(|_| {
-        UpstreamError::ServerName {
-            endpoint: endpoint.to_owned(),
-        }
-    })?;
-    tokio_rustls::TlsConnector::from(target.tls.clone())
-        .connect(name, io)
-        .await
-        .map_err(|source| UpstreamError::Tls {
-            endpoint: endpoint.to_owned(),
-            source,
-        })
 }
 
 /// Read responses until the tagged one for `tag`, which is returned; every line before it

@@ -33,8 +33,9 @@ use crate::imap::command::{
 };
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, tag_of};
 use crate::imap::response::{self, ResponseKind, Status};
-use crate::imap::session::{SessionContext, SessionEnd};
+use crate::imap::session::SessionEnd;
 use crate::imap::stream::{self, BoxStream, READ_CHUNK};
+use crate::session::SessionContext;
 use crate::upstream::ProviderConnection;
 
 /// Longest response line relayed (literals excluded: those stream). A SEARCH result over a

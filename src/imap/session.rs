@@ -15,10 +15,9 @@ use imap_codec::imap_types::command::CommandBody;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 use zeroize::Zeroizing;
 
-use crate::audit::{AuditError, AuditEvent, Outcome, Protocol};
+use crate::audit::{Outcome, Protocol};
 use crate::gateway::Gateway;
 use crate::imap::authorize::SessionPolicy;
 use crate::imap::command::{self, summarize};
@@ -28,19 +27,9 @@ use crate::imap::response;
 use crate::imap::stream::{self, BoxStream};
 use crate::login::{self, LoginRefusal};
 use crate::policy::FolderPolicy;
+use crate::session::{self, HandshakeFailure, ListenerKind, SessionContext};
 use crate::upstream::{self, ProviderConnection};
 
-/// Which kind of listener accepted the connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ListenerKind {
-    /// TLS from the first byte (port 993).
-    ImplicitTls,
-    /// Plain until the client sends STARTTLS (port 143); no login before that.
-    StartTls,
-}
-
-/// A client that does not finish its TLS handshake in this time is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client that does not log in within this time is disconnected.
 const PREAUTH_TIMEOUT: Duration = Duration::from_secs(120);
 /// Limits before login: nobody unauthenticated gets to make pecgate buffer much.
@@ -49,45 +38,6 @@ const PREAUTH_LIMITS: CommandLimits = CommandLimits {
     max_literal: 8 * 1024,
     max_command: 16 * 1024,
 };
-
-/// Identity of a session, shared by the pre-auth code and the relay.
-pub struct SessionContext {
-    pub gateway: Arc<Gateway>,
-    pub id: String,
-    pub peer: SocketAddr,
-    pub user: Option<String>,
-    pub mailbox: Option<String>,
-}
-
-impl SessionContext {
-    /// Queue an audit event for this session. The caller acknowledges the command to the
-    /// client only after this returns `Ok`.
-    pub async fn audit(
-        &self,
-        command: &str,
-        folder: Option<String>,
-        detail: String,
-        outcome: Outcome,
-    ) -> Result<(), AuditError> {
-        let event = AuditEvent {
-            ts: std::time::SystemTime::now(),
-            session: self.id.clone(),
-            user: self.user.clone(),
-            mailbox: self.mailbox.clone(),
-            peer: self.peer.to_string(),
-            protocol: Protocol::Imap,
-            command: command.to_owned(),
-            folder,
-            detail,
-            outcome,
-        };
-        let result = self.gateway.audit.record(event).await;
-        if let Err(error) = &result {
-            tracing::error!(%error, "audit log unavailable: refusing to go on unrecorded");
-        }
-        result
-    }
-}
 
 /// How a session ended (for the log and the audit trail).
 #[derive(Debug)]
@@ -101,6 +51,15 @@ pub enum SessionEnd {
     Error(String),
 }
 
+impl From<HandshakeFailure> for SessionEnd {
+    fn from(failure: HandshakeFailure) -> SessionEnd {
+        match failure {
+            HandshakeFailure::TimedOut => SessionEnd::Timeout,
+            HandshakeFailure::Failed(text) => SessionEnd::Error(text),
+        }
+    }
+}
+
 /// Serve one accepted connection to the end.
 pub async fn serve(
     gateway: Arc<Gateway>,
@@ -109,32 +68,9 @@ pub async fn serve(
     kind: ListenerKind,
     shutdown: CancellationToken,
 ) {
-    let id = new_session_id();
-    let span = tracing::info_span!(
-        "imap",
-        session = %id,
-        %peer,
-        user = tracing::field::Empty,
-        mailbox = tracing::field::Empty
-    );
-    let mut ctx = SessionContext {
-        gateway,
-        id,
-        peer,
-        user: None,
-        mailbox: None,
-    };
-    async move {
-        tracing::debug!(?kind, "connection accepted");
-        let end = run(&mut ctx, tcp, kind, &shutdown).await;
-        tracing::info!(?end, "session ended");
-    }
-    .instrument(span)
-    .await
-}
-
-fn new_session_id() -> String {
-    format!("{:016x}", rand::random::<u64>())
+    let mut ctx = SessionContext::new(gateway, Protocol::Imap, peer);
+    let span = ctx.span();
+    session::run_in_span(span, kind, run(&mut ctx, tcp, kind, &shutdown)).await
 }
 
 async fn run(
@@ -147,9 +83,9 @@ async fn run(
         return SessionEnd::Error(error.to_string());
     }
     let (stream, tls) = match kind {
-        ListenerKind::ImplicitTls => match handshake(ctx, Box::new(tcp)).await {
+        ListenerKind::ImplicitTls => match ctx.accept_tls(Box::new(tcp)).await {
             Ok(stream) => (stream, true),
-            Err(end) => return end,
+            Err(failure) => return failure.into(),
         },
         ListenerKind::StartTls => (Box::new(tcp) as BoxStream, false),
     };
@@ -197,17 +133,6 @@ async fn run(
         .audit(command, None, format!("{end:?}").to_lowercase(), outcome)
         .await;
     end
-}
-
-async fn handshake(ctx: &SessionContext, stream: BoxStream) -> Result<BoxStream, SessionEnd> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, ctx.gateway.acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => Ok(Box::new(tls)),
-        Ok(Err(error)) => {
-            tracing::info!(%error, "TLS handshake failed");
-            Err(SessionEnd::Error(format!("TLS handshake: {error}")))
-        }
-        Err(_) => Err(SessionEnd::Timeout),
-    }
 }
 
 enum PreAuthEnd {
@@ -368,9 +293,9 @@ async fn not_authenticated(
                 // could have been injected by a man in the middle: discard it.
                 buffer.clear();
                 assembler = CommandAssembler::new(PREAUTH_LIMITS);
-                stream = match handshake(ctx, stream).await {
+                stream = match ctx.accept_tls(stream).await {
                     Ok(stream) => stream,
-                    Err(end) => return PreAuthEnd::Closed(end),
+                    Err(failure) => return PreAuthEnd::Closed(failure.into()),
                 };
                 tls = true;
                 continue;
@@ -517,11 +442,9 @@ async fn log_in(
             };
             // The failed attempt is recorded under the user it named, when that user exists.
             let event_ctx = SessionContext {
-                gateway: gateway.clone(),
-                id: ctx.id.clone(),
-                peer: ctx.peer,
                 user: failure.user.clone(),
                 mailbox: None,
+                ..ctx.clone()
             };
             return match event_ctx
                 .audit(command, None, failure.audit_detail(login), Outcome::No)
@@ -532,11 +455,7 @@ async fn log_in(
             };
         }
     };
-    ctx.user = Some(target.user.clone());
-    ctx.mailbox = Some(target.mailbox.clone());
-    let span = tracing::Span::current();
-    span.record("user", target.user.as_str());
-    span.record("mailbox", target.mailbox.as_str());
+    ctx.logged_in(&target);
 
     let unavailable = |text: String| format!("{tag} NO [UNAVAILABLE] {text}\r\n");
     let mailbox = &gateway.mailboxes[&target.mailbox];

@@ -242,81 +242,54 @@ impl AddressParser<'_> {
         }
     }
 
-    /// address = mailbox / group; mailbox = name-addr / addr-spec.
+    /// address = mailbox / group.
     fn address(&mut self, out: &mut Vec<Mailbox>) -> Result<(), String> {
-        // Scan the phrase (display name) or local part: words until a special.
+        // A group starts with its display name and `:`; anything else is a mailbox.
         let start = self.pos;
-        while matches!(self.peek(), Some(Token::Atom(_) | Token::Quoted(_))) {
-            self.pos += 1;
+        if self.skip_words() == 0 || !self.eat(b':') {
+            self.pos = start;
+            out.push(self.mailbox(false)?);
+            return Ok(());
         }
-        let words = self.pos - start;
-        match self.peek() {
-            Some(Token::Special(b'<')) => {
-                out.push(Mailbox {
-                    address: self.angle_addr()?,
-                    in_group: false,
-                });
-                Ok(())
+        // group-list: mailboxes up to `;` (possibly none).
+        loop {
+            while self.eat(b',') {}
+            if self.eat(b';') {
+                return Ok(());
             }
-            Some(Token::Special(b':')) if words > 0 => {
-                self.pos += 1;
-                // group-list: mailboxes up to `;` (possibly none).
-                loop {
-                    while self.eat(b',') {}
-                    if self.eat(b';') {
-                        return Ok(());
-                    }
-                    if self.at_end() {
-                        return Err("group without `;`".into());
-                    }
-                    let mut inner = Vec::new();
-                    self.mailbox(&mut inner)?;
-                    out.extend(inner.into_iter().map(|m| Mailbox {
-                        in_group: true,
-                        ..m
-                    }));
-                    if !matches!(self.peek(), Some(Token::Special(b',' | b';'))) {
-                        return Err(format!("unexpected {} in group", self.describe()));
-                    }
-                }
+            if self.at_end() {
+                return Err("group without `;`".into());
             }
-            Some(Token::Special(b'@')) if words == 1 => {
-                self.pos = start;
-                out.push(Mailbox {
-                    address: self.addr_spec()?,
-                    in_group: false,
-                });
-                Ok(())
+            out.push(self.mailbox(true)?);
+            if !matches!(self.peek(), Some(Token::Special(b',' | b';'))) {
+                return Err(format!("unexpected {} in group", self.describe()));
             }
-            _ => Err(format!("expected an address, found {}", self.describe())),
         }
     }
 
-    /// A mailbox (no group) inside a group.
-    fn mailbox(&mut self, out: &mut Vec<Mailbox>) -> Result<(), String> {
+    /// mailbox = name-addr / addr-spec (no group).
+    fn mailbox(&mut self, in_group: bool) -> Result<Mailbox, String> {
+        // Scan the phrase (display name) or local part: words until a special.
+        let start = self.pos;
+        let words = self.skip_words();
+        let address = match self.peek() {
+            Some(Token::Special(b'<')) => self.angle_addr()?,
+            Some(Token::Special(b'@')) if words == 1 => {
+                self.pos = start;
+                self.addr_spec()?
+            }
+            _ => return Err(format!("expected an address, found {}", self.describe())),
+        };
+        Ok(Mailbox { address, in_group })
+    }
+
+    /// Skip atoms and quoted strings; returns how many.
+    fn skip_words(&mut self) -> usize {
         let start = self.pos;
         while matches!(self.peek(), Some(Token::Atom(_) | Token::Quoted(_))) {
             self.pos += 1;
         }
-        let words = self.pos - start;
-        match self.peek() {
-            Some(Token::Special(b'<')) => {
-                out.push(Mailbox {
-                    address: self.angle_addr()?,
-                    in_group: true,
-                });
-                Ok(())
-            }
-            Some(Token::Special(b'@')) if words == 1 => {
-                self.pos = start;
-                out.push(Mailbox {
-                    address: self.addr_spec()?,
-                    in_group: true,
-                });
-                Ok(())
-            }
-            _ => Err(format!("expected an address, found {}", self.describe())),
-        }
+        self.pos - start
     }
 
     fn angle_addr(&mut self) -> Result<String, String> {

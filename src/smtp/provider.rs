@@ -11,14 +11,13 @@ use std::time::Duration;
 
 use base64::Engine;
 use bytes::BytesMut;
-use rustls::pki_types::ServerName;
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, EXT_8BIT_MIME, EXT_SIZE, EXT_START_TLS, EhloResponse};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use zeroize::Zeroizing;
 
 use crate::config::{UpstreamEndpoint, UpstreamSecurity};
 use crate::imap::stream::{self, BoxStream};
+use crate::provider_io::{self, TransportError};
 
 use super::data::DotStuffer;
 use super::reply::{Reply, reply_end};
@@ -36,20 +35,9 @@ const CHUNK: usize = 64 * 1024;
 /// Why the provider could not be reached or used. Never carries the password.
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
-    #[error("cannot connect to {endpoint}: {source}")]
-    Connect {
-        endpoint: String,
-        source: std::io::Error,
-    },
-    #[error("{endpoint} did not answer within {seconds} s")]
-    Timeout { endpoint: String, seconds: u64 },
-    #[error("TLS with {endpoint} failed: {source}")]
-    Tls {
-        endpoint: String,
-        source: std::io::Error,
-    },
-    #[error("{endpoint}: invalid host name for TLS")]
-    ServerName { endpoint: String },
+    /// TCP, TLS or a time limit.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
     #[error("{endpoint} refused the session: {reply}")]
     Refused { endpoint: String, reply: String },
     #[error("{endpoint} does not offer STARTTLS, which pecgate requires for smtp:// URLs")]
@@ -120,10 +108,7 @@ impl Connection<'_> {
     }
 
     fn timed_out(&self, timeout: Duration) -> ProviderError {
-        ProviderError::Timeout {
-            endpoint: self.endpoint.to_owned(),
-            seconds: timeout.as_secs(),
-        }
+        TransportError::timeout(self.endpoint, timeout).into()
     }
 
     /// Read one complete reply; returns its raw bytes and the parsed reply.
@@ -217,25 +202,7 @@ async fn connect<'a>(
     target: &SmtpTarget<'_>,
     endpoint: &'a str,
 ) -> Result<Connection<'a>, ProviderError> {
-    let seconds = target.timeout.as_secs();
-    let tcp = tokio::time::timeout(
-        target.timeout,
-        TcpStream::connect((target.endpoint.host.as_str(), target.endpoint.port)),
-    )
-    .await
-    .map_err(|_| ProviderError::Timeout {
-        endpoint: endpoint.to_owned(),
-        seconds,
-    })?
-    .map_err(|source| ProviderError::Connect {
-        endpoint: endpoint.to_owned(),
-        source,
-    })?;
-    let _ = tcp.set_nodelay(true);
-    let stream: BoxStream = match target.endpoint.security {
-        UpstreamSecurity::ImplicitTls => Box::new(tls_wrap(target, tcp, endpoint).await?),
-        UpstreamSecurity::StartTls => Box::new(tcp),
-    };
+    let stream = provider_io::connect(target.endpoint, &target.tls, target.timeout).await?;
     let mut conn = Connection {
         stream,
         buffer: BytesMut::with_capacity(4096),
@@ -270,7 +237,9 @@ async fn connect<'a>(
             return Err(conn.protocol("data after the STARTTLS answer"));
         }
         let plain = conn.stream;
-        conn.stream = Box::new(tls_wrap(target, plain, endpoint).await?);
+        conn.stream = Box::new(
+            provider_io::connect_tls(target.endpoint, &target.tls, plain, target.timeout).await?,
+        );
         ehlo = conn.ehlo(target.hostname).await?;
     }
     authenticate(&mut conn, target, &ehlo).await?;
@@ -389,27 +358,4 @@ async fn write_block(conn: &mut Connection<'_>, bytes: &[u8]) -> Result<(), Prov
         Ok(Err(e)) => Err(conn.protocol(e.to_string())),
         Err(_) => Err(conn.timed_out(DATA_BLOCK_TIMEOUT)),
     }
-}
-
-async fn tls_wrap<S: stream::AsyncStream + 'static>(
-    target: &SmtpTarget<'_>,
-    io: S,
-    endpoint: &str,
-) -> Result<tokio_rustls::client::TlsStream<S>, ProviderError> {
-    let name = ServerName::try_from(target.endpoint.host.clone()).map_err(|_| {
-        ProviderError::ServerName {
-            endpoint: endpoint.to_owned(),
-        }
-    })?;
-    let connect = tokio_rustls::TlsConnector::from(target.tls.clone()).connect(name, io);
-    tokio::time::timeout(target.timeout, connect)
-        .await
-        .map_err(|_| ProviderError::Timeout {
-            endpoint: endpoint.to_owned(),
-            seconds: target.timeout.as_secs(),
-        })?
-        .map_err(|source| ProviderError::Tls {
-            endpoint: endpoint.to_owned(),
-            source,
-        })
 }

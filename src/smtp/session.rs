@@ -9,16 +9,15 @@ use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 use zeroize::Zeroizing;
 
-use crate::audit::{AuditError, AuditEvent, Outcome, Protocol};
+use crate::audit::{Outcome, Protocol};
 use crate::config::LoginTarget;
 use crate::gateway::Gateway;
-use crate::imap::session::ListenerKind;
 use crate::imap::stream::{self, BoxStream};
 use crate::ledger::{NewEntry, Status};
 use crate::login::{self, LoginRefusal};
+use crate::session::{self, HandshakeFailure, ListenerKind, SessionContext};
 
 use super::checks::{self, MailboxRules, RateSlot};
 use super::command::{self, Body, Command, MAX_COMMAND_LINE, Mechanism, SaslLine};
@@ -28,8 +27,6 @@ use super::provider::{self, Envelope, SmtpTarget};
 use super::reply::{Enhanced, Reply};
 use super::spool::SpoolFile;
 
-/// A client that does not finish its TLS handshake in this time is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client must authenticate within this time of connecting.
 const PREAUTH_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest SASL response line (RFC 4954 §4: at least 12288 octets).
@@ -53,64 +50,12 @@ pub enum SessionEnd {
     Error(String),
 }
 
-/// Identity of the session, for audit events.
-struct Ctx {
-    gateway: Arc<Gateway>,
-    id: String,
-    peer: SocketAddr,
-    user: Option<String>,
-    mailbox: Option<String>,
-}
-
-impl Ctx {
-    fn event(&self, command: &str, detail: String, outcome: Outcome) -> AuditEvent {
-        AuditEvent {
-            ts: SystemTime::now(),
-            session: self.id.clone(),
-            user: self.user.clone(),
-            mailbox: self.mailbox.clone(),
-            peer: self.peer.to_string(),
-            protocol: Protocol::Smtp,
-            command: command.to_owned(),
-            folder: None,
-            detail,
-            outcome,
+impl From<HandshakeFailure> for SessionEnd {
+    fn from(failure: HandshakeFailure) -> SessionEnd {
+        match failure {
+            HandshakeFailure::TimedOut => SessionEnd::Timeout,
+            HandshakeFailure::Failed(text) => SessionEnd::Error(text),
         }
-    }
-
-    async fn audit(
-        &self,
-        command: &str,
-        detail: String,
-        outcome: Outcome,
-    ) -> Result<(), AuditError> {
-        let result = self
-            .gateway
-            .audit
-            .record(self.event(command, detail, outcome))
-            .await;
-        if let Err(error) = &result {
-            tracing::error!(%error, "audit log unavailable: refusing to go on unrecorded");
-        }
-        result
-    }
-
-    /// For the outcome of a message: returns once the row is on disk.
-    async fn audit_durable(
-        &self,
-        command: &str,
-        detail: String,
-        outcome: Outcome,
-    ) -> Result<(), AuditError> {
-        let result = self
-            .gateway
-            .audit
-            .record_durable(self.event(command, detail, outcome))
-            .await;
-        if let Err(error) = &result {
-            tracing::error!(%error, "audit log unavailable");
-        }
-        result
     }
 }
 
@@ -122,7 +67,7 @@ struct Transaction {
 }
 
 struct Session<'a> {
-    ctx: Ctx,
+    ctx: SessionContext,
     stream: BoxStream,
     buffer: BytesMut,
     tls: bool,
@@ -144,32 +89,13 @@ pub async fn serve(
     kind: ListenerKind,
     shutdown: CancellationToken,
 ) {
-    let id = format!("{:016x}", rand::random::<u64>());
-    let span = tracing::info_span!(
-        "smtp",
-        session = %id,
-        %peer,
-        user = tracing::field::Empty,
-        mailbox = tracing::field::Empty
-    );
-    let ctx = Ctx {
-        gateway,
-        id,
-        peer,
-        user: None,
-        mailbox: None,
-    };
-    async move {
-        tracing::debug!(?kind, "connection accepted");
-        let end = run(ctx, tcp, kind, &shutdown).await;
-        tracing::info!(?end, "session ended");
-    }
-    .instrument(span)
-    .await
+    let ctx = SessionContext::new(gateway, Protocol::Smtp, peer);
+    let span = ctx.span();
+    session::run_in_span(span, kind, run(ctx, tcp, kind, &shutdown)).await
 }
 
 async fn run(
-    ctx: Ctx,
+    ctx: SessionContext,
     tcp: TcpStream,
     kind: ListenerKind,
     shutdown: &CancellationToken,
@@ -203,7 +129,7 @@ async fn run(
     };
     let _ = session
         .ctx
-        .audit(command, format!("{end:?}").to_lowercase(), outcome)
+        .audit(command, None, format!("{end:?}").to_lowercase(), outcome)
         .await;
     end
 }
@@ -218,20 +144,9 @@ impl Session<'_> {
         let placeholder: BoxStream =
             Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink()));
         let plain = std::mem::replace(&mut self.stream, placeholder);
-        let accepted =
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, self.ctx.gateway.acceptor.accept(plain)).await;
-        match accepted {
-            Ok(Ok(tls)) => {
-                self.stream = Box::new(tls);
-                self.tls = true;
-                Ok(())
-            }
-            Ok(Err(error)) => {
-                tracing::info!(%error, "TLS handshake failed");
-                Err(SessionEnd::Error(format!("TLS handshake: {error}")))
-            }
-            Err(_) => Err(SessionEnd::Timeout),
-        }
+        self.stream = self.ctx.accept_tls(plain).await?;
+        self.tls = true;
+        Ok(())
     }
 
     async fn send(&mut self, reply: &Reply) -> Result<(), SessionEnd> {
@@ -252,25 +167,36 @@ impl Session<'_> {
         outcome: Outcome,
         reply: &Reply,
     ) -> Result<(), SessionEnd> {
-        if self.ctx.audit(command, detail, outcome).await.is_err() {
+        if self
+            .ctx
+            .audit(command, None, detail, outcome)
+            .await
+            .is_err()
+        {
             let _ = self.send(&audit_unavailable()).await;
             return Err(SessionEnd::AuditFailed);
         }
         self.send(reply).await?;
         if reply.code >= 500 && outcome == Outcome::Bad {
             self.errors += 1;
-            if self.errors >= MAX_ERRORS {
-                let _ = self
-                    .send(&Reply::new(
-                        421,
-                        Enhanced(4, 7, 0),
-                        "Too many errors; closing the connection",
-                    ))
-                    .await;
-                return Err(SessionEnd::TooManyErrors);
-            }
+            return self
+                .close_after(
+                    self.errors,
+                    MAX_ERRORS,
+                    "Too many errors; closing the connection",
+                )
+                .await;
         }
         Ok(())
+    }
+
+    /// After a failure: once `count` reaches `max`, say why (`421 4.7.0 {text}`) and close.
+    async fn close_after(&mut self, count: u32, max: u32, text: &str) -> Result<(), SessionEnd> {
+        if count < max {
+            return Ok(());
+        }
+        let _ = self.send(&Reply::new(421, Enhanced(4, 7, 0), text)).await;
+        Err(SessionEnd::TooManyErrors)
     }
 
     fn command_deadline(&self) -> tokio::time::Instant {
@@ -316,7 +242,7 @@ impl Session<'_> {
     async fn line_too_long(&mut self) -> SessionEnd {
         let _ = self
             .ctx
-            .audit("(unparsed)", "line too long".to_owned(), Outcome::Bad)
+            .audit("(unparsed)", None, "line too long".to_owned(), Outcome::Bad)
             .await;
         let _ = self
             .send(&Reply::new(
@@ -533,11 +459,7 @@ impl Session<'_> {
             .await
         {
             Ok(target) => {
-                self.ctx.user = Some(target.user.clone());
-                self.ctx.mailbox = Some(target.mailbox.clone());
-                let span = tracing::Span::current();
-                span.record("user", target.user.as_str());
-                span.record("mailbox", target.mailbox.as_str());
+                self.ctx.logged_in(&target);
                 tracing::info!("authenticated");
                 let reply = Reply::new(
                     235,
@@ -583,17 +505,12 @@ impl Session<'_> {
                 self.ctx.user = event_user;
                 result?;
                 self.auth_failures += 1;
-                if self.auth_failures >= MAX_AUTH_FAILURES {
-                    let _ = self
-                        .send(&Reply::new(
-                            421,
-                            Enhanced(4, 7, 0),
-                            "Too many failed logins; closing the connection",
-                        ))
-                        .await;
-                    return Err(SessionEnd::TooManyErrors);
-                }
-                Ok(())
+                self.close_after(
+                    self.auth_failures,
+                    MAX_AUTH_FAILURES,
+                    "Too many failed logins; closing the connection",
+                )
+                .await
             }
         }
     }
@@ -1025,7 +942,7 @@ impl Session<'_> {
         if let Err(error) = ledger.finish(row, status, reply.summary()).await {
             tracing::error!(%error, %message_id, row, "cannot complete the sent ledger row (the audit log has the outcome)");
         }
-        let audited = self.ctx.audit_durable("DATA", detail, outcome).await;
+        let audited = self.ctx.audit_durable("DATA", None, detail, outcome).await;
         // The provider has answered: the client gets that answer, recorded or not.
         self.send(&reply).await?;
         if audited.is_err() {

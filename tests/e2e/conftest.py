@@ -7,7 +7,6 @@ fresh pecgate (cleaned up at the end of the test).
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -70,22 +69,18 @@ def make_gateway(dovecot, pecgate_binary):
 @pytest.fixture
 def clients():
     """Collects imaplib / RawImap clients and closes them after the test."""
-    opened = []
 
-    def track(c):
-        opened.append(c)
-        return c
+    def close(c):
+        if isinstance(c, harness.RawImap):
+            c.close()
+        else:
+            try:
+                c.logout()
+            except Exception:
+                c.shutdown()
 
-    yield track
-    for c in opened:
-        with contextlib.suppress(Exception):
-            if isinstance(c, harness.RawImap):
-                c.close()
-            else:
-                try:
-                    c.logout()
-                except Exception:
-                    c.shutdown()
+    with harness.tracking(close) as track:
+        yield track
 
 
 @pytest.fixture

@@ -44,37 +44,27 @@ def smtp_gw(dovecot, provider, pecgate_binary):
 
 
 @pytest.fixture
-def make_smtp_gateway(dovecot, provider, pecgate_binary):
-    made = []
+def make_smtp_gateway(make_gateway, provider):
+    """``make_gateway`` with the mailbox's SMTP on the sandbox PEC provider by default."""
 
     def factory(**kwargs):
-        kwargs.setdefault("binary", pecgate_binary)
         kwargs.setdefault("smtp_url", provider.smtps_url)
-        gw = harness.Pecgate(dovecot, **kwargs)
-        made.append(gw)
-        gw.setup()
-        gw.start()
-        return gw
+        return make_gateway(**kwargs)
 
-    yield factory
-    for gw in made:
-        gw.cleanup()
+    return factory
 
 
 @pytest.fixture
 def smtp_clients():
-    opened = []
+    """Collects smtplib clients and closes them after the test."""
 
-    def track(c):
-        opened.append(c)
-        return c
-
-    yield track
-    for c in opened:
+    def close(c):
         with contextlib.suppress(Exception):
             c.quit()
-        with contextlib.suppress(Exception):
-            c.close()
+        c.close()
+
+    with harness.tracking(close) as track:
+        yield track
 
 
 def pec_message(subject: str, to=(ALTRO,), cc=(), body: str = "", extra=None, msgid: str | None = None,

@@ -171,6 +171,34 @@ def message_id_of(raw: bytes) -> str:
     return m.group(1).decode()
 
 
+@contextlib.contextmanager
+def tracking(close):
+    """Yields ``track(client) -> client``; on exit ``close(client)`` runs for every tracked
+    client, its errors ignored. For fixtures that close a test's clients after it."""
+    opened = []
+
+    def track(c):
+        opened.append(c)
+        return c
+
+    try:
+        yield track
+    finally:
+        for c in opened:
+            with contextlib.suppress(Exception):
+                close(c)
+
+
+def _work_dir(base_dir, prefix: str) -> tuple[Path, bool]:
+    """``base_dir`` (created if needed), or a fresh temp dir named ``prefix...``; and whether
+    the directory is ours to remove."""
+    if base_dir is None:
+        return Path(tempfile.mkdtemp(prefix=prefix)), True
+    path = Path(base_dir).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path, False
+
+
 def _ensure_traversable(path: Path):
     """Dovecot's unprivileged processes must reach files under ``path``."""
     path.chmod(0o755)
@@ -359,17 +387,27 @@ def capabilities_from(lines) -> set[str]:
 # ---------------------------------------------------------------------------
 
 
-class Dovecot:
+class _Daemon:
+    """A helper process in its own directory (``self.dir``): ``with`` starts it; leaving
+    stops it and removes the directory if the helper made it."""
+
+    def cleanup(self):
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.cleanup()
+
+
+class Dovecot(_Daemon):
     """A private Dovecot playing the PEC provider, on loopback free ports."""
 
     def __init__(self, base_dir=None, imaps_port=None, imap_port=None, lmtp_port=None):
-        if base_dir is None:
-            self.dir = Path(tempfile.mkdtemp(prefix="pecgate-dovecot-"))
-            self._own_dir = True
-        else:
-            self.dir = Path(base_dir).resolve()
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._own_dir = False
+        self.dir, self._own_dir = _work_dir(base_dir, "pecgate-dovecot-")
         _ensure_traversable(self.dir)
         self.imaps_port = imaps_port or free_port()
         self.imap_port = imap_port or free_port()
@@ -555,17 +593,6 @@ lmtp_add_received_header = no
             _kill_group(self.proc)
             self.proc = None
 
-    def cleanup(self):
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.cleanup()
-
     # -- provider-side operations ---------------------------------------
     @property
     def imaps_url(self) -> str:
@@ -645,7 +672,7 @@ PEC_DOMAIN = PROVIDER_ADDRESS.split("@", 1)[1]
 FAILING_ADDRESS = f"inesistente@{PEC_DOMAIN}"
 
 
-class PecProvider:
+class PecProvider(_Daemon):
     """``tests/support/pec_provider.py`` in a subprocess: SMTP submission (implicit TLS and
     STARTTLS) for Dovecot's users, receipts delivered into Dovecot over LMTP. Every accepted
     message is kept in ``store/accepted/NNNNN.eml`` (+ ``.json``: envelope and login)."""
@@ -655,13 +682,7 @@ class PecProvider:
     def __init__(self, dovecot: Dovecot, base_dir=None, *, fail=(FAILING_ADDRESS,),
                  max_total_bytes: int = 100 * 1024 * 1024, rate: tuple[int, int] | None = None,
                  tls_port: int | None = None, starttls_port: int | None = None):
-        if base_dir is None:
-            self.dir = Path(tempfile.mkdtemp(prefix="pecgate-provider-"))
-            self._own_dir = True
-        else:
-            self.dir = Path(base_dir).resolve()
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._own_dir = False
+        self.dir, self._own_dir = _work_dir(base_dir, "pecgate-provider-")
         self.dovecot = dovecot
         self.tls_port = tls_port or free_port()
         self.starttls_port = starttls_port or free_port()
@@ -732,17 +753,6 @@ class PecProvider:
             self.proc = None
             with contextlib.suppress(Exception):
                 self._log.close()
-
-    def cleanup(self):
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.cleanup()
 
     # -- what it received --------------------------------------------------
     def accepted(self) -> list[dict]:
@@ -858,13 +868,7 @@ class Pecgate:
         ``mailbox_options``: extra keys of the mailbox table (``max_message_bytes``,
         ``send_rate``...). SMTP listeners are always configured."""
         self.bin = Path(binary or pecgate_bin())
-        if base_dir is None:
-            self.dir = Path(tempfile.mkdtemp(prefix="pecgate-gw-"))
-            self._own_dir = True
-        else:
-            self.dir = Path(base_dir).resolve()
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._own_dir = False
+        self.dir, self._own_dir = _work_dir(base_dir, "pecgate-gw-")
         self.state_dir = self.dir / "state"
         self.state_dir.mkdir(exist_ok=True)
         self.conf_path = self.dir / "pecgate.toml"
@@ -1107,15 +1111,7 @@ class Pecgate:
         return self.state_dir / "ledger.sqlite"
 
     def ledger_rows(self, where: str = "", params=()) -> list[dict]:
-        if not self.ledger_path.exists():
-            return []
-        db = sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True, timeout=10)
-        try:
-            db.row_factory = sqlite3.Row
-            sql = "SELECT * FROM sent" + (f" WHERE {where}" if where else "") + " ORDER BY id"
-            return [dict(r) for r in db.execute(sql, params)]
-        finally:
-            db.close()
+        return _sqlite_rows(self.ledger_path, "sent", where, params)
 
     # -- audit -------------------------------------------------------------
     @property
@@ -1123,15 +1119,21 @@ class Pecgate:
         return self.state_dir / "audit.sqlite"
 
     def audit_rows(self, where: str = "", params=()) -> list[dict]:
-        if not self.audit_path.exists():
-            return []
-        db = sqlite3.connect(f"file:{self.audit_path}?mode=ro", uri=True, timeout=10)
-        try:
-            db.row_factory = sqlite3.Row
-            sql = "SELECT * FROM events" + (f" WHERE {where}" if where else "") + " ORDER BY id"
-            return [dict(r) for r in db.execute(sql, params)]
-        finally:
-            db.close()
+        return _sqlite_rows(self.audit_path, "events", where, params)
+
+
+def _sqlite_rows(path: Path, table: str, where: str = "", params=()) -> list[dict]:
+    """Rows of ``table`` in the SQLite file ``path`` (read-only), oldest first; [] if the file
+    does not exist yet."""
+    if not path.exists():
+        return []
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        db.row_factory = sqlite3.Row
+        sql = f"SELECT * FROM {table}" + (f" WHERE {where}" if where else "") + " ORDER BY id"
+        return [dict(r) for r in db.execute(sql, params)]
+    finally:
+        db.close()
 
 
 # ---------------------------------------------------------------------------
