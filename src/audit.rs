@@ -155,6 +155,9 @@ const CHANNEL_CAPACITY: usize = 16_384;
 /// Upper bound of one group commit; keeps a single transaction (and the
 /// latency of the acknowledgements in it) small.
 const MAX_BATCH: usize = 1_000;
+
+/// How long the writer waits for more events before committing a small batch.
+const GROUP_COMMIT_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 /// After a failure, events are kept for one last attempt at shutdown; beyond
 /// this many they are only counted, so a dead disk cannot also exhaust memory.
 const MAX_RETAINED: usize = 100_000;
@@ -655,6 +658,25 @@ impl Writer {
                     Msg::Event(pending) => batch.push(pending),
                     // Refuse new sends but keep draining what is buffered.
                     Msg::Shutdown => self.rx.close(),
+                }
+            }
+            // A short linger turns a trickle of sequential commands into one transaction
+            // (one fsync) per few commands instead of one each: the writer's CPU is taken
+            // from the sessions on a small machine. Nobody waits for it (`record` returns
+            // once queued), except `record_durable`, which skips the linger.
+            let durable_waiting = batch.iter().any(|p| p.ack.is_some());
+            if !durable_waiting
+                && !batch.is_empty()
+                && batch.len() < MAX_BATCH
+                && !self.rx.is_closed()
+            {
+                std::thread::sleep(GROUP_COMMIT_LINGER);
+                while batch.len() < MAX_BATCH {
+                    match self.rx.try_recv() {
+                        Ok(Msg::Event(pending)) => batch.push(pending),
+                        Ok(Msg::Shutdown) => self.rx.close(),
+                        Err(_) => break,
+                    }
                 }
             }
             if !batch.is_empty() {
