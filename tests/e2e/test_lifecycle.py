@@ -1,5 +1,6 @@
 """Process lifecycle: graceful SIGTERM, `pecgate check`, vault CLI."""
 
+import re
 import signal
 import socket
 import time
@@ -109,3 +110,24 @@ def test_vault_list_shows_mailbox_without_secret(gateway):
     secret = gateway.mailboxes["studio"]["_password"].encode()
     for p in vault_files:
         assert secret not in p.read_bytes(), f"provider password stored in clear in {p}"
+
+
+def test_check_live_shows_each_users_folders(gateway):
+    res = gateway.cli("check", "--live")
+    out = res.stdout.decode()
+    assert res.returncode == 0, (out, res.stderr)
+    # Per user, the folders they will see, from a live LIST at the provider.
+    sections = dict(re.findall(r"^  (\w+) sees:\n((?:    .*\n)+)", out, re.M))
+    assert set(sections) == {"mario", "anna"}, out
+    seen = {user: {line.strip().split("  ")[0] for line in text.splitlines()}
+            for user, text in sections.items()}
+    assert seen["anna"] == {"INBOX"}, out
+    assert {"INBOX", "Sent", "Ricevute", "Ricevute/Consegne"} <= seen["mario"], out
+    assert "Riservata" not in seen["mario"], out
+
+
+def test_check_without_live_prints_patterns(gateway):
+    res = gateway.cli("check")
+    out = res.stdout.decode()
+    assert res.returncode == 0, (out, res.stderr)
+    assert re.search(r"anna on studio: permissions read, flag; folders INBOX\n", out), out
