@@ -99,15 +99,21 @@ fn parse_status(word: &[u8]) -> Option<Status> {
     })
 }
 
-/// Whether the response line carries a capability list that must be replaced.
+/// Whether the response line carries a capability list that must be replaced. Called on every
+/// provider line, so it looks before it allocates: FETCH lines can be long.
 pub fn carries_capabilities(line: &[u8]) -> bool {
-    let upper = line.to_ascii_uppercase();
-    upper.starts_with(b"* CAPABILITY ")
-        || upper.starts_with(b"* CAPABILITY\r")
-        || (matches!(
-            classify(line),
-            ResponseKind::Tagged { .. } | ResponseKind::UntaggedStatus(_)
-        ) && upper.windows(12).any(|w| w == b"[CAPABILITY "))
+    let starts_with = |prefix: &[u8]| {
+        line.len() >= prefix.len() && line[..prefix.len()].eq_ignore_ascii_case(prefix)
+    };
+    if starts_with(b"* CAPABILITY ") || starts_with(b"* CAPABILITY\r") {
+        return true;
+    }
+    matches!(
+        classify(line),
+        ResponseKind::Tagged { .. } | ResponseKind::UntaggedStatus(_)
+    ) && line
+        .windows(12)
+        .any(|w| w.eq_ignore_ascii_case(b"[CAPABILITY "))
 }
 
 /// Replace the capability list in `line` with `caps`.
