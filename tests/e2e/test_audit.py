@@ -1,6 +1,8 @@
 """The per-user audit log (state_dir/audit.sqlite) and its hash chain."""
 
+import os
 import sqlite3
+import time
 
 import pytest
 
@@ -116,3 +118,51 @@ def test_audit_verify_detects_tampering(make_gateway, clients):
         db.close()
     res = gw.cli("audit", "verify")
     assert res.returncode != 0, "audit verify accepted a tampered log"
+
+
+def test_failed_audit_store_stops_the_work(make_gateway, clients):
+    """If the audit store fails, pecgate refuses further commands rather than work
+    unrecorded: here the database file is replaced under the running daemon."""
+    gw = make_gateway()
+    r = clients(gw.raw(tls=True))
+    r.login("mario", gw.password("mario"))
+    _, tagged = r.command("S1", "SELECT INBOX")
+    assert tagged.startswith(b"S1 OK"), tagged
+
+    path = gw.audit_path
+    os.replace(path, path.with_suffix(".moved"))
+    path.write_bytes(b"")  # another file at the same path: the writer must notice
+
+    # Commands already queued may still be answered; within a bounded number of further
+    # commands the session must be closed with an explanation, and never answer OK again.
+    deadline = time.monotonic() + 20
+    closing = None
+    n = 0
+    while closing is None:
+        assert time.monotonic() < deadline, "pecgate kept working without its audit log"
+        n += 1
+        r.send(f"N{n} NOOP\r\n".encode())
+        try:
+            while True:
+                line = r.read_line(5)
+                if line.startswith(b"* BYE"):
+                    closing = line
+                    break
+                if line.startswith(f"N{n} ".encode()):
+                    break
+        except EOFError:
+            pytest.fail("connection closed without a BYE")
+    assert b"Audit log unavailable" in closing, closing
+    with pytest.raises((EOFError, OSError)):
+        r.command("N0", "NOOP", timeout=5)
+
+    # A new login is refused as well.
+    r2 = clients(gw.raw(tls=True))
+    r2.send(b"L1 LOGIN mario " + quote(gw.password("mario")).encode() + b"\r\n")
+    lines = []
+    with pytest.raises((EOFError, OSError)):
+        while True:
+            lines.append(r2.read_line(20))
+    assert not any(l.startswith(b"L1 OK") for l in lines), lines
+    assert any(b"Audit log unavailable" in l for l in lines), lines
+    assert "AUDIT LOG WRITE FAILED" in gw.log_text()
