@@ -268,8 +268,9 @@ fn user_mailboxes(config: &Config) -> Vec<(String, String)> {
 
 /// `check --live`: list every mailbox's folders on the provider and show what each user sees.
 fn check_live(config: &Config) -> anyhow::Result<ExitCode> {
+    use pecgate::imap::authorize::{ListRequest, SessionPolicy, visible_listing};
     use pecgate::imap::mutf7;
-    use pecgate::policy::{FolderPolicy, Visibility, split_name};
+    use pecgate::policy::FolderPolicy;
     use pecgate::upstream::{self, ConnectionBudget};
 
     let key = vault::load_key(&config.vault_key_path())?;
@@ -319,24 +320,33 @@ fn check_live(config: &Config) -> anyhow::Result<ExitCode> {
             .into_iter()
             .filter(|(_, m)| m == name)
         {
-            let policy = FolderPolicy::new(&config.folder_patterns(&user, name));
+            // Exactly the answer a client of this user gets to `LIST "" "*"`.
+            let policy = SessionPolicy {
+                folders: FolderPolicy::new(&config.folder_patterns(&user, name)),
+                permissions: config.permissions(&user, name),
+                delimiter: folders.iter().find_map(|f| f.delimiter),
+                provider_unselect: true,
+            };
+            let everything = ListRequest {
+                lsub: false,
+                pattern: b"*".to_vec(),
+            };
+            let shown = visible_listing(&everything, &folders, &policy);
             println!("  {user} sees:");
-            let mut shown = 0;
-            for folder in &folders {
-                let visibility = split_name(&folder.wire, folder.delimiter)
-                    .map_or(Visibility::Hidden, |s| policy.visibility(&s));
+            for folder in &shown {
                 let text = mutf7::decode_canonical(&folder.wire)
                     .unwrap_or_else(|_| String::from_utf8_lossy(&folder.wire).into_owned());
-                match visibility {
-                    Visibility::Granted => println!("    {text}"),
-                    Visibility::Parent => {
-                        println!("    {text}  (\\Noselect: parent of a granted folder)")
-                    }
-                    Visibility::Hidden => continue,
+                if folder
+                    .attributes
+                    .iter()
+                    .any(|a| a.eq_ignore_ascii_case("\\Noselect"))
+                {
+                    println!("    {text}  (\\Noselect: parent of a visible folder)");
+                } else {
+                    println!("    {text}");
                 }
-                shown += 1;
             }
-            if shown == 0 {
+            if shown.is_empty() {
                 println!("    (nothing)");
             }
         }

@@ -6,22 +6,13 @@
 //! grants `Ricevute` and everything below it). `INBOX` compares case-insensitively as IMAP
 //! says; every other name compares exactly, after decoding modified UTF-7.
 //!
-//! A folder is [`Visibility::Granted`] when a pattern matches it, [`Visibility::Parent`] when
-//! it is not granted but lies on the path to something a pattern could grant (shown as
-//! `\Noselect` so clients can draw the tree), and [`Visibility::Hidden`] otherwise. Names that
-//! cannot be split into clean segments (bad modified UTF-7, empty segments from doubled,
-//! leading or trailing delimiters, `.` or `..`) are never granted: a provider might read them
-//! as some other folder.
+//! A folder is granted when a pattern matches it; everything else is hidden. (Parents of
+//! visible folders are drawn as `\Noselect` by the LIST answer, from the folders that really
+//! exist and are visible: see `imap::authorize::visible_listing`.) Names that cannot be split
+//! into clean segments (bad modified UTF-7, empty segments from doubled, leading or trailing
+//! delimiters, `.` or `..`) are never granted: a provider might read them as some other folder.
 
 use crate::imap::mutf7;
-
-/// How a folder looks to a user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Visibility {
-    Granted,
-    Parent,
-    Hidden,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
@@ -59,29 +50,15 @@ impl FolderPolicy {
         FolderPolicy { patterns }
     }
 
-    /// Visibility of a folder given as decoded segments (see [`split_name`]).
-    pub fn visibility(&self, segments: &[String]) -> Visibility {
-        if self.patterns.iter().any(|p| matches(p, segments)) {
-            Visibility::Granted
-        } else if self.may_have_granted_descendants(segments) {
-            Visibility::Parent
-        } else {
-            Visibility::Hidden
-        }
+    /// Whether a folder, given as decoded segments (see [`split_name`]), is granted.
+    pub fn grants(&self, segments: &[String]) -> bool {
+        self.patterns.iter().any(|p| matches(p, segments))
     }
 
-    /// Visibility of a folder given by its wire name (modified UTF-7) and the provider's
-    /// hierarchy delimiter.
-    pub fn visibility_of_wire(&self, wire: &[u8], delimiter: Option<char>) -> Visibility {
-        match split_name(wire, delimiter) {
-            Some(segments) => self.visibility(&segments),
-            None => Visibility::Hidden,
-        }
-    }
-
-    /// Whether some pattern could grant a folder strictly below `segments`.
-    pub fn may_have_granted_descendants(&self, segments: &[String]) -> bool {
-        self.patterns.iter().any(|p| extends(p, segments))
+    /// Whether a folder given by its wire name (modified UTF-7) and the provider's hierarchy
+    /// delimiter is granted; unclean names never are.
+    pub fn grants_wire(&self, wire: &[u8], delimiter: Option<char>) -> bool {
+        split_name(wire, delimiter).is_some_and(|segments| self.grants(&segments))
     }
 }
 
@@ -128,117 +105,92 @@ fn matches(pattern: &[Segment], name: &[String]) -> bool {
     }
 }
 
-/// Whether `pattern` matches some name that has `prefix` as a proper prefix.
-fn extends(pattern: &[Segment], prefix: &[String]) -> bool {
-    match (pattern.split_first(), prefix.split_first()) {
-        // The prefix is used up: something longer matches if the pattern still wants a
-        // segment (a trailing `**` alone also accepts more).
-        (Some(_), None) => true,
-        (None, _) => false,
-        (Some((Segment::AnyDepth, rest)), Some(_)) => {
-            extends(rest, prefix) || extends(pattern, &prefix[1..])
-        }
-        (Some((Segment::Literal(literal), rest)), Some((first, prefix_rest))) => {
-            literal == first && extends(rest, prefix_rest)
-        }
-        (Some((Segment::One, rest)), Some((_, prefix_rest))) => extends(rest, prefix_rest),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use Visibility::*;
 
-    fn vis(patterns: &[&str], name: &str, delimiter: Option<char>) -> Visibility {
-        FolderPolicy::new(patterns).visibility_of_wire(name.as_bytes(), delimiter)
+    const GRANTED: bool = true;
+    const HIDDEN: bool = false;
+
+    fn grants(patterns: &[&str], name: &str, delimiter: Option<char>) -> bool {
+        FolderPolicy::new(patterns).grants_wire(name.as_bytes(), delimiter)
     }
 
     #[test]
     fn pattern_table() {
         let segreteria = ["INBOX", "Sent", "Ricevute/**"];
-        let cases: &[(&[&str], &str, Option<char>, Visibility)] = &[
-            (&segreteria, "INBOX", Some('/'), Granted),
-            (&segreteria, "inbox", Some('/'), Granted),
-            (&segreteria, "InBoX", Some('/'), Granted),
-            (&segreteria, "INBOX/Secret", Some('/'), Hidden),
-            (&segreteria, "Sent", Some('/'), Granted),
-            (&segreteria, "sent", Some('/'), Hidden),
-            (&segreteria, "SENT", Some('/'), Hidden),
-            (&segreteria, "Sent/Old", Some('/'), Hidden),
-            (&segreteria, "Ricevute", Some('/'), Granted),
-            (&segreteria, "Ricevute/Consegne", Some('/'), Granted),
-            (&segreteria, "Ricevute/Consegne/2026", Some('/'), Granted),
-            (&segreteria, "Riservata", Some('/'), Hidden),
+        let cases: &[(&[&str], &str, Option<char>, bool)] = &[
+            (&segreteria, "INBOX", Some('/'), GRANTED),
+            (&segreteria, "inbox", Some('/'), GRANTED),
+            (&segreteria, "InBoX", Some('/'), GRANTED),
+            (&segreteria, "INBOX/Secret", Some('/'), HIDDEN),
+            (&segreteria, "Sent", Some('/'), GRANTED),
+            (&segreteria, "sent", Some('/'), HIDDEN),
+            (&segreteria, "SENT", Some('/'), HIDDEN),
+            (&segreteria, "Sent/Old", Some('/'), HIDDEN),
+            (&segreteria, "Ricevute", Some('/'), GRANTED),
+            (&segreteria, "Ricevute/Consegne", Some('/'), GRANTED),
+            (&segreteria, "Ricevute/Consegne/2026", Some('/'), GRANTED),
+            (&segreteria, "Riservata", Some('/'), HIDDEN),
             // Tricks: trailing, doubled, leading delimiters and dot segments.
-            (&segreteria, "Sent/", Some('/'), Hidden),
-            (&segreteria, "/Sent", Some('/'), Hidden),
-            (&segreteria, "Ricevute//Consegne", Some('/'), Hidden),
-            (&segreteria, "Ricevute/../Riservata", Some('/'), Hidden),
-            (&segreteria, "Ricevute/./x", Some('/'), Hidden),
+            (&segreteria, "Sent/", Some('/'), HIDDEN),
+            (&segreteria, "/Sent", Some('/'), HIDDEN),
+            (&segreteria, "Ricevute//Consegne", Some('/'), HIDDEN),
+            (&segreteria, "Ricevute/../Riservata", Some('/'), HIDDEN),
+            (&segreteria, "Ricevute/./x", Some('/'), HIDDEN),
             // A provider delimiter other than `/`.
-            (&segreteria, "Ricevute.Consegne", Some('.'), Granted),
-            (&segreteria, "Ricevute/Consegne", Some('.'), Hidden),
-            (&segreteria, "INBOX.Secret", Some('.'), Hidden),
-            (&segreteria, "Ricevute.Consegne", Some('/'), Hidden),
+            (&segreteria, "Ricevute.Consegne", Some('.'), GRANTED),
+            (&segreteria, "Ricevute/Consegne", Some('.'), HIDDEN),
+            (&segreteria, "INBOX.Secret", Some('.'), HIDDEN),
+            (&segreteria, "Ricevute.Consegne", Some('/'), HIDDEN),
             // Flat namespace.
-            (&segreteria, "Sent", None, Granted),
-            (&segreteria, "Ricevute/Consegne", None, Hidden),
-            // Parents of granted folders.
-            (&["Archivio/2026/Legale"], "Archivio", Some('/'), Parent),
+            (&segreteria, "Sent", None, GRANTED),
+            (&segreteria, "Ricevute/Consegne", None, HIDDEN),
+            // Parents of granted folders are not granted (the LIST answer draws them).
+            (&["Archivio/2026/Legale"], "Archivio", Some('/'), HIDDEN),
             (
                 &["Archivio/2026/Legale"],
                 "Archivio/2026",
                 Some('/'),
-                Parent,
+                HIDDEN,
             ),
             (
                 &["Archivio/2026/Legale"],
                 "Archivio/2026/Legale",
                 Some('/'),
-                Granted,
+                GRANTED,
             ),
             (
                 &["Archivio/2026/Legale"],
                 "Archivio/2025",
                 Some('/'),
-                Hidden,
+                HIDDEN,
             ),
-            (&["*/Legale"], "Clienti", Some('/'), Parent),
-            (&["*/Legale"], "Clienti/Legale", Some('/'), Granted),
-            (&["*/Legale"], "Clienti/Altro", Some('/'), Hidden),
-            (&["*"], "Anything", Some('/'), Granted),
-            (&["*"], "Anything/Below", Some('/'), Hidden),
-            (&["**"], "Any/thing/at/all", Some('/'), Granted),
-            (&["a/**/z"], "a/z", Some('/'), Granted),
-            (&["a/**/z"], "a/b/c/z", Some('/'), Granted),
-            (&["a/**/z"], "a/b", Some('/'), Parent),
-            (&["a/**/z"], "b", Some('/'), Hidden),
+            (&["*/Legale"], "Clienti", Some('/'), HIDDEN),
+            (&["*/Legale"], "Clienti/Legale", Some('/'), GRANTED),
+            (&["*/Legale"], "Clienti/Altro", Some('/'), HIDDEN),
+            (&["*"], "Anything", Some('/'), GRANTED),
+            (&["*"], "Anything/Below", Some('/'), HIDDEN),
+            (&["**"], "Any/thing/at/all", Some('/'), GRANTED),
+            (&["a/**/z"], "a/z", Some('/'), GRANTED),
+            (&["a/**/z"], "a/b/c/z", Some('/'), GRANTED),
+            (&["a/**/z"], "a/b", Some('/'), HIDDEN),
+            (&["a/**/z"], "b", Some('/'), HIDDEN),
             // Modified UTF-7: decoded before matching, only the canonical spelling.
-            (&["Riservat\u{e0}"], "Riservat&AOA-", Some('/'), Granted),
-            (&["Riservat\u{e0}"], "Riservat\u{e0}", Some('/'), Hidden),
-            (&["Sent"], "&AFM-ent", Some('/'), Hidden),
-            (&["R&D"], "R&-D", Some('/'), Granted),
-            (&["R&D"], "R&D", Some('/'), Hidden),
+            (&["Riservat\u{e0}"], "Riservat&AOA-", Some('/'), GRANTED),
+            (&["Riservat\u{e0}"], "Riservat\u{e0}", Some('/'), HIDDEN),
+            (&["Sent"], "&AFM-ent", Some('/'), HIDDEN),
+            (&["R&D"], "R&-D", Some('/'), GRANTED),
+            (&["R&D"], "R&D", Some('/'), HIDDEN),
             // Nothing granted.
-            (&[], "INBOX", Some('/'), Hidden),
+            (&[], "INBOX", Some('/'), HIDDEN),
         ];
         for (patterns, name, delimiter, want) in cases {
             assert_eq!(
-                vis(patterns, name, *delimiter),
+                grants(patterns, name, *delimiter),
                 *want,
                 "{patterns:?} {name:?} {delimiter:?}"
             );
         }
-    }
-
-    #[test]
-    fn descendants() {
-        let policy = FolderPolicy::new(&["INBOX", "Ricevute/**"]);
-        let seg = |s: &str| split_name(s.as_bytes(), Some('/')).unwrap();
-        assert!(!policy.may_have_granted_descendants(&seg("INBOX")));
-        assert!(policy.may_have_granted_descendants(&seg("Ricevute")));
-        assert!(policy.may_have_granted_descendants(&seg("Ricevute/Consegne")));
-        assert!(!policy.may_have_granted_descendants(&seg("Sent")));
     }
 }

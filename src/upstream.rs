@@ -14,7 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroizing;
 
 use crate::config::{UpstreamEndpoint, UpstreamSecurity};
-use crate::imap::response::{self, ResponseKind, Status};
+use crate::imap::response::{self, ListEntry, ResponseKind, Status};
 use crate::imap::stream::{self, BoxStream, LineError};
 use crate::provider_io::{self, TransportError};
 
@@ -63,10 +63,6 @@ impl ConnectionBudget {
 
     pub fn limit(&self) -> u32 {
         self.limit
-    }
-
-    pub fn in_use(&self) -> u32 {
-        self.limit - self.slots.available_permits() as u32
     }
 }
 
@@ -119,23 +115,9 @@ impl ProviderConnection {
     }
 }
 
-/// One folder as the provider lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListedFolder {
-    /// The name on the wire (modified UTF-7).
-    pub wire: Vec<u8>,
-    pub delimiter: Option<char>,
-    pub attributes: Vec<String>,
-}
-
 impl ProviderConnection {
     /// `LIST "" "*"`: every folder of the mailbox (for `pecgate check --live`).
-    pub async fn list_all(&mut self) -> Result<Vec<ListedFolder>, LineError> {
-        use imap_codec::ResponseCodec;
-        use imap_codec::decode::Decoder;
-        use imap_codec::imap_types::mailbox::Mailbox;
-        use imap_codec::imap_types::response::{Data, Response};
-
+    pub async fn list_all(&mut self) -> Result<Vec<ListEntry>, LineError> {
         self.writer.write_all(b"pg4 LIST \"\" \"*\"\r\n").await?;
         self.writer.flush().await?;
         let mut folders = Vec::new();
@@ -148,25 +130,7 @@ impl ProviderConnection {
             // A name may come as a literal: read the whole response.
             let unit = stream::read_unit(&mut self.reader, &mut self.buffer, &line, SETUP_LINE_MAX)
                 .await?;
-            if let Ok((
-                _,
-                Response::Data(Data::List {
-                    items,
-                    delimiter,
-                    mailbox,
-                }),
-            )) = ResponseCodec::default().decode(&unit)
-            {
-                let wire = match mailbox {
-                    Mailbox::Inbox => b"INBOX".to_vec(),
-                    Mailbox::Other(other) => other.as_ref().to_vec(),
-                };
-                folders.push(ListedFolder {
-                    wire,
-                    delimiter: delimiter.map(|d| d.inner()),
-                    attributes: items.iter().map(ToString::to_string).collect(),
-                });
-            }
+            folders.extend(response::list_entry(&unit));
         }
     }
 }
@@ -376,13 +340,7 @@ fn login_command(login: &str, password: &str) -> Vec<Zeroizing<Vec<u8>>> {
 /// The delimiter in a `* LIST (..) "/" ""` answer: `Some(Some('/'))`, `Some(None)` for NIL,
 /// `None` if the line is not such an answer.
 fn list_delimiter(line: &[u8]) -> Option<Option<char>> {
-    use imap_codec::ResponseCodec;
-    use imap_codec::decode::Decoder;
-    use imap_codec::imap_types::response::{Data, Response};
-    match ResponseCodec::default().decode(line) {
-        Ok((_, Response::Data(Data::List { delimiter, .. }))) => Some(delimiter.map(|d| d.inner())),
-        _ => None,
-    }
+    response::list_entry(line).map(|entry| entry.delimiter)
 }
 
 fn printable(line: &[u8]) -> String {
@@ -435,7 +393,6 @@ mod tests {
         let a = budget.try_acquire().unwrap();
         let _b = budget.try_acquire().unwrap();
         assert!(budget.try_acquire().is_none());
-        assert_eq!(budget.in_use(), 2);
         drop(a);
         assert!(budget.try_acquire().is_some());
     }

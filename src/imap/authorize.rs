@@ -17,14 +17,15 @@ use imap_codec::ResponseCodec;
 use imap_codec::decode::Decoder;
 use imap_codec::encode::Encoder;
 use imap_codec::imap_types::command::{Command, CommandBody};
-use imap_codec::imap_types::core::Atom;
-use imap_codec::imap_types::core::QuotedChar;
+use imap_codec::imap_types::core::{Atom, QuotedChar};
 use imap_codec::imap_types::flag::{Flag, FlagNameAttribute};
 use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox, MailboxOther};
 use imap_codec::imap_types::response::{Data, Response};
 
 use crate::config::{Permission, Permissions};
-use crate::policy::{FolderPolicy, Visibility, split_name};
+use crate::imap::command::wire_name;
+use crate::imap::response::ListEntry;
+use crate::policy::{FolderPolicy, split_name};
 
 /// Everything the decisions of one session depend on.
 #[derive(Debug, Clone)]
@@ -112,22 +113,15 @@ pub fn authorize(command: &mut Command<'static>, policy: &SessionPolicy) -> Deci
     let mut substitutions = Vec::new();
     for (mailbox, usage) in names_mut(&mut command.body) {
         let wire = wire_name(mailbox);
-        let segments = split_name(&wire, policy.delimiter);
-        let visibility = segments
-            .as_ref()
-            .map_or(Visibility::Hidden, |s| policy.folders.visibility(s));
+        let granted =
+            split_name(&wire, policy.delimiter).filter(|segments| policy.folders.grants(segments));
         let shown = display_name(&wire);
-        match usage {
-            NameUse::Create if visibility != Visibility::Granted => {
-                return Decision::DenyName(shown);
+        match (usage, granted) {
+            (NameUse::Create, None) => return Decision::DenyName(shown),
+            (NameUse::Subtree, Some(segments)) if !subtree_granted(&policy.folders, &segments) => {
+                return Decision::DenySubtree(shown);
             }
-            NameUse::Subtree if visibility == Visibility::Granted => {
-                let segments = segments.expect("granted names are clean");
-                if !subtree_granted(&policy.folders, &segments) {
-                    return Decision::DenySubtree(shown);
-                }
-            }
-            NameUse::Existing | NameUse::Subtree if visibility != Visibility::Granted => {
+            (NameUse::Existing | NameUse::Subtree, None) => {
                 let placeholder = placeholder_for(&wire, policy.delimiter);
                 *mailbox = Mailbox::Other(
                     MailboxOther::try_from(placeholder.clone()).expect("placeholders are atoms"),
@@ -161,14 +155,6 @@ fn names_mut<'b>(body: &'b mut CommandBody<'static>) -> Vec<(&'b mut Mailbox<'st
             vec![(from, NameUse::Subtree), (to, NameUse::Create)]
         }
         _ => Vec::new(),
-    }
-}
-
-/// The name as the client wrote it on the wire (modified UTF-7).
-fn wire_name(mailbox: &Mailbox<'_>) -> Vec<u8> {
-    match mailbox {
-        Mailbox::Inbox => b"INBOX".to_vec(),
-        Mailbox::Other(other) => other.as_ref().to_vec(),
     }
 }
 
@@ -212,8 +198,7 @@ fn subtree_granted(policy: &FolderPolicy, segments: &[String]) -> bool {
     child.push(probe.clone());
     let mut grandchild = child.clone();
     grandchild.push(probe);
-    policy.visibility(&child) == Visibility::Granted
-        && policy.visibility(&grandchild) == Visibility::Granted
+    policy.grants(&child) && policy.grants(&grandchild)
 }
 
 /// Put the client's names back in place of placeholders in a provider answer.
@@ -253,46 +238,11 @@ pub fn is_mailbox_data(line: &[u8]) -> bool {
 /// parsed is dropped: closed by default.
 pub fn status_visible(unit: &[u8], policy: &SessionPolicy) -> bool {
     match ResponseCodec::default().decode(unit) {
-        Ok((&[], Response::Data(Data::Status { mailbox, .. }))) => {
-            let wire = wire_name(&mailbox);
-            policy.folders.visibility_of_wire(&wire, policy.delimiter) == Visibility::Granted
-        }
+        Ok((&[], Response::Data(Data::Status { mailbox, .. }))) => policy
+            .folders
+            .grants_wire(&wire_name(&mailbox), policy.delimiter),
         _ => false,
     }
-}
-
-/// One folder of the provider's full listing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListEntry {
-    pub wire: Vec<u8>,
-    pub delimiter: Option<char>,
-    pub attributes: Vec<String>,
-}
-
-/// Parse a `* LIST` or `* LSUB` response (literals included).
-pub fn list_entry(unit: &[u8]) -> Option<ListEntry> {
-    let (rest, response) = ResponseCodec::default().decode(unit).ok()?;
-    if !rest.is_empty() {
-        return None;
-    }
-    let (items, delimiter, mailbox) = match response {
-        Response::Data(Data::List {
-            items,
-            delimiter,
-            mailbox,
-        })
-        | Response::Data(Data::Lsub {
-            items,
-            delimiter,
-            mailbox,
-        }) => (items, delimiter, mailbox),
-        _ => return None,
-    };
-    Some(ListEntry {
-        wire: wire_name(&mailbox),
-        delimiter: delimiter.map(|d| d.inner()),
-        attributes: items.iter().map(ToString::to_string).collect(),
-    })
 }
 
 /// A client's LIST or LSUB, answered by pecgate from the provider's full listing.
@@ -323,7 +273,7 @@ impl ListRequest {
             } => (true, reference, mailbox_wildcard),
             _ => return None,
         };
-        let mut pattern = wire_name_or_empty(reference);
+        let mut pattern = wire_name(reference);
         pattern.extend_from_slice(match wildcard {
             ListMailbox::Token(token) => token.as_ref(),
             ListMailbox::String(string) => string.as_ref(),
@@ -338,34 +288,40 @@ impl ListRequest {
     }
 }
 
-/// A reference argument as bytes; `INBOX` only when the client wrote it.
-fn wire_name_or_empty(mailbox: &Mailbox<'_>) -> Vec<u8> {
-    match mailbox {
-        Mailbox::Inbox => b"INBOX".to_vec(),
-        Mailbox::Other(other) => other.as_ref().to_vec(),
-    }
-}
-
 /// The response lines for `request`, computed from the provider's full listing.
 pub fn answer_list(
     request: &ListRequest,
     entries: &[ListEntry],
     policy: &SessionPolicy,
 ) -> Vec<Vec<u8>> {
+    visible_listing(request, entries, policy)
+        .iter()
+        .filter_map(|entry| encode_list(request.lsub, entry))
+        .collect()
+}
+
+/// What the user sees for `request`: the visible folders of the provider's full listing that
+/// match it, parents of visible folders as `\Noselect`, children flags from the visible tree.
+/// (`pecgate check --live` prints the same, so what IT sees is what users get.)
+pub fn visible_listing(
+    request: &ListRequest,
+    entries: &[ListEntry],
+    policy: &SessionPolicy,
+) -> Vec<ListEntry> {
     let delimiter = policy
         .delimiter
         .or_else(|| entries.iter().find_map(|e| e.delimiter));
+    let listed = |wire: &[u8], attributes: Vec<String>| ListEntry {
+        wire: wire.to_vec(),
+        delimiter,
+        attributes,
+    };
     if request.pattern.is_empty() {
         // `LIST "" ""` asks for the delimiter only.
         return if request.lsub {
             Vec::new()
         } else {
-            vec![encode_list(
-                false,
-                vec![FlagNameAttribute::Noselect],
-                delimiter,
-                b"",
-            )]
+            vec![listed(b"", vec!["\\Noselect".to_owned()])]
         };
     }
     let is = |attr: &str, name: &str| attr.eq_ignore_ascii_case(name);
@@ -374,10 +330,7 @@ pub fn answer_list(
     let visible: Vec<&ListEntry> = entries
         .iter()
         .filter(|e| !(request.lsub && e.attributes.iter().any(|a| is(a, "\\Noselect"))))
-        .filter(|e| {
-            split_name(&e.wire, delimiter)
-                .is_some_and(|s| policy.folders.visibility(&s) == Visibility::Granted)
-        })
+        .filter(|e| policy.folders.grants_wire(&e.wire, delimiter))
         .collect();
     // For LSUB: the names the provider has subscribed (not its `\Noselect` placeholders).
     let provider_names: std::collections::HashSet<&[u8]> = entries
@@ -430,35 +383,30 @@ pub fn answer_list(
             if !shows {
                 continue;
             }
-            let mut attributes = vec![FlagNameAttribute::Noselect];
+            let mut attributes = vec!["\\Noselect".to_owned()];
             if !request.lsub {
-                attributes.push(attribute("HasChildren"));
+                attributes.push("\\HasChildren".to_owned());
             }
-            out.push(encode_list(request.lsub, attributes, delimiter, &ancestor));
+            out.push(listed(&ancestor, attributes));
             shown.insert(ancestor);
         }
         if !matches(&entry.wire) || shown.contains(&entry.wire) {
             continue;
         }
-        let mut attributes: Vec<FlagNameAttribute<'static>> = entry
+        let mut attributes: Vec<String> = entry
             .attributes
             .iter()
             .filter(|a| !is(a, "\\HasChildren") && !is(a, "\\HasNoChildren"))
-            .filter_map(|a| parse_attribute(a))
+            .cloned()
             .collect();
         if !request.lsub {
-            attributes.push(attribute(if has_children(&entry.wire) {
-                "HasChildren"
+            attributes.push(if has_children(&entry.wire) {
+                "\\HasChildren".to_owned()
             } else {
-                "HasNoChildren"
-            }));
+                "\\HasNoChildren".to_owned()
+            });
         }
-        out.push(encode_list(
-            request.lsub,
-            attributes,
-            delimiter,
-            &entry.wire,
-        ));
+        out.push(listed(&entry.wire, attributes));
         shown.insert(entry.wire.clone());
     }
     out
@@ -491,24 +439,24 @@ fn list_match(pattern: &[u8], name: &[u8], delimiter: Option<char>) -> bool {
     }
 }
 
-fn parse_attribute(text: &str) -> Option<FlagNameAttribute<'static>> {
-    let atom = text.strip_prefix('\\')?.to_owned();
-    Some(FlagNameAttribute::from(Atom::try_from(atom).ok()?))
-}
-
-fn encode_list(
-    lsub: bool,
-    items: Vec<FlagNameAttribute<'static>>,
-    delimiter: Option<char>,
-    wire: &[u8],
-) -> Vec<u8> {
-    let delimiter = delimiter.and_then(|d| QuotedChar::try_from(d).ok());
-    let mailbox = if wire.is_empty() {
-        Mailbox::Other(MailboxOther::try_from(Vec::new()).expect("an empty name is valid"))
-    } else {
-        Mailbox::try_from(wire.to_vec()).unwrap_or_else(|_| {
-            Mailbox::Other(MailboxOther::try_from(Vec::new()).expect("an empty name is valid"))
+/// The wire form of one listing entry; `None` for what cannot be encoded (never guessed).
+fn encode_list(lsub: bool, entry: &ListEntry) -> Option<Vec<u8>> {
+    let items = entry
+        .attributes
+        .iter()
+        .map(|text| {
+            let atom = Atom::try_from(text.strip_prefix('\\')?.to_owned()).ok()?;
+            Some(FlagNameAttribute::from(atom))
         })
+        .collect::<Option<Vec<_>>>()?;
+    let delimiter = match entry.delimiter {
+        Some(d) => Some(QuotedChar::try_from(d).ok()?),
+        None => None,
+    };
+    let mailbox = if entry.wire.is_empty() {
+        Mailbox::Other(MailboxOther::try_from(Vec::new()).ok()?)
+    } else {
+        Mailbox::try_from(entry.wire.clone()).ok()?
     };
     let data = if lsub {
         Data::Lsub {
@@ -523,13 +471,11 @@ fn encode_list(
             mailbox,
         }
     };
-    ResponseCodec::default()
-        .encode(&Response::Data(data))
-        .dump()
-}
-
-fn attribute(name: &'static str) -> FlagNameAttribute<'static> {
-    FlagNameAttribute::from(Atom::try_from(name).expect("valid atom"))
+    Some(
+        ResponseCodec::default()
+            .encode(&Response::Data(data))
+            .dump(),
+    )
 }
 
 #[cfg(test)]

@@ -267,12 +267,18 @@ pub fn target_mailbox<'a>(body: &'a CommandBody<'_>) -> Option<&'a Mailbox<'a>> 
     }
 }
 
-/// A mailbox name as text (the name is kept in its wire form, modified UTF-7).
-pub fn mailbox_name(mailbox: &Mailbox<'_>) -> String {
+/// A mailbox name as the client wrote it on the wire (modified UTF-7); `INBOX` in any case
+/// becomes `INBOX`.
+pub fn wire_name(mailbox: &Mailbox<'_>) -> Vec<u8> {
     match mailbox {
-        Mailbox::Inbox => "INBOX".to_owned(),
-        Mailbox::Other(other) => String::from_utf8_lossy(other.as_ref()).into_owned(),
+        Mailbox::Inbox => b"INBOX".to_vec(),
+        Mailbox::Other(other) => other.as_ref().to_vec(),
     }
+}
+
+/// A mailbox name as text, in its wire form (for the audit log).
+pub fn mailbox_name(mailbox: &Mailbox<'_>) -> String {
+    String::from_utf8_lossy(&wire_name(mailbox)).into_owned()
 }
 
 /// What the relay does with a command once the user is logged in.

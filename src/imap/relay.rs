@@ -19,20 +19,21 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use imap_codec::imap_types::command::CommandBody;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::Outcome;
 use crate::imap::authorize::{
-    Decision, ListEntry, ListRequest, SessionPolicy, answer_list, authorize, is_mailbox_data,
-    list_entry, status_visible, substitute,
+    Decision, ListRequest, SessionPolicy, answer_list, authorize, is_mailbox_data, status_visible,
+    substitute,
 };
 use crate::imap::command::{
     self, AuthenticatedAction, CommandSummary, UpstreamStep, append_skeleton, summarize,
 };
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, tag_of};
-use crate::imap::response::{self, ResponseKind, Status};
+use crate::imap::response::{self, ListEntry, ResponseKind, Status, list_entry};
 use crate::imap::session::SessionEnd;
 use crate::imap::stream::{self, BoxStream, READ_CHUNK};
 use crate::session::SessionContext;
@@ -364,18 +365,11 @@ async fn client_to_provider(
                             }
                         };
                         let effect = match &command.body {
-                            imap_codec::imap_types::command::CommandBody::Select {
-                                mailbox,
-                                ..
+                            CommandBody::Select { mailbox, .. }
+                            | CommandBody::Examine { mailbox, .. } => {
+                                Effect::Select(command::mailbox_name(mailbox))
                             }
-                            | imap_codec::imap_types::command::CommandBody::Examine {
-                                mailbox,
-                                ..
-                            } => Effect::Select(command::mailbox_name(mailbox)),
-                            imap_codec::imap_types::command::CommandBody::Close
-                            | imap_codec::imap_types::command::CommandBody::Unselect => {
-                                Effect::Unselect
-                            }
+                            CommandBody::Close | CommandBody::Unselect => Effect::Unselect,
                             _ => Effect::None,
                         };
                         {

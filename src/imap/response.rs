@@ -5,6 +5,12 @@
 //! relay asks [`classify`] about the first line of every response and only buffers and
 //! rewrites what it must.
 
+use imap_codec::ResponseCodec;
+use imap_codec::decode::Decoder;
+use imap_codec::imap_types::response::{Data, Response};
+
+use super::command::wire_name;
+
 /// Capabilities pecgate relays end to end, when the provider offers them too.
 const RELAYED_WHEN_UPSTREAM_HAS: &[&str] = &[
     "IDLE",
@@ -148,6 +154,41 @@ pub fn capabilities_in(line: &[u8]) -> Vec<String> {
         return Vec::new();
     };
     list.split_ascii_whitespace().map(str::to_owned).collect()
+}
+
+/// One `* LIST` / `* LSUB` entry: a folder of the provider's listing, or of the listing
+/// pecgate shows a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListEntry {
+    pub wire: Vec<u8>,
+    pub delimiter: Option<char>,
+    pub attributes: Vec<String>,
+}
+
+/// Parse a `* LIST` or `* LSUB` response (literals included).
+pub fn list_entry(unit: &[u8]) -> Option<ListEntry> {
+    let (rest, response) = ResponseCodec::default().decode(unit).ok()?;
+    if !rest.is_empty() {
+        return None;
+    }
+    let (items, delimiter, mailbox) = match response {
+        Response::Data(Data::List {
+            items,
+            delimiter,
+            mailbox,
+        })
+        | Response::Data(Data::Lsub {
+            items,
+            delimiter,
+            mailbox,
+        }) => (items, delimiter, mailbox),
+        _ => return None,
+    };
+    Some(ListEntry {
+        wire: wire_name(&mailbox),
+        delimiter: delimiter.map(|d| d.inner()),
+        attributes: items.iter().map(ToString::to_string).collect(),
+    })
 }
 
 #[cfg(test)]

@@ -38,13 +38,8 @@ def dovecot():
 
 @pytest.fixture(scope="session")
 def gateway(dovecot, pecgate_binary):
-    gw = Pecgate(dovecot, binary=pecgate_binary)
-    try:
-        gw.setup()
-        gw.start()
+    with Pecgate(dovecot, binary=pecgate_binary).set_up() as gw:
         yield gw
-    finally:
-        gw.cleanup()
 
 
 @pytest.fixture

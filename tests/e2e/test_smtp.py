@@ -34,13 +34,8 @@ def provider(dovecot):
 
 @pytest.fixture(scope="module")
 def smtp_gw(dovecot, provider, pecgate_binary):
-    gw = harness.Pecgate(dovecot, binary=pecgate_binary, smtp_url=provider.smtps_url)
-    try:
-        gw.setup()
-        gw.start()
+    with harness.Pecgate(dovecot, binary=pecgate_binary, smtp_url=provider.smtps_url).set_up() as gw:
         yield gw
-    finally:
-        gw.cleanup()
 
 
 @pytest.fixture

@@ -1035,6 +1035,15 @@ class Pecgate:
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
+    def set_up(self) -> "Pecgate":
+        """``setup()`` for use in a ``with``: a failed set-up still removes the directory."""
+        try:
+            self.setup()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
     def __enter__(self):
         if self.proc is None:
             self.start()
