@@ -127,7 +127,6 @@
 //! `open`, `shutdown`, `query` and `verify` block on disk I/O. From async code,
 //! call them through `tokio::task::spawn_blocking`.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -263,6 +262,10 @@ pub enum Outcome {
     Denied,
     /// Internal or upstream failure.
     Error,
+    /// A state-changing command was sent to the provider; a later event with the same
+    /// `upstream=` tag carries its outcome. Written durably before the command leaves, so a
+    /// crash never hides a change that reached the provider.
+    Sent,
 }
 
 impl Outcome {
@@ -273,6 +276,7 @@ impl Outcome {
             Outcome::Bad => "bad",
             Outcome::Denied => "denied",
             Outcome::Error => "error",
+            Outcome::Sent => "sent",
         }
     }
 }
@@ -293,6 +297,7 @@ impl FromStr for Outcome {
             Outcome::Bad,
             Outcome::Denied,
             Outcome::Error,
+            Outcome::Sent,
         ]
         .into_iter()
         .find(|o| o.as_str().eq_ignore_ascii_case(s))
@@ -1415,50 +1420,26 @@ fn lenient_text(value: ValueRef<'_>) -> Option<String> {
 /// crafted argument cannot fake extra lines or reorder the text on screen.
 pub fn format_event_line(ev: &StoredEvent) -> String {
     let plain = |s: &Option<String>| match s {
-        Some(s) => escape(s, false).into_owned(),
+        Some(s) => crate::text::escape(s, false).into_owned(),
         None => "-".to_owned(),
     };
     let folder = match &ev.folder {
-        Some(f) => format!("\"{}\"", escape(f, true)),
+        Some(f) => format!("\"{}\"", crate::text::escape(f, true)),
         None => "-".to_owned(),
     };
     format!(
         "{} #{} {}/{} {} {} [{}] {} {} \"{}\" -> {}",
-        escape(&ev.ts, false),
+        crate::text::escape(&ev.ts, false),
         ev.id,
         plain(&ev.user),
         plain(&ev.mailbox),
-        escape(&ev.peer, false),
-        escape(&ev.protocol, false),
-        escape(&ev.session, false),
-        escape(&ev.command, false),
+        crate::text::escape(&ev.peer, false),
+        crate::text::escape(&ev.protocol, false),
+        crate::text::escape(&ev.session, false),
+        crate::text::escape(&ev.command, false),
         folder,
-        escape(&ev.detail, true),
-        escape(&ev.outcome, false),
-    )
-}
-
-fn escape(s: &str, quoted: bool) -> Cow<'_, str> {
-    let needs =
-        |c: char| c.is_control() || is_bidi_or_invisible(c) || (quoted && matches!(c, '"' | '\\'));
-    if !s.chars().any(needs) {
-        return Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        if needs(c) {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
-}
-
-fn is_bidi_or_invisible(c: char) -> bool {
-    matches!(
-        c,
-        '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}'
+        crate::text::escape(&ev.detail, true),
+        crate::text::escape(&ev.outcome, false),
     )
 }
 

@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod config;
 pub mod gateway;
+pub mod io;
 pub mod imap;
 pub mod ledger;
 pub mod login;
@@ -16,6 +17,7 @@ pub mod provider_io;
 pub mod server;
 pub mod session;
 pub mod smtp;
+pub mod text;
 pub mod tls;
 pub mod upstream;
 pub mod vault;

@@ -74,7 +74,7 @@ pub fn split_name(wire: &[u8], delimiter: Option<char>) -> Option<Vec<String>> {
     };
     if segments
         .iter()
-        .any(|s| s.is_empty() || s == "." || s == "..")
+        .any(|s| s.is_empty() || s == "." || s == ".." || crate::text::has_control(s))
     {
         return None;
     }

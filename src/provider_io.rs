@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::config::{UpstreamEndpoint, UpstreamSecurity};
-use crate::imap::stream::{AsyncStream, BoxStream};
+use crate::io::{AsyncStream, BoxStream};
 
 /// Why the transport to a provider failed. Never carries the password.
 #[derive(Debug, thiserror::Error)]

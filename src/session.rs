@@ -12,7 +12,7 @@ use tracing::Instrument;
 use crate::audit::{AuditError, AuditEvent, Outcome, Protocol};
 use crate::config::LoginTarget;
 use crate::gateway::Gateway;
-use crate::imap::stream::BoxStream;
+use crate::io::BoxStream;
 
 /// Which kind of listener accepted the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

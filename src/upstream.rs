@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{UpstreamEndpoint, UpstreamSecurity};
 use crate::imap::response::{self, ListEntry, ResponseKind, Status};
-use crate::imap::stream::{self, BoxStream, LineError};
+use crate::io::{self, BoxStream, LineError};
 use crate::provider_io::{self, TransportError};
 
 /// Longest response line accepted during connection set-up.
@@ -100,12 +100,12 @@ impl ProviderConnection {
     /// Best-effort polite goodbye; the connection is dropped either way.
     pub async fn logout(mut self) {
         let goodbye = async {
-            self.writer.write_all(b"pg9 LOGOUT\r\n").await?;
+            self.writer.write_all(b"s9 LOGOUT\r\n").await?;
             self.writer.flush().await?;
             // Wait for the tagged answer so the provider records a clean logout.
             loop {
                 let line =
-                    stream::next_line(&mut self.reader, &mut self.buffer, SETUP_LINE_MAX).await?;
+                    io::next_line(&mut self.reader, &mut self.buffer, SETUP_LINE_MAX).await?;
                 if matches!(response::classify(&line), ResponseKind::Tagged { .. }) {
                     return Ok::<_, LineError>(());
                 }
@@ -118,17 +118,17 @@ impl ProviderConnection {
 impl ProviderConnection {
     /// `LIST "" "*"`: every folder of the mailbox (for `pecgate check --live`).
     pub async fn list_all(&mut self) -> Result<Vec<ListEntry>, LineError> {
-        self.writer.write_all(b"pg4 LIST \"\" \"*\"\r\n").await?;
+        self.writer.write_all(b"s4 LIST \"\" \"*\"\r\n").await?;
         self.writer.flush().await?;
         let mut folders = Vec::new();
         loop {
             let line =
-                stream::next_line(&mut self.reader, &mut self.buffer, SETUP_LINE_MAX).await?;
-            if let ResponseKind::Tagged { tag: "pg4", .. } = response::classify(&line) {
+                io::next_line(&mut self.reader, &mut self.buffer, SETUP_LINE_MAX).await?;
+            if let ResponseKind::Tagged { tag: "s4", .. } = response::classify(&line) {
                 return Ok(folders);
             }
             // A name may come as a literal: read the whole response.
-            let unit = stream::read_unit(&mut self.reader, &mut self.buffer, &line, SETUP_LINE_MAX)
+            let unit = read_unit(&mut self.reader, &mut self.buffer, &line, SETUP_LINE_MAX)
                 .await?;
             folders.extend(response::list_entry(&unit));
         }
@@ -160,7 +160,7 @@ async fn connect_inner(
     let mut stream = provider_io::connect(target.endpoint, &target.tls, target.timeout).await?;
     let mut buffer = BytesMut::with_capacity(4096);
 
-    let greeting = stream::next_line(&mut stream, &mut buffer, SETUP_LINE_MAX)
+    let greeting = io::next_line(&mut stream, &mut buffer, SETUP_LINE_MAX)
         .await
         .map_err(line_error)?;
     if response::classify(&greeting) != ResponseKind::UntaggedStatus(Status::Ok) {
@@ -173,15 +173,15 @@ async fn connect_inner(
 
     if target.endpoint.security == UpstreamSecurity::StartTls {
         stream
-            .write_all(b"pg0 STARTTLS\r\n")
+            .write_all(b"s0 STARTTLS\r\n")
             .await
             .map_err(|e| protocol(e.to_string()))?;
-        let reply = read_tagged(&mut stream, &mut buffer, "pg0", |_| {})
+        let reply = read_tagged(&mut stream, &mut buffer, "s0", |_| {})
             .await
             .map_err(line_error)?;
         if response::classify(&reply)
             != (ResponseKind::Tagged {
-                tag: "pg0",
+                tag: "s0",
                 status: Status::Ok,
             })
         {
@@ -209,7 +209,7 @@ async fn connect_inner(
         stream.flush().await.map_err(|e| protocol(e.to_string()))?;
         if i + 1 < login_steps.len() {
             // A synchronising literal: wait for the provider's continuation.
-            let line = stream::next_line(&mut stream, &mut buffer, SETUP_LINE_MAX)
+            let line = io::next_line(&mut stream, &mut buffer, SETUP_LINE_MAX)
                 .await
                 .map_err(line_error)?;
             if response::classify(&line) != ResponseKind::Continuation {
@@ -225,14 +225,14 @@ async fn connect_inner(
     let reply = read_tagged(
         &mut stream,
         &mut buffer,
-        "pg1",
+        "s1",
         note_capabilities(&mut login_caps),
     )
     .await
     .map_err(line_error)?;
     if response::classify(&reply)
         != (ResponseKind::Tagged {
-            tag: "pg1",
+            tag: "s1",
             status: Status::Ok,
         })
     {
@@ -244,13 +244,13 @@ async fn connect_inner(
     }
     if login_caps.is_empty() {
         stream
-            .write_all(b"pg2 CAPABILITY\r\n")
+            .write_all(b"s2 CAPABILITY\r\n")
             .await
             .map_err(|e| protocol(e.to_string()))?;
         read_tagged(
             &mut stream,
             &mut buffer,
-            "pg2",
+            "s2",
             note_capabilities(&mut login_caps),
         )
         .await
@@ -258,11 +258,11 @@ async fn connect_inner(
     }
     // The hierarchy delimiter: folder policy splits names on it.
     stream
-        .write_all(b"pg3 LIST \"\" \"\"\r\n")
+        .write_all(b"s3 LIST \"\" \"\"\r\n")
         .await
         .map_err(|e| protocol(e.to_string()))?;
     let mut delimiter = None;
-    read_tagged(&mut stream, &mut buffer, "pg3", |line| {
+    read_tagged(&mut stream, &mut buffer, "s3", |line| {
         if let Some(found) = list_delimiter(line) {
             delimiter = found;
         }
@@ -289,12 +289,41 @@ async fn read_tagged(
     mut inspect: impl FnMut(&[u8]),
 ) -> Result<BytesMut, LineError> {
     loop {
-        let line = stream::next_line(stream, buffer, SETUP_LINE_MAX).await?;
+        let line = io::next_line(stream, buffer, SETUP_LINE_MAX).await?;
         inspect(&line);
         if matches!(response::classify(&line), ResponseKind::Tagged { tag: t, .. } if t == tag) {
             return Ok(line);
         }
     }
+}
+
+/// Complete a small response whose first line is `line`: while a line ends with a literal
+/// announcement, read the literal and the line that follows. For responses that must be
+/// inspected whole (mailbox names may be literals); `max` bounds the total.
+pub async fn read_unit<R: tokio::io::AsyncRead + Unpin + ?Sized>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    line: &[u8],
+    max: usize,
+) -> Result<Vec<u8>, LineError> {
+    let mut unit = line.to_vec();
+    let mut line_start = 0;
+    while let Some(literal) = crate::imap::framing::literal_at_end(&unit[line_start..]) {
+        let length = literal.length as usize;
+        if unit.len() + length > max {
+            return Err(LineError::TooLong(max));
+        }
+        while buf.len() < length {
+            if !io::fill(reader, buf).await? {
+                return Err(LineError::Closed);
+            }
+        }
+        unit.extend_from_slice(&buf.split_to(length));
+        line_start = unit.len();
+        let rest = io::next_line(reader, buf, max - unit.len()).await?;
+        unit.extend_from_slice(&rest);
+    }
+    Ok(unit)
 }
 
 /// Collect the capability list from a line that carries one.
@@ -311,7 +340,7 @@ fn note_capabilities(found: &mut Vec<String>) -> impl FnMut(&[u8]) + '_ {
 /// the first waiting for a continuation. Buffers holding the password are zeroized.
 fn login_command(login: &str, password: &str) -> Vec<Zeroizing<Vec<u8>>> {
     let mut steps = Vec::new();
-    let mut current = Zeroizing::new(b"pg1 LOGIN ".to_vec());
+    let mut current = Zeroizing::new(b"s1 LOGIN ".to_vec());
     for (i, value) in [login, password].into_iter().enumerate() {
         if i == 1 {
             current.push(b' ');
@@ -344,7 +373,7 @@ fn list_delimiter(line: &[u8]) -> Option<Option<char>> {
 }
 
 fn printable(line: &[u8]) -> String {
-    crate::imap::command::printable(line, 300)
+    crate::text::printable(line, 300)
 }
 
 #[cfg(test)]
@@ -362,11 +391,11 @@ mod tests {
     fn login_quotes_or_uses_literals() {
         assert_eq!(
             text(login_command("studio@pec.it", "a\"b\\c")),
-            ["pg1 LOGIN \"studio@pec.it\" \"a\\\"b\\\\c\"\r\n"]
+            ["s1 LOGIN \"studio@pec.it\" \"a\\\"b\\\\c\"\r\n"]
         );
         assert_eq!(
             text(login_command("studio", "pässword")),
-            ["pg1 LOGIN \"studio\" {9}\r\n", "pässword\r\n"]
+            ["s1 LOGIN \"studio\" {9}\r\n", "pässword\r\n"]
         );
     }
 
@@ -384,7 +413,7 @@ mod tests {
             list_delimiter(b"* LIST (\\Noselect) NIL \"\"\r\n"),
             Some(None)
         );
-        assert_eq!(list_delimiter(b"pg3 OK done\r\n"), None);
+        assert_eq!(list_delimiter(b"s3 OK done\r\n"), None);
     }
 
     #[test]

@@ -18,11 +18,14 @@ use imap_codec::decode::Decoder;
 use imap_codec::encode::Encoder;
 use imap_codec::imap_types::command::{Command, CommandBody};
 use imap_codec::imap_types::core::{Atom, QuotedChar};
-use imap_codec::imap_types::flag::{Flag, FlagNameAttribute};
+use imap_codec::imap_types::flag::FlagNameAttribute;
 use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox, MailboxOther};
 use imap_codec::imap_types::response::{Data, Response};
 
+use imap_codec::imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItemName, Section};
+
 use crate::config::{Permission, Permissions};
+use crate::imap::classify::{NameUse, classify, mailboxes_mut};
 use crate::imap::command::wire_name;
 use crate::imap::response::ListEntry;
 use crate::policy::{FolderPolicy, split_name};
@@ -56,52 +59,20 @@ pub enum Decision {
     DenySubtree(String),
     /// CLOSE without `delete`: rewritten to UNSELECT so nothing is expunged.
     CloseAsUnselect,
-}
-
-/// How a command uses a mailbox name.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum NameUse {
-    /// Names a folder that must exist: hidden ones answer as nonexistent.
-    Existing,
-    /// Names a folder to create: decided on the name alone.
-    Create,
-    /// Acts on the folder and everything below it (DELETE, RENAME's source).
-    Subtree,
-}
-
-/// The permission a command needs, if any.
-pub fn required_permission(body: &CommandBody<'_>) -> Option<Permission> {
-    Some(match body {
-        CommandBody::Select { .. }
-        | CommandBody::Examine { .. }
-        | CommandBody::Status { .. }
-        | CommandBody::Fetch { .. }
-        | CommandBody::Search { .. } => Permission::Read,
-        CommandBody::Store { flags, .. } => {
-            if flags.contains(&Flag::Deleted) {
-                Permission::Delete
-            } else {
-                Permission::Flag
-            }
-        }
-        CommandBody::Expunge | CommandBody::ExpungeUid { .. } => Permission::Delete,
-        CommandBody::Copy { .. } | CommandBody::Move { .. } => Permission::Move,
-        CommandBody::Append { .. } => Permission::Append,
-        CommandBody::Create { .. }
-        | CommandBody::Delete { .. }
-        | CommandBody::Rename { .. }
-        | CommandBody::Subscribe { .. }
-        | CommandBody::Unsubscribe { .. } => Permission::ManageFolders,
-        _ => return None,
-    })
+    /// A name pecgate will not send anywhere (control characters, raw or mUTF-7 encoded):
+    /// refused with `BAD` and this text.
+    BadName(&'static str),
 }
 
 /// Decide on a parsed command, rewriting it where the decision says so.
 pub fn authorize(command: &mut Command<'static>, policy: &SessionPolicy) -> Decision {
-    if let Some(permission) = required_permission(&command.body)
-        && !policy.permissions.has(permission)
+    let class = classify(&command.body);
+    if let Some(&missing) = class
+        .permissions
+        .iter()
+        .find(|&&p| !policy.permissions.has(p))
     {
-        return Decision::DenyPermission(permission);
+        return Decision::DenyPermission(missing);
     }
     if matches!(command.body, CommandBody::Close) && !policy.permissions.has(Permission::Delete) {
         if !policy.provider_unselect {
@@ -111,11 +82,22 @@ pub fn authorize(command: &mut Command<'static>, policy: &SessionPolicy) -> Deci
         return Decision::CloseAsUnselect;
     }
     let mut substitutions = Vec::new();
-    for (mailbox, usage) in names_mut(&mut command.body) {
+    for (mailbox, &usage) in mailboxes_mut(&mut command.body).into_iter().zip(class.names) {
         let wire = wire_name(mailbox);
-        let granted =
-            split_name(&wire, policy.delimiter).filter(|segments| policy.folders.grants(segments));
         let shown = display_name(&wire);
+        if crate::text::has_control(&shown) || crate::text::has_control(&String::from_utf8_lossy(&wire)) {
+            return Decision::BadName("Mailbox names with control characters are not accepted");
+        }
+        // RFC 3501: a trailing delimiter on CREATE declares a folder meant to hold others;
+        // the folder is the name without it.
+        let decided = match (usage, policy.delimiter) {
+            (NameUse::Create, Some(d)) if wire.len() > 1 && wire.ends_with(&[d as u8]) => {
+                &wire[..wire.len() - 1]
+            }
+            _ => &wire[..],
+        };
+        let granted = split_name(decided, policy.delimiter)
+            .filter(|segments| policy.folders.grants(segments));
         match (usage, granted) {
             (NameUse::Create, None) => return Decision::DenyName(shown),
             (NameUse::Subtree, Some(segments)) if !subtree_granted(&policy.folders, &segments) => {
@@ -138,24 +120,56 @@ pub fn authorize(command: &mut Command<'static>, policy: &SessionPolicy) -> Deci
     }
 }
 
-/// Every mailbox name a command carries, with how it is used.
-fn names_mut<'b>(body: &'b mut CommandBody<'static>) -> Vec<(&'b mut Mailbox<'static>, NameUse)> {
-    match body {
-        CommandBody::Select { mailbox, .. }
-        | CommandBody::Examine { mailbox, .. }
-        | CommandBody::Status { mailbox, .. }
-        | CommandBody::Append { mailbox, .. }
-        | CommandBody::Copy { mailbox, .. }
-        | CommandBody::Move { mailbox, .. }
-        | CommandBody::Subscribe { mailbox }
-        | CommandBody::Unsubscribe { mailbox } => vec![(mailbox, NameUse::Existing)],
-        CommandBody::Delete { mailbox } => vec![(mailbox, NameUse::Subtree)],
-        CommandBody::Create { mailbox } => vec![(mailbox, NameUse::Create)],
-        CommandBody::Rename { from, to } => {
-            vec![(from, NameUse::Subtree), (to, NameUse::Create)]
-        }
-        _ => Vec::new(),
+/// Without `flag`, reading a message must not mark it `\Seen`: every body item of a FETCH
+/// becomes its `.PEEK` form. Returns true when `RFC822` or `RFC822.TEXT` were rewritten: their
+/// answers come back as `BODY[]` / `BODY[TEXT]` and must be renamed for the client
+/// ([`rename_rfc822_items`]).
+pub fn force_peek(command: &mut Command<'static>, policy: &SessionPolicy) -> bool {
+    if policy.permissions.has(Permission::Flag) {
+        return false;
     }
+    let CommandBody::Fetch {
+        macro_or_item_names: MacroOrMessageDataItemNames::MessageDataItemNames(items),
+        ..
+    } = &mut command.body
+    else {
+        return false;
+    };
+    let mut renamed = false;
+    for item in items.iter_mut() {
+        match item {
+            MessageDataItemName::BodyExt { peek, .. } => *peek = true,
+            MessageDataItemName::Rfc822 => {
+                *item = MessageDataItemName::BodyExt {
+                    section: None,
+                    partial: None,
+                    peek: true,
+                };
+                renamed = true;
+            }
+            MessageDataItemName::Rfc822Text => {
+                *item = MessageDataItemName::BodyExt {
+                    section: Some(Section::Text(None)),
+                    partial: None,
+                    peek: true,
+                };
+                renamed = true;
+            }
+            _ => {}
+        }
+    }
+    renamed
+}
+
+/// In a FETCH response line to a command rewritten by [`force_peek`], give `BODY[]` and
+/// `BODY[TEXT]` items back the names the client asked for. Only item names directly followed by
+/// a space (`BODY[] {12}` / `BODY[] NIL` / `BODY[] "..."`) are renamed, never text inside a
+/// quoted value or a literal (the caller passes line segments, not literals).
+pub fn rename_rfc822_items(line: &[u8]) -> Vec<u8> {
+    let line = replace_all(line, b" BODY[] ", b" RFC822 ");
+    let line = replace_all(&line, b"(BODY[] ", b"(RFC822 ");
+    let line = replace_all(&line, b" BODY[TEXT] ", b" RFC822.TEXT ");
+    replace_all(&line, b"(BODY[TEXT] ", b"(RFC822.TEXT ")
 }
 
 /// The name as the provider would print it in a message: decoded when it decodes.
@@ -278,7 +292,15 @@ impl ListRequest {
             ListMailbox::Token(token) => token.as_ref(),
             ListMailbox::String(string) => string.as_ref(),
         });
-        Some(ListRequest { lsub, pattern })
+        Some(ListRequest {
+            lsub,
+            pattern: collapse_wildcards(&pattern),
+        })
+    }
+
+    /// Whether the pattern is longer than any folder name pecgate lists (refused with BAD).
+    pub fn too_long(&self) -> bool {
+        self.pattern.len() > MAX_LIST_PATTERN
     }
 
     /// The command sent to the provider instead: everything, under the client's tag.
@@ -287,6 +309,9 @@ impl ListRequest {
         format!("{tag} {verb} \"\" \"*\"\r\n").into_bytes()
     }
 }
+
+/// Longest LIST/LSUB pattern (reference included) after collapsing wildcards.
+pub const MAX_LIST_PATTERN: usize = 1024;
 
 /// The response lines for `request`, computed from the provider's full listing.
 pub fn answer_list(
@@ -356,12 +381,10 @@ pub fn visible_listing(
     for entry in &visible {
         tree.extend(ancestors_of(&entry.wire));
     }
-    let has_children = |wire: &[u8]| {
-        delimiter.is_some_and(|d| {
-            tree.iter()
-                .any(|t| t.len() > wire.len() && t.starts_with(wire) && t[wire.len()] == d as u8)
-        })
-    };
+    // Every name that has something below it in the user's tree (one pass, not a scan per entry).
+    let parents: std::collections::HashSet<Vec<u8>> =
+        tree.iter().flat_map(|name| ancestors_of(name)).collect();
+    let has_children = |wire: &[u8]| parents.contains(wire);
     let pattern = normalise_inbox(&request.pattern, delimiter);
     let matches = |wire: &[u8]| list_match(&pattern, &normalise_inbox(wire, delimiter), delimiter);
 
@@ -425,18 +448,58 @@ fn normalise_inbox(wire: &[u8], delimiter: Option<char>) -> Vec<u8> {
 }
 
 /// RFC 3501 LIST matching: `*` matches anything, `%` anything but the delimiter.
+///
+/// A simulation of the pattern as an automaton: time is pattern length × name length, whatever
+/// the pattern (a backtracking matcher is exponential in the number of `*`, and one client's
+/// `LIST "" "****…"` would stall the daemon). Runs of wildcards are collapsed by
+/// [`ListRequest::of`] first.
 fn list_match(pattern: &[u8], name: &[u8], delimiter: Option<char>) -> bool {
-    match pattern.split_first() {
-        None => name.is_empty(),
-        Some((b'*', rest)) => (0..=name.len()).any(|i| list_match(rest, &name[i..], delimiter)),
-        Some((b'%', rest)) => {
-            let stop = delimiter
-                .and_then(|d| name.iter().position(|&b| b == d as u8))
-                .unwrap_or(name.len());
-            (0..=stop).any(|i| list_match(rest, &name[i..], delimiter))
+    let delimiter = delimiter.map(|d| d as u8);
+    let wildcard = |b: u8| b == b'*' || b == b'%';
+    let n = pattern.len();
+    let close = |states: &mut Vec<bool>| {
+        for i in 0..n {
+            if states[i] && wildcard(pattern[i]) {
+                states[i + 1] = true;
+            }
         }
-        Some((&c, rest)) => name.first() == Some(&c) && list_match(rest, &name[1..], delimiter),
+    };
+    let mut states = vec![false; n + 1];
+    states[0] = true;
+    close(&mut states);
+    let mut next = vec![false; n + 1];
+    for &c in name {
+        next.iter_mut().for_each(|s| *s = false);
+        for i in (0..n).filter(|&i| states[i]) {
+            match pattern[i] {
+                b'*' => next[i] = true,
+                b'%' if Some(c) != delimiter => next[i] = true,
+                b'%' => {}
+                p if p == c => next[i + 1] = true,
+                _ => {}
+            }
+        }
+        close(&mut next);
+        std::mem::swap(&mut states, &mut next);
+        if !states.iter().any(|&s| s) {
+            return false;
+        }
     }
+    states[n]
+}
+
+/// Collapse runs of wildcards: `**`, `*%`, `%*` are `*`; `%%` is `%`. Same meaning, shorter.
+fn collapse_wildcards(pattern: &[u8]) -> Vec<u8> {
+    let mut out: Vec<u8> = Vec::with_capacity(pattern.len());
+    for &b in pattern {
+        match (out.last().copied(), b) {
+            (Some(b'*'), b'*' | b'%') => {}
+            (Some(b'%'), b'*') => *out.last_mut().expect("not empty") = b'*',
+            (Some(b'%'), b'%') => {}
+            _ => out.push(b),
+        }
+    }
+    out
 }
 
 /// The wire form of one listing entry; `None` for what cannot be encoded (never guessed).
@@ -506,35 +569,42 @@ mod tests {
     #[test]
     fn permissions_table() {
         use Permission::*;
-        let cases: &[(&str, Permission)] = &[
-            ("a SELECT INBOX", Read),
-            ("a EXAMINE INBOX", Read),
-            ("a STATUS INBOX (MESSAGES)", Read),
-            ("a UID FETCH 1 FLAGS", Read),
-            ("a STORE 1 +FLAGS (\\Seen)", Flag),
-            ("a STORE 1 +FLAGS (\\Seen \\Deleted)", Delete),
-            ("a UID STORE 1 FLAGS (\\Deleted)", Delete),
-            ("a EXPUNGE", Delete),
-            ("a UID EXPUNGE 1:3", Delete),
-            ("a COPY 1 Sent", Move),
-            ("a UID MOVE 1 Sent", Move),
-            ("a APPEND INBOX {1+}\r\nx", Append),
-            ("a CREATE Sent/New", ManageFolders),
-            ("a SUBSCRIBE Sent", ManageFolders),
+        // Each command, and every permission it needs: without any one of them it is
+        // refused naming that one; with exactly those it is allowed.
+        let cases: &[(&str, &[Permission])] = &[
+            ("a SELECT INBOX", &[Read]),
+            ("a EXAMINE INBOX", &[Read]),
+            ("a STATUS INBOX (MESSAGES)", &[Read]),
+            ("a UID FETCH 1 FLAGS", &[Read]),
+            ("a STORE 1 +FLAGS (\\Seen)", &[Flag]),
+            ("a STORE 1 +FLAGS (\\Seen \\Deleted)", &[Flag, Delete]),
+            ("a UID STORE 1 +FLAGS (\\Deleted)", &[Delete]),
+            ("a UID STORE 1 FLAGS (\\Deleted)", &[Flag, Delete]),
+            ("a STORE 1 FLAGS (\\Seen)", &[Flag, Delete]),
+            ("a EXPUNGE", &[Delete]),
+            ("a UID EXPUNGE 1:3", &[Delete]),
+            ("a COPY 1 Sent", &[Move]),
+            ("a UID MOVE 1 Sent", &[Move, Delete]),
+            ("a APPEND INBOX {1+}\r\nx", &[Append]),
+            ("a CREATE Sent/New", &[ManageFolders]),
+            ("a DELETE Sent/Old", &[ManageFolders, Delete]),
+            ("a SUBSCRIBE Sent", &[ManageFolders]),
         ];
         for (text, needed) in cases {
-            let without: Vec<Permission> = Permission::ALL
-                .iter()
-                .copied()
-                .filter(|p| p != needed)
-                .collect();
-            let p = policy(&["INBOX", "Sent/**"], &without);
-            assert_eq!(
-                decide(&p, text).0,
-                Decision::DenyPermission(*needed),
-                "{text}"
-            );
-            let p = policy(&["INBOX", "Sent/**"], &[*needed]);
+            for missing in *needed {
+                let without: Vec<Permission> = Permission::ALL
+                    .iter()
+                    .copied()
+                    .filter(|p| p != missing)
+                    .collect();
+                let p = policy(&["INBOX", "Sent/**"], &without);
+                assert_eq!(
+                    decide(&p, text).0,
+                    Decision::DenyPermission(*missing),
+                    "{text}"
+                );
+            }
+            let p = policy(&["INBOX", "Sent/**"], needed);
             assert_eq!(decide(&p, text).0, Decision::Allow, "{text}");
         }
         // No permission needed to list or idle.

@@ -14,6 +14,9 @@ use imap_codec::encode::{Encoder, Fragment};
 use imap_codec::imap_types::command::{Command, CommandBody};
 use imap_codec::imap_types::mailbox::Mailbox;
 
+use imap_codec::imap_types::IntoStatic;
+
+use super::classify::{is_uid, mailboxes_mut};
 use super::framing::{LiteralHeader, literal_at_end};
 
 /// Why a command could not be parsed.
@@ -172,23 +175,13 @@ const MAX_DETAIL: usize = 1024;
 /// Summarise a parsed command for the audit log.
 pub fn summarize(command: &Command<'_>) -> CommandSummary {
     let body = &command.body;
-    let uid = matches!(
-        body,
-        CommandBody::Fetch { uid: true, .. }
-            | CommandBody::Store { uid: true, .. }
-            | CommandBody::Copy { uid: true, .. }
-            | CommandBody::Move { uid: true, .. }
-            | CommandBody::Search { uid: true, .. }
-            | CommandBody::Sort { uid: true, .. }
-            | CommandBody::Thread { uid: true, .. }
-            | CommandBody::ExpungeUid { .. }
-    );
+    let uid = is_uid(body);
     let name = if uid {
         format!("UID {}", body.name())
     } else {
         body.name().to_owned()
     };
-    let folder = target_mailbox(body).map(mailbox_name);
+    let folder = target_mailbox(body);
     let detail = match body {
         // Never the password, and the user name is the session's own column.
         CommandBody::Login { .. } => String::new(),
@@ -207,6 +200,13 @@ pub fn summarize(command: &Command<'_>) -> CommandSummary {
         folder,
         detail,
     }
+}
+
+/// The folder a command targets, for the audit log: its first mailbox name (COPY/MOVE's
+/// destination, RENAME's source), in wire form.
+fn target_mailbox(body: &CommandBody<'_>) -> Option<String> {
+    let mut body = body.clone().into_static();
+    mailboxes_mut(&mut body).first().map(|m| mailbox_name(m))
 }
 
 fn join_flags(flags: &[imap_codec::imap_types::flag::Flag<'_>]) -> String {
@@ -228,43 +228,9 @@ fn arguments_text(command: &Command<'_>, uid: bool) -> String {
             None => return String::new(),
         }
     }
-    printable(&encoded[start..], MAX_DETAIL)
-}
-
-/// Bytes as printable text: CR/LF dropped, other control bytes escaped, length capped.
-pub fn printable(bytes: &[u8], max: usize) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    let mut out = String::new();
-    for c in text.chars() {
-        if out.len() >= max {
-            out.push('…');
-            break;
-        }
-        match c {
-            '\r' | '\n' => {}
-            c if c.is_control() => out.push_str(&c.escape_default().to_string()),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// The mailbox a command targets (for COPY/MOVE the destination; RENAME the source).
-pub fn target_mailbox<'a>(body: &'a CommandBody<'_>) -> Option<&'a Mailbox<'a>> {
-    match body {
-        CommandBody::Select { mailbox, .. }
-        | CommandBody::Examine { mailbox, .. }
-        | CommandBody::Create { mailbox }
-        | CommandBody::Delete { mailbox }
-        | CommandBody::Rename { from: mailbox, .. }
-        | CommandBody::Subscribe { mailbox }
-        | CommandBody::Unsubscribe { mailbox }
-        | CommandBody::Status { mailbox, .. }
-        | CommandBody::Append { mailbox, .. }
-        | CommandBody::Copy { mailbox, .. }
-        | CommandBody::Move { mailbox, .. } => Some(mailbox),
-        _ => None,
-    }
+    let arguments = &encoded[start..];
+    let arguments = arguments.strip_suffix(b"\r\n").unwrap_or(arguments);
+    crate::text::printable(arguments, MAX_DETAIL)
 }
 
 /// A mailbox name as the client wrote it on the wire (modified UTF-7); `INBOX` in any case
@@ -279,64 +245,6 @@ pub fn wire_name(mailbox: &Mailbox<'_>) -> Vec<u8> {
 /// A mailbox name as text, in its wire form (for the audit log).
 pub fn mailbox_name(mailbox: &Mailbox<'_>) -> String {
     String::from_utf8_lossy(&wire_name(mailbox)).into_owned()
-}
-
-/// What the relay does with a command once the user is logged in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthenticatedAction {
-    /// Send it to the provider.
-    Forward,
-    /// Forward, and the following client line must be `DONE`.
-    ForwardIdle,
-    /// Forward; the session ends when the provider completes it.
-    ForwardLogout,
-    /// Answer CAPABILITY from the gateway's own allow-list.
-    LocalCapability,
-    /// Answer ENABLE locally: nothing pecgate advertises needs enabling.
-    LocalEnable,
-    /// Refuse with BAD and this text.
-    Refuse(&'static str),
-}
-
-/// The decision for each command in the authenticated and selected states. The list is closed:
-/// a command pecgate does not relay end to end is refused, never forwarded blindly.
-pub fn authenticated_action(body: &CommandBody<'_>) -> AuthenticatedAction {
-    use AuthenticatedAction::*;
-    match body {
-        CommandBody::Capability => LocalCapability,
-        CommandBody::Enable { .. } => LocalEnable,
-        CommandBody::Idle => ForwardIdle,
-        CommandBody::Logout => ForwardLogout,
-        CommandBody::Noop
-        | CommandBody::Select { .. }
-        | CommandBody::Examine { .. }
-        | CommandBody::Unselect
-        | CommandBody::Create { .. }
-        | CommandBody::Delete { .. }
-        | CommandBody::Rename { .. }
-        | CommandBody::Subscribe { .. }
-        | CommandBody::Unsubscribe { .. }
-        | CommandBody::List { .. }
-        | CommandBody::Lsub { .. }
-        | CommandBody::Status { .. }
-        | CommandBody::Append { .. }
-        | CommandBody::Check
-        | CommandBody::Close
-        | CommandBody::Expunge
-        | CommandBody::ExpungeUid { .. }
-        | CommandBody::Search { .. }
-        | CommandBody::Fetch { .. }
-        | CommandBody::Store { .. }
-        | CommandBody::Copy { .. }
-        | CommandBody::Move { .. }
-        | CommandBody::Namespace
-        | CommandBody::Id { .. } => Forward,
-        CommandBody::StartTLS | CommandBody::Login { .. } | CommandBody::Authenticate { .. } => {
-            Refuse("Already logged in")
-        }
-        CommandBody::Compress { .. } => Refuse("COMPRESS is not offered by pecgate"),
-        _ => Refuse("Command not supported by pecgate"),
-    }
 }
 
 #[cfg(test)]
@@ -440,32 +348,5 @@ mod tests {
         );
         let append = parse_command(b"a APPEND INBOX (\\Seen) {3}\r\nabc\r\n").unwrap();
         assert!(!summarize(&append).detail.contains("abc"));
-    }
-
-    #[test]
-    fn closed_list_of_relayed_commands() {
-        let cases: &[(&[u8], AuthenticatedAction)] = &[
-            (b"a NOOP\r\n", AuthenticatedAction::Forward),
-            (b"a IDLE\r\n", AuthenticatedAction::ForwardIdle),
-            (b"a LOGOUT\r\n", AuthenticatedAction::ForwardLogout),
-            (b"a CAPABILITY\r\n", AuthenticatedAction::LocalCapability),
-            (b"a ENABLE CONDSTORE\r\n", AuthenticatedAction::LocalEnable),
-            (
-                b"a COMPRESS DEFLATE\r\n",
-                AuthenticatedAction::Refuse("COMPRESS is not offered by pecgate"),
-            ),
-            (
-                b"a LOGIN x y\r\n",
-                AuthenticatedAction::Refuse("Already logged in"),
-            ),
-            (
-                b"a GETQUOTAROOT INBOX\r\n",
-                AuthenticatedAction::Refuse("Command not supported by pecgate"),
-            ),
-        ];
-        for (bytes, want) in cases {
-            let cmd = parse_command(bytes).unwrap();
-            assert_eq!(authenticated_action(&cmd.body), *want);
-        }
     }
 }

@@ -17,6 +17,8 @@
 
 use bytes::{Buf, BytesMut};
 
+pub use crate::io::find_line_end;
+
 /// A literal announced at the end of a line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LiteralHeader {
@@ -29,14 +31,6 @@ pub struct LiteralHeader {
     pub binary: bool,
     /// Offset in the line where the announcement (`{` or `~`) starts.
     pub start: usize,
-}
-
-/// Index just past the first LF at or after `from`, if any.
-pub fn find_line_end(buf: &[u8], from: usize) -> Option<usize> {
-    buf.get(from..)?
-        .iter()
-        .position(|&b| b == b'\n')
-        .map(|pos| from + pos + 1)
 }
 
 /// The literal announcement at the end of `line` (which includes its line ending), if any.
@@ -252,6 +246,28 @@ impl CommandAssembler {
             if literal.sync {
                 return Assembled::SendContinuation;
             }
+        }
+    }
+
+    /// One plain line, for a client in IDLE: a server reads the next line as a line (DONE, or
+    /// anything else ends the IDLE); a literal announcement in it means nothing. Bounded like
+    /// any command line.
+    pub fn poll_line(&mut self, input: &mut BytesMut) -> Assembled {
+        if self.discard_remaining > 0 || self.pending_refusal.is_some() || !self.command.is_empty() {
+            return self.poll(input, |_, _| false);
+        }
+        match find_line_end(input, 0) {
+            Some(end) if end > self.limits.max_line => {
+                let tag = tag_of(&[], &input[..end]);
+                input.advance(end);
+                Assembled::Refused {
+                    tag,
+                    reason: Refusal::LineTooLong,
+                }
+            }
+            Some(end) => Assembled::Command(input.split_to(end).to_vec()),
+            None if input.len() > self.limits.max_line => self.refuse_unterminated_line(input),
+            None => Assembled::NeedMore,
         }
     }
 
@@ -480,6 +496,22 @@ mod tests {
                 reason: Refusal::BinaryLiteral
             }
         );
+    }
+
+    #[test]
+    fn idle_lines_are_lines() {
+        let mut a = CommandAssembler::new(CommandLimits::default());
+        let mut input = BytesMut::from(&b"y ID {20+}\r\ny SELECT hidden-folder\r\n"[..]);
+        assert_eq!(a.poll_line(&mut input), Assembled::Command(b"y ID {20+}\r\n".to_vec()));
+        // The next line is not swallowed as a literal: it is framed as a command of its own.
+        assert_eq!(
+            a.poll(&mut input, never),
+            Assembled::Command(b"y SELECT hidden-folder\r\n".to_vec())
+        );
+        let mut partial = BytesMut::from(&b"DO"[..]);
+        assert_eq!(a.poll_line(&mut partial), Assembled::NeedMore);
+        partial.extend_from_slice(b"NE\r\n");
+        assert_eq!(a.poll_line(&mut partial), Assembled::Command(b"DONE\r\n".to_vec()));
     }
 
     #[test]

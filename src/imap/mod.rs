@@ -2,17 +2,23 @@
 //!
 //! Layers, from bytes up (only the last two do I/O):
 //! - [`framing`]: line and literal boundaries, command assembly with limits;
-//! - [`command`]: parsing with imap-codec, the closed list of relayed commands, re-encoding
-//!   for the provider, audit summaries;
+//! - [`command`]: parsing with imap-codec, re-encoding for the provider, audit summaries;
+//! - [`classify`]: the one table of what each command kind is and needs;
 //! - [`response`]: classifying provider responses, the capability allow-list;
+//! - [`authorize`]: the folder and permission policy on commands and listings;
+//! - [`provider_client`]: pecgate's side of the provider conversation (tags, literals, IDLE,
+//!   attribution of every response);
+//! - [`client_session`]: one logged-in client session as a state machine;
 //! - [`session`]: one connection: TLS, not-authenticated state, login;
-//! - [`relay`]: the authenticated relay between client and provider.
+//! - [`relay`]: drives the two machines over the client and provider sockets.
 
 pub mod authorize;
+pub mod classify;
+pub mod client_session;
 pub mod command;
 pub mod framing;
 pub mod mutf7;
+pub mod provider_client;
 pub mod relay;
 pub mod response;
 pub mod session;
-pub mod stream;

@@ -24,7 +24,7 @@ use crate::imap::command::{self, summarize};
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, tag_of};
 use crate::imap::relay;
 use crate::imap::response;
-use crate::imap::stream::{self, BoxStream};
+use crate::io::{self, BoxStream};
 use crate::login::{self, LoginRefusal};
 use crate::policy::FolderPolicy;
 use crate::session::{self, HandshakeFailure, ListenerKind, SessionContext};
@@ -48,6 +48,8 @@ pub enum SessionEnd {
     Shutdown,
     AuditFailed,
     UpstreamClosed,
+    /// The provider sent something pecgate could not attribute.
+    ProviderViolation(String),
     Error(String),
 }
 
@@ -125,7 +127,9 @@ async fn run(
     .await;
     let (command, outcome) = match &end {
         SessionEnd::Logout => ("logout", Outcome::Ok),
-        SessionEnd::UpstreamClosed => ("upstream-error", Outcome::Error),
+        SessionEnd::UpstreamClosed | SessionEnd::ProviderViolation(_) => {
+            ("upstream-error", Outcome::Error)
+        }
         SessionEnd::AuditFailed => ("disconnect", Outcome::Error),
         _ => ("disconnect", Outcome::Ok),
     };
@@ -201,7 +205,7 @@ async fn not_authenticated(
         let assembled = match assembler.poll(&mut buffer, |_, _| false) {
             Assembled::NeedMore => {
                 tokio::select! {
-                    read = stream::fill(&mut stream, &mut buffer) => match read {
+                    read = io::fill(&mut stream, &mut buffer) => match read {
                         Ok(true) => continue,
                         Ok(false) => return PreAuthEnd::Closed(SessionEnd::ClientClosed),
                         Err(e) => return PreAuthEnd::Closed(SessionEnd::Error(e.to_string())),
@@ -239,7 +243,7 @@ async fn not_authenticated(
             Ok(command) => command,
             Err(error) => {
                 let tag = tag_of(&bytes, &[]);
-                audit_or_close!("(unparsed)", command::printable(&bytes, 200), Outcome::Bad);
+                audit_or_close!("(unparsed)", crate::text::printable(&bytes, 200), Outcome::Bad);
                 send_or_close!(
                     bad(tag.as_deref(), &format!("Invalid command: {error}")).as_bytes()
                 );
@@ -324,7 +328,7 @@ async fn not_authenticated(
                     Some(secret) => Zeroizing::new(secret.declassify().to_vec()),
                     None => {
                         send_or_close!(b"+ \r\n");
-                        let line = match stream::next_line(&mut stream, &mut buffer, 8 * 1024).await
+                        let line = match io::next_line(&mut stream, &mut buffer, 8 * 1024).await
                         {
                             Ok(line) => Zeroizing::new(line.to_vec()),
                             Err(e) => return PreAuthEnd::Closed(SessionEnd::Error(e.to_string())),

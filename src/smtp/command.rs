@@ -107,17 +107,9 @@ impl Command {
     }
 }
 
-/// Shortens and de-controls text for logs and the audit trail.
+/// Text from the client as it is written to logs and the audit trail (see [`crate::text`]).
 pub fn printable(text: &str, max: usize) -> String {
-    let mut out: String = text
-        .chars()
-        .take(max)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
-    if text.chars().count() > max {
-        out.push('…');
-    }
-    out
+    crate::text::printable(text.as_bytes(), max)
 }
 
 /// Where the first line in `buf` ends (just past its LF).

@@ -47,7 +47,7 @@ impl DataIntake {
         debug_assert!(!done && scratch == b"\r\n");
         DataIntake {
             receiver,
-            work: Vec::with_capacity(crate::imap::stream::READ_CHUNK + 1),
+            work: Vec::with_capacity(crate::io::READ_CHUNK + 1),
             limit,
             size: 0,
             previous: b'\n',

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zeroize::Zeroizing;
 
 use crate::config::{UpstreamEndpoint, UpstreamSecurity};
-use crate::imap::stream::{self, BoxStream};
+use crate::io::{self, BoxStream};
 use crate::provider_io::{self, TransportError};
 
 use super::data::DotStuffer;
@@ -128,7 +128,7 @@ impl Connection<'_> {
                 if self.buffer.len() > MAX_REPLY {
                     return Err(self.protocol("reply too long"));
                 }
-                match stream::fill(&mut self.stream, &mut self.buffer).await {
+                match io::fill(&mut self.stream, &mut self.buffer).await {
                     Ok(true) => {}
                     Ok(false) => return Err(self.protocol("connection closed")),
                     Err(e) => return Err(self.protocol(e.to_string())),

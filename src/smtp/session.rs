@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 use crate::audit::{Outcome, Protocol};
 use crate::config::LoginTarget;
 use crate::gateway::Gateway;
-use crate::imap::stream::{self, BoxStream};
+use crate::io::{self, BoxStream};
 use crate::ledger::{NewEntry, Status};
 use crate::login::{self, LoginRefusal};
 use crate::session::{self, HandshakeFailure, ListenerKind, SessionContext};
@@ -222,7 +222,7 @@ impl Session<'_> {
                 return Err(self.line_too_long().await);
             }
             tokio::select! {
-                read = stream::fill(&mut self.stream, &mut self.buffer) => match read {
+                read = io::fill(&mut self.stream, &mut self.buffer) => match read {
                     Ok(true) => {}
                     Ok(false) => return Err(SessionEnd::ClientClosed),
                     Err(e) => return Err(SessionEnd::Error(e.to_string())),
@@ -722,7 +722,7 @@ impl Session<'_> {
 
         // Receive: memory stays at one read buffer whatever the message size.
         let mut intake = DataIntake::new(checks::size_limit(limit, recipients.len()));
-        let mut out = Vec::with_capacity(stream::READ_CHUNK);
+        let mut out = Vec::with_capacity(io::READ_CHUNK);
         let mut spool_error = None;
         loop {
             let mut input = &self.buffer[..];
@@ -741,7 +741,7 @@ impl Session<'_> {
             }
             let deadline = tokio::time::Instant::now() + gateway.config.gateway.idle_timeout;
             tokio::select! {
-                read = stream::fill(&mut self.stream, &mut self.buffer) => match read {
+                read = io::fill(&mut self.stream, &mut self.buffer) => match read {
                     Ok(true) => {}
                     Ok(false) => return Err(SessionEnd::ClientClosed),
                     Err(e) => return Err(SessionEnd::Error(e.to_string())),

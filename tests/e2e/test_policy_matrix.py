@@ -922,10 +922,12 @@ def test_ops_moves_and_appends_but_cannot_flag_or_delete(world, sessions):
     msg = make_message("bozza inviata da oscar")
     ok(send_command(s, "o7", f"APPEND Sent {{{len(msg)}}}\r\n".encode() + msg)[1], "APPEND (sync literal)")
     with unchanged_at_dovecot(world, "oscar's refused DELETE/RENAME of Sent"):
-        for tag, cmd in [("o8", "DELETE Sent"), ("o9", "RENAME Sent Ricevute/Consegne/Sent"),
-                         ("o10", "DELETE INBOX/Nuova")]:
-            _, tagged = send_command(s, tag, cmd)
-            assert re.match(rb"^\S+ NO \[NOPERM\] .*sub-folders", tagged), (cmd, tagged)
+        # Deleting a folder destroys its messages: without `delete` it is refused for that
+        # alone; RENAME keeps them, and is refused for the hidden sub-folders it would move.
+        for tag, cmd in [("o8", "DELETE Sent"), ("o10", "DELETE INBOX/Nuova")]:
+            nope(send_command(s, tag, cmd)[1], "delete", cmd)
+        _, tagged = send_command(s, "o9", "RENAME Sent Ricevute/Consegne/Sent")
+        assert re.match(rb"^\S+ NO \[NOPERM\] .*sub-folders", tagged), tagged
     after = world.snapshot()["messages"]
     assert len(after["Ricevute/Consegne/2026"]) == len(base["Ricevute/Consegne/2026"]) + 1
     assert len(after["Sent"]) == len(base["Sent"]) + 1

@@ -404,10 +404,30 @@ class _Daemon:
 
 
 class Dovecot(_Daemon):
-    """A private Dovecot playing the PEC provider, on loopback free ports."""
+    """A private Dovecot playing the PEC provider, on loopback free ports.
 
-    def __init__(self, base_dir=None, imaps_port=None, imap_port=None, lmtp_port=None):
+    ``layout``: ``"default"`` (hierarchy separator ``/``, folders at the root, as most
+    providers) or ``"aruba"`` (separator ``.``, every folder under ``INBOX.``, as Aruba PEC
+    and other Courier-style servers). ``provider_name`` / ``policy_pattern`` translate the
+    ``/``-separated names the tests think in.
+
+    ``rawlog``: record the raw IMAP traffic of logged-in connections (Dovecot's
+    ``rawlog_dir``): ``True`` for every user, or an iterable of the user names to record (so
+    the harness's own inspection logins, e.g. an alias made with ``add_user(share_with=)``,
+    stay out of it). Read it with ``rawlog_connections``.
+    """
+
+    LAYOUTS = {"default": ("/", ""), "aruba": (".", "INBOX.")}
+
+    def __init__(self, base_dir=None, imaps_port=None, imap_port=None, lmtp_port=None, *,
+                 layout: str = "default", rawlog=False):
+        if layout not in self.LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}")
+        self.layout = layout
+        self.separator, self.prefix = self.LAYOUTS[layout]
+        self.rawlog = rawlog if isinstance(rawlog, bool) else tuple(rawlog)
         self.dir, self._own_dir = _work_dir(base_dir, "pecgate-dovecot-")
+        self.rawlog_root = self.dir / "rawlog"
         _ensure_traversable(self.dir)
         self.imaps_port = imaps_port or free_port()
         self.imap_port = imap_port or free_port()
@@ -454,6 +474,20 @@ class Dovecot(_Daemon):
             os.chown(self.mail_root, uid, gid)
             os.chown(state, uid, gid)
         privileged = os.geteuid() == 0
+        rawlog = ""
+        if self.rawlog:
+            # Dovecot writes a connection's rawlog only if the directory exists: one directory
+            # per recorded user, writable by the mail user (files are created after login).
+            logged = self.users if self.rawlog is True else list(self.rawlog)
+            for u in logged:
+                if u not in self.users:
+                    raise ValueError(f"rawlog for unknown user {u!r}")
+                d = self.rawlog_root / u
+                d.mkdir(parents=True, exist_ok=True)
+                if privileged:
+                    for path in (self.rawlog_root, d):
+                        os.chown(path, pwd.getpwnam(user).pw_uid, grp.getgrnam(group).gr_gid)
+            rawlog = f"  rawlog_dir = {self.rawlog_root}/%u\n"
         ident = f"""
 default_internal_user = {user}
 default_internal_group = {group}
@@ -486,7 +520,7 @@ mail_max_userip_connections = 1000
 protocol imap {{
   mail_max_userip_connections = 1000
   imap_idle_notify_interval = 120 secs
-}}
+{rawlog}}}
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {passwd}
@@ -498,8 +532,8 @@ userdb {{
 }}
 namespace inbox {{
   inbox = yes
-  separator = /
-  prefix =
+  separator = {self.separator}
+  prefix = {self.prefix}
   mailbox Sent {{
     special_use = \\Sent
   }}
@@ -593,6 +627,65 @@ lmtp_add_received_header = no
             _kill_group(self.proc)
             self.proc = None
 
+    # -- layout ------------------------------------------------------------
+    def provider_name(self, name: str) -> str:
+        """The provider's wire name of a folder the tests call ``name`` (``/``-separated,
+        relative to the personal namespace): ``Ricevute/Consegne`` is ``INBOX.Ricevute.Consegne``
+        on the Aruba layout. ``INBOX`` is ``INBOX`` everywhere."""
+        if name.upper() == "INBOX":
+            return "INBOX"
+        return self.prefix + name.replace("/", self.separator)
+
+    def policy_pattern(self, pattern: str) -> str:
+        """A pecgate folder pattern (always ``/``-separated, on the provider's names) for what
+        the tests call ``pattern``: ``Ricevute/**`` is ``INBOX/Ricevute/**`` on the Aruba
+        layout."""
+        if pattern.upper() == "INBOX" or not self.prefix:
+            return pattern
+        return self.prefix.rstrip(self.separator) + "/" + pattern
+
+    # -- rawlog ------------------------------------------------------------
+    def rawlog_connections(self, users=None, exclude=()) -> list["RawlogConnection"]:
+        """Every recorded connection (oldest first) of ``users`` (default: all recorded
+        users), except those whose ``key`` is in ``exclude`` (see ``rawlog_mark``)."""
+        if not self.rawlog:
+            raise HarnessError("this Dovecot was started without rawlog")
+        out = []
+        if not self.rawlog_root.is_dir():
+            return out
+        for d in sorted(self.rawlog_root.iterdir()):
+            if users is not None and d.name not in users:
+                continue
+            for f in d.glob("*.in"):
+                conn = RawlogConnection(d.name, f.with_suffix(""))
+                if conn.key not in exclude:
+                    out.append(conn)
+        out.sort(key=lambda c: (c.started, c.pid, c.counter))
+        return out
+
+    def rawlog_mark(self) -> set[str]:
+        """Keys of the connections recorded so far: pass as ``exclude`` to see only later ones."""
+        return {c.key for c in self.rawlog_connections()}
+
+    _DISCONNECTED_RE = re.compile(r"imap\(([^)]*)\)<(\d+)><[^>]*>: Info: Disconnected")
+
+    def closed_connections(self) -> set[tuple[str, int]]:
+        """(user, pid) of the IMAP processes whose client has disconnected (from the log:
+        Dovecot logs it when the session ends, after its last rawlog write)."""
+        return {(m.group(1), int(m.group(2))) for m in self._DISCONNECTED_RE.finditer(self.log_text())}
+
+    def wait_rawlogs_closed(self, connections, timeout: float = 30) -> None:
+        """Wait until every one of ``connections`` has ended, so its rawlog is complete."""
+
+        def open_ones():
+            closed = self.closed_connections()
+            return [c for c in connections if (c.user, c.pid) not in closed]
+
+        try:
+            wait_until(lambda: not open_ones(), timeout, "provider connections to end")
+        except TimeoutError as exc:
+            raise HarnessError(f"{exc}: still open {[c.key for c in open_ones()]}") from exc
+
     # -- provider-side operations ---------------------------------------
     @property
     def imaps_url(self) -> str:
@@ -662,6 +755,55 @@ lmtp_add_received_header = no
             return [part[1] for part in data if isinstance(part, tuple)]
         finally:
             c.logout()
+
+
+class RawlogConnection:
+    """One connection recorded by Dovecot's ``rawlog_dir``: what Dovecot received from the
+    client after login (``received``) and what it sent (``sent``), with Dovecot's per-line
+    timestamps removed. ``key`` names it; ``pid`` is the imap process that served it."""
+
+    # Dovecot 2.3 (iostream-rawlog.c, rawlog_dir): files DIR/YYYYMMDD-HHMMSS.PID.N.{in,out},
+    # each line (file start, then after every LF) prefixed with "SECONDS.MICROSECONDS ".
+    _NAME_RE = re.compile(r"^(\d{8}-\d{6})\.(\d+)\.(\d+)$")
+    _STAMP_RE = re.compile(rb"\d+\.\d{6} ")
+
+    def __init__(self, user: str, prefix: Path):
+        self.user = user
+        self.prefix = prefix
+        m = self._NAME_RE.match(prefix.name)
+        if not m:
+            raise HarnessError(f"unexpected rawlog file name {prefix.name!r}")
+        self.started, self.pid, self.counter = m.group(1), int(m.group(2)), int(m.group(3))
+        self.key = f"{user}/{prefix.name}"
+
+    @classmethod
+    def strip_timestamps(cls, data: bytes) -> bytes:
+        out = []
+        pos = 0
+        while pos < len(data):
+            m = cls._STAMP_RE.match(data, pos)
+            if not m:
+                raise HarnessError(f"rawlog line without a timestamp at {pos}: {data[pos:pos + 80]!r}")
+            end = data.find(b"\n", m.end())
+            end = len(data) if end < 0 else end + 1
+            out.append(data[m.end():end])
+            pos = end
+        return b"".join(out)
+
+    def _read(self, suffix: str) -> bytes:
+        path = self.prefix.with_name(self.prefix.name + suffix)
+        return self.strip_timestamps(path.read_bytes()) if path.exists() else b""
+
+    @property
+    def received(self) -> bytes:
+        return self._read(".in")
+
+    @property
+    def sent(self) -> bytes:
+        return self._read(".out")
+
+    def __repr__(self):
+        return f"RawlogConnection({self.key!r})"
 
 
 # ---------------------------------------------------------------------------
@@ -849,6 +991,23 @@ def toml_table(name: str, table: dict) -> str:
             continue
         lines.append(f"{k} = {toml_value(v)}")
     return "\n".join(lines) + "\n"
+
+
+def provider_mailbox(dovecot: Dovecot, login: str, *, upstream: str = "imaps", max_connections: int = 10,
+                     **options) -> dict:
+    """A ``[mailboxes.NAME]`` entry for ``Pecgate(mailboxes=...)`` whose provider login is
+    the Dovecot user ``login``: several of them give a config where one person chooses the
+    mailbox at login (``mario/studio``, ``mario/altro``)."""
+    entry = {
+        "address": login,
+        "login": login,
+        "imap": dovecot.imaps_url if upstream == "imaps" else dovecot.imap_url,
+        "ca_file": str(dovecot.cert),
+        "max_connections": max_connections,
+        "_password": dovecot.users[login],
+    }
+    entry.update(options)
+    return entry
 
 
 class Pecgate:
@@ -1257,10 +1416,13 @@ def demo_messages():
     ]
 
 
-def populate_demo(dovecot: Dovecot, user: str = PROVIDER_ADDRESS):
-    dovecot.create_folders(user, DEMO_FOLDERS)
-    for folder, raw in demo_messages():
-        dovecot.append(user, folder, raw)
+def populate_demo(dovecot: Dovecot, user: str = PROVIDER_ADDRESS, messages=None):
+    """The demo folders and messages, named for the Dovecot's layout (``Ricevute/Consegne``
+    is ``INBOX.Ricevute.Consegne`` on the Aruba one). ``messages``: (folder, raw) pairs to
+    use instead of ``demo_messages()`` (e.g. the same bytes for two users)."""
+    dovecot.create_folders(user, [dovecot.provider_name(f) for f in DEMO_FOLDERS])
+    for folder, raw in (demo_messages() if messages is None else messages):
+        dovecot.append(user, dovecot.provider_name(folder), raw)
 
 
 def _pick_port(preferred: int) -> int:

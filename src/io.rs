@@ -1,12 +1,12 @@
-//! The byte streams sessions run over, and buffered line reading on them.
+//! The byte streams sessions run over, and buffered reading and copying on them, shared by
+//! IMAP, SMTP and the provider transport.
 //!
 //! A client connection starts as plain TCP (STARTTLS port) or TLS and may be upgraded, so the
-//! session code works on a boxed [`AsyncStream`].
+//! session code works on a boxed [`AsyncStream`]. Every read goes through a caller's buffer
+//! with a bound: nothing here grows with what a peer sends.
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-
-use super::framing::find_line_end;
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Anything a session can run over: TCP, TLS over TCP, or (in tests) an in-memory pipe.
 pub trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -65,31 +65,50 @@ pub async fn next_line<R: AsyncRead + Unpin + ?Sized>(
     }
 }
 
-/// Complete a small response whose first line is `line`: while a line ends with a literal
-/// announcement, read the literal and the line that follows. For responses that must be
-/// inspected whole (mailbox names may be literals); `max` bounds the total.
-pub async fn read_unit<R: AsyncRead + Unpin + ?Sized>(
-    reader: &mut R,
-    buf: &mut BytesMut,
-    line: &[u8],
-    max: usize,
-) -> Result<Vec<u8>, LineError> {
-    let mut unit = line.to_vec();
-    let mut line_start = 0;
-    while let Some(literal) = super::framing::literal_at_end(&unit[line_start..]) {
-        let length = literal.length as usize;
-        if unit.len() + length > max {
-            return Err(LineError::TooLong(max));
-        }
-        while buf.len() < length {
-            if !fill(reader, buf).await? {
-                return Err(LineError::Closed);
+/// Index just past the first LF at or after `from`, if any.
+pub fn find_line_end(buf: &[u8], from: usize) -> Option<usize> {
+    buf.get(from..)?
+        .iter()
+        .position(|&b| b == b'\n')
+        .map(|pos| from + pos + 1)
+}
+
+/// Why [`copy_exact`] stopped.
+#[derive(Debug)]
+pub enum CopyError {
+    /// Reading the source failed.
+    Source(std::io::Error),
+    /// The source ended before `length` bytes.
+    Closed,
+    /// Writing the sink failed.
+    Sink,
+}
+
+/// Move exactly `length` bytes from `buffer` + `source` to `sink`, never holding more than
+/// one read chunk: this is what keeps memory flat in message size.
+pub async fn copy_exact<R, W>(
+    source: &mut R,
+    buffer: &mut BytesMut,
+    sink: &mut W,
+    mut length: u64,
+) -> Result<(), CopyError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    while length > 0 {
+        if buffer.is_empty() {
+            buffer.reserve(READ_CHUNK);
+            if !fill(source, buffer).await.map_err(CopyError::Source)? {
+                return Err(CopyError::Closed);
             }
         }
-        unit.extend_from_slice(&buf.split_to(length));
-        line_start = unit.len();
-        let rest = next_line(reader, buf, max - unit.len()).await?;
-        unit.extend_from_slice(&rest);
+        let n = (buffer.len() as u64).min(length) as usize;
+        sink.write_all(&buffer[..n])
+            .await
+            .map_err(|_| CopyError::Sink)?;
+        buffer.advance(n);
+        length -= n as u64;
     }
-    Ok(unit)
+    Ok(())
 }

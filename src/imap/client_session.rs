@@ -1,0 +1,596 @@
+//! One logged-in client session as a state machine, free of I/O.
+//!
+//! Fed with what the client sends (parsed commands, APPEND heads, lines during IDLE) and
+//! with what the provider answers (already attributed by
+//! [`super::provider_client::ProviderClient`]), it returns [`Action`]s in the order the
+//! driver must carry them out: audit events, bytes for the client, requests for the provider,
+//! the end of the session. The driver (`relay.rs`) only does I/O.
+//!
+//! The states: *authenticated* (no folder selected), *selected* (`selected` is set), *idle*
+//! (an IDLE in flight), *append in progress* (the driver streams a message after an
+//! [`Request::AppendHead`]), *logout* (a LOGOUT in flight). The machine does not assume a
+//! dedicated provider connection: it emits requests under fresh upstream tags and accepts
+//! completions by tag.
+//!
+//! Invariants:
+//! - Nothing goes to the provider that was not parsed, classified, authorized and given its
+//!   audit event first; state-changing commands get a durable `sent` event before they leave.
+//! - The client's tag never goes upstream; a client tag still in flight is refused.
+//! - A command that changes the selected folder, a LIST/LSUB and an IDLE run alone (see
+//!   [`CommandClass::exclusive`]), so each event's folder is the folder the provider had
+//!   selected when it ran it, and untagged LIST lines belong to the one LIST in flight.
+//! - While IDLE is in flight nothing but `DONE` is requested; a client line other than DONE
+//!   ends the IDLE with `BAD` and is dropped.
+
+use imap_codec::imap_types::command::{Command, CommandBody};
+use imap_codec::imap_types::core::Tag;
+use imap_codec::imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItemName};
+
+use crate::audit::Outcome;
+use crate::config::Permission;
+use crate::imap::authorize::{
+    Decision, ListRequest, SessionPolicy, authorize, force_peek,
+    status_visible, substitute,
+};
+use crate::imap::classify::{CommandClass, Handling, Selection, classify};
+use crate::imap::command::{CommandSummary, parse_command, summarize};
+use crate::imap::provider_client::{Untagged, next_tag};
+use crate::imap::response::{self, ListEntry, Status, list_entry};
+
+/// Most folders gathered for one LIST: far beyond any real mailbox, and a bound on memory.
+const MAX_LIST_ENTRIES: usize = 100_000;
+
+/// One thing for the driver to do.
+#[derive(Debug)]
+pub enum Action {
+    /// Queue (or, `durable`, write) an audit event; on failure the session ends.
+    Audit(AuditRecord),
+    /// Write these bytes to the client.
+    Client(Vec<u8>),
+    /// Compute the answer to a LIST/LSUB from the provider's listing (CPU work: off the
+    /// async runtime) and write it to the client.
+    ClientListing {
+        request: ListRequest,
+        entries: Vec<ListEntry>,
+    },
+    /// Send this to the provider.
+    Provider(Request),
+    /// The session is over.
+    End(Ending),
+}
+
+/// An audit event, as the session sees it (the driver adds who, where and when).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub command: String,
+    pub folder: Option<String>,
+    pub detail: String,
+    pub outcome: Outcome,
+    pub durable: bool,
+}
+
+/// A request for the provider, always under a pecgate tag.
+#[derive(Debug)]
+pub enum Request {
+    Command(Command<'static>),
+    /// An APPEND head announcing `length` bytes; the driver streams the client's message
+    /// after it. `client_sync`: the client waits for a `+` before sending it.
+    AppendHead {
+        skeleton: Command<'static>,
+        length: u32,
+        client_sync: bool,
+    },
+    /// End the provider's IDLE.
+    Done,
+}
+
+/// Why the session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    Logout,
+    /// The provider ended its session (BYE).
+    ProviderBye,
+    /// The provider said something pecgate cannot attribute.
+    ProviderViolation(String),
+}
+
+/// The answer to a submitted command.
+#[derive(Debug)]
+pub enum Submit {
+    Ready(Vec<Action>),
+    /// The command must wait until what is in flight completes (it runs alone, or something
+    /// running alone is in flight). Submit it again after the next completion.
+    Wait(Command<'static>),
+}
+
+/// What to do with an untagged provider response.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UntaggedPlan {
+    /// Relay it as it comes (literals streamed).
+    Pass,
+    /// Relay it with FETCH item names restored (see [`rename_rfc822_items`]).
+    PassRenamed,
+    /// Write this instead (capabilities replaced).
+    Replace(Vec<u8>),
+    /// Read the whole response (literals included) and hand it to [`ClientSession::on_unit`].
+    Gather,
+    /// Relay it, then the session is over (the provider said BYE).
+    PassThenEnd,
+    /// End the session: it does not fit what is in flight.
+    Violation(String),
+}
+
+struct InFlight {
+    upstream_tag: String,
+    client_tag: String,
+    summary: CommandSummary,
+    class: CommandClass,
+    /// Placeholders to put back into the provider's answer (hidden folder names).
+    substitutions: Vec<(String, String)>,
+    /// For SELECT/EXAMINE: the folder selected on success.
+    select_target: Option<String>,
+    runs_alone: bool,
+    list: Option<ListRequest>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdlePhase {
+    /// IDLE sent, the provider's `+` not seen yet.
+    Starting,
+    /// The provider idles; the client may send DONE.
+    Idling,
+    /// The client ended it before the provider's `+`: DONE goes up when `+` comes.
+    DoneWanted,
+    /// DONE sent; waiting for the tagged completion.
+    DoneSent,
+}
+
+struct Idle {
+    upstream_tag: String,
+    phase: IdlePhase,
+    /// What the client sent instead of DONE (the IDLE then completes with BAD).
+    broken: Option<String>,
+}
+
+/// The state of one logged-in client session.
+pub struct ClientSession {
+    policy: SessionPolicy,
+    capabilities: Vec<String>,
+    /// The folder selected on the provider connection, as known from completions.
+    selected: Option<String>,
+    in_flight: Vec<InFlight>,
+    idle: Option<Idle>,
+    /// Entries of the LIST/LSUB in flight.
+    listing: Vec<ListEntry>,
+    /// A FETCH rewritten to `.PEEK` whose `RFC822` items must be renamed back is in flight.
+    renaming: bool,
+    logging_out: bool,
+}
+
+impl ClientSession {
+    pub fn new(policy: SessionPolicy, capabilities: Vec<String>) -> Self {
+        ClientSession {
+            policy,
+            capabilities,
+            selected: None,
+            in_flight: Vec::new(),
+            idle: None,
+            listing: Vec::new(),
+            renaming: false,
+            logging_out: false,
+        }
+    }
+
+    pub fn policy(&self) -> &SessionPolicy {
+        &self.policy
+    }
+
+    pub fn selected(&self) -> Option<&str> {
+        self.selected.as_deref()
+    }
+
+    /// Whether the client is in IDLE: its next line must be DONE (read as a line, not as a
+    /// command).
+    pub fn client_idling(&self) -> bool {
+        self.idle.as_ref().is_some_and(|idle| {
+            idle.broken.is_none() && matches!(idle.phase, IdlePhase::Starting | IdlePhase::Idling)
+        })
+    }
+
+    pub fn is_logging_out(&self) -> bool {
+        self.logging_out
+    }
+
+    /// A command the framer or the parser refused.
+    pub fn refuse_unparsed(&self, tag: Option<&str>, text: &str, detail: String) -> Vec<Action> {
+        vec![
+            audit("(unparsed)", self.selected.clone(), detail, Outcome::Bad),
+            Action::Client(format!("{} BAD {text}\r\n", tag.unwrap_or("*")).into_bytes()),
+        ]
+    }
+
+    /// A parsed command from the client.
+    pub fn submit(&mut self, command: Command<'static>) -> Submit {
+        self.submit_inner(command, None)
+    }
+
+    /// An APPEND whose message (`length` bytes) the driver will stream; `command` is the
+    /// skeleton parsed with an empty message.
+    pub fn submit_append(&mut self, skeleton: Command<'static>, length: u32, sync: bool) -> Submit {
+        self.submit_inner(skeleton, Some((length, sync)))
+    }
+
+    fn submit_inner(&mut self, mut command: Command<'static>, append: Option<(u32, bool)>) -> Submit {
+        let client_tag = command.tag.as_ref().to_owned();
+        let class = classify(&command.body);
+        let mut summary = summarize(&command);
+        if let Some((length, _)) = append {
+            summary.detail.push_str(&format!(" size={length}"));
+        }
+        if summary.folder.is_none() {
+            summary.folder = self.selected.clone();
+        }
+        if self.in_flight.iter().any(|f| f.client_tag == client_tag) {
+            return self.refuse(&client_tag, &summary, "Tag already in use by a running command");
+        }
+        let ok = |text: String| Submit::Ready(vec![
+            audit(&summary.name, summary.folder.clone(), summary.detail.clone(), Outcome::Ok),
+            Action::Client(text.into_bytes()),
+        ]);
+        match class.handling {
+            Handling::Refuse(text) => return self.refuse(&client_tag, &summary, text),
+            Handling::LocalCapability => {
+                return ok(format!(
+                    "* CAPABILITY {}\r\n{client_tag} OK CAPABILITY completed\r\n",
+                    self.capabilities.join(" ")
+                ));
+            }
+            Handling::LocalEnable => {
+                return ok(format!("* ENABLED\r\n{client_tag} OK ENABLE completed\r\n"));
+            }
+            Handling::LocalId => return ok(id_answer(&client_tag)),
+            Handling::Relay | Handling::Idle | Handling::Logout => {}
+        }
+        let list = ListRequest::of(&command.body);
+        if list.as_ref().is_some_and(ListRequest::too_long) {
+            return self.refuse(&client_tag, &summary, "LIST pattern too long");
+        }
+        let runs_alone = class.exclusive || renames_rfc822(&command, &self.policy);
+        if (runs_alone && !self.in_flight.is_empty()) || self.in_flight.iter().any(|f| f.runs_alone) {
+            return Submit::Wait(command);
+        }
+        let substitutions = match authorize(&mut command, &self.policy) {
+            Decision::Allow => Vec::new(),
+            Decision::AsNonexistent { substitutions } => substitutions,
+            Decision::CloseAsUnselect => {
+                summary.detail = "without expunge: no delete permission".into();
+                Vec::new()
+            }
+            Decision::BadName(text) => return self.refuse(&client_tag, &summary, text),
+            denial => return Submit::Ready(deny(&client_tag, &summary, &denial)),
+        };
+        self.renaming = force_peek(&mut command, &self.policy);
+        let upstream_tag = next_tag();
+        summary.detail = join_detail(&summary.detail, &format!("upstream={upstream_tag}"));
+        command.tag = Tag::try_from(upstream_tag.clone()).expect("c<digits> is a valid tag");
+        let select_target = match &command.body {
+            CommandBody::Select { .. } | CommandBody::Examine { .. } => summary.folder.clone(),
+            _ => None,
+        };
+        let mut actions = Vec::new();
+        if class.changes_state {
+            actions.push(Action::Audit(AuditRecord {
+                durable: true,
+                ..record(&summary, Outcome::Sent)
+            }));
+        }
+        let request = match (&list, append) {
+            (Some(list), _) => {
+                let verb = if list.lsub { "LSUB" } else { "LIST" };
+                let own = format!("{upstream_tag} {verb} \"\" \"*\"\r\n");
+                Request::Command(parse_command(own.as_bytes()).expect("pecgate's own LIST parses"))
+            }
+            (None, Some((length, client_sync))) => Request::AppendHead {
+                skeleton: command,
+                length,
+                client_sync,
+            },
+            (None, None) => Request::Command(command),
+        };
+        match class.handling {
+            Handling::Idle => {
+                self.idle = Some(Idle {
+                    upstream_tag: upstream_tag.clone(),
+                    phase: IdlePhase::Starting,
+                    broken: None,
+                })
+            }
+            Handling::Logout => self.logging_out = true,
+            _ => {}
+        }
+        self.listing.clear();
+        self.in_flight.push(InFlight {
+            upstream_tag,
+            client_tag,
+            summary,
+            class,
+            substitutions,
+            select_target,
+            runs_alone,
+            list,
+        });
+        actions.push(Action::Provider(request));
+        Submit::Ready(actions)
+    }
+
+    fn refuse(&self, tag: &str, summary: &CommandSummary, text: &str) -> Submit {
+        Submit::Ready(vec![
+            audit(&summary.name, summary.folder.clone(), text.to_owned(), Outcome::Bad),
+            Action::Client(format!("{tag} BAD {text}\r\n").into_bytes()),
+        ])
+    }
+
+    /// A line from the client while it is in IDLE.
+    pub fn idle_line(&mut self, line: &[u8]) -> Vec<Action> {
+        let Some(idle) = self.idle.as_mut() else {
+            return Vec::new();
+        };
+        let trimmed = line.strip_suffix(b"\n").unwrap_or(line);
+        let trimmed = trimmed.strip_suffix(b"\r").unwrap_or(trimmed);
+        if !trimmed.eq_ignore_ascii_case(b"DONE") {
+            // What a server does: the IDLE ends with BAD, the line is not a command.
+            idle.broken = Some(crate::text::printable(trimmed, 200));
+        }
+        match idle.phase {
+            IdlePhase::Idling => {
+                idle.phase = IdlePhase::DoneSent;
+                vec![Action::Provider(Request::Done)]
+            }
+            IdlePhase::Starting => {
+                idle.phase = IdlePhase::DoneWanted;
+                Vec::new()
+            }
+            IdlePhase::DoneWanted | IdlePhase::DoneSent => Vec::new(),
+        }
+    }
+
+    /// The provider's `+` for the IDLE in flight (`line` is the continuation as sent).
+    pub fn on_idle_continuation(&mut self, tag: &str, line: &[u8]) -> Vec<Action> {
+        let Some(idle) = self.idle.as_mut().filter(|idle| idle.upstream_tag == tag) else {
+            return vec![violation_end("a continuation for no IDLE")];
+        };
+        match idle.phase {
+            IdlePhase::Starting => {
+                idle.phase = IdlePhase::Idling;
+                vec![Action::Client(line.to_vec())]
+            }
+            IdlePhase::DoneWanted => {
+                idle.phase = IdlePhase::DoneSent;
+                let mut actions = Vec::new();
+                if idle.broken.is_none() {
+                    actions.push(Action::Client(line.to_vec()));
+                }
+                actions.push(Action::Provider(Request::Done));
+                actions
+            }
+            IdlePhase::Idling | IdlePhase::DoneSent => vec![violation_end("a second continuation for IDLE")],
+        }
+    }
+
+    /// The provider completed the command sent under `tag`; `text` is the rest of its line.
+    pub fn on_completed(&mut self, tag: &str, status: Status, text: &[u8]) -> Vec<Action> {
+        let Some(position) = self.in_flight.iter().position(|f| f.upstream_tag == tag) else {
+            return vec![violation_end("a completion for a command this session did not send")];
+        };
+        let done = self.in_flight.remove(position);
+        match (done.class.selection, status) {
+            (Selection::Select, Status::Ok) if done.substitutions.is_empty() => {
+                self.selected = done.select_target.clone()
+            }
+            // A failed SELECT leaves no folder selected (RFC 3501 6.3.1); BAD was not run.
+            (Selection::Select, Status::Ok | Status::No) | (Selection::Deselect, Status::Ok) => {
+                self.selected = None
+            }
+            _ => {}
+        }
+        if done.runs_alone {
+            self.renaming = false;
+        }
+        let idle_broken = match &self.idle {
+            Some(idle) if idle.upstream_tag == tag => self.idle.take().and_then(|i| i.broken),
+            _ => None,
+        };
+        let outcome = match status {
+            _ if idle_broken.is_some() => Outcome::Bad,
+            // A hidden folder, answered as nonexistent by the provider.
+            _ if !done.substitutions.is_empty() => Outcome::Denied,
+            Status::Ok => Outcome::Ok,
+            Status::No => Outcome::No,
+            _ => Outcome::Bad,
+        };
+        let mut summary = done.summary.clone();
+        if let Some(line) = &idle_broken {
+            summary.detail = join_detail(&format!("client sent {line:?} instead of DONE"), &summary.detail);
+        }
+        let mut actions = vec![Action::Audit(record(&summary, outcome))];
+        if let Some(request) = done.list
+            && status == Status::Ok
+        {
+            actions.push(Action::ClientListing {
+                request,
+                entries: std::mem::take(&mut self.listing),
+            });
+        }
+        let line = match idle_broken {
+            Some(_) => format!("{} BAD Expected DONE to end IDLE\r\n", done.client_tag).into_bytes(),
+            None => {
+                let mut line = done.client_tag.clone().into_bytes();
+                line.push(b' ');
+                line.extend_from_slice(&substitute(text, &done.substitutions));
+                if response::carries_capabilities(&line) {
+                    line = response::replace_capabilities(&line, &self.capabilities);
+                }
+                line
+            }
+        };
+        actions.push(Action::Client(line));
+        if done.class.handling == Handling::Logout {
+            actions.push(Action::End(Ending::Logout));
+        }
+        actions
+    }
+
+    /// An untagged provider response, by its first line.
+    pub fn plan_untagged(&self, kind: Untagged, line: &[u8]) -> UntaggedPlan {
+        let list_in_flight = |lsub: bool| {
+            self.in_flight
+                .iter()
+                .any(|f| f.list.as_ref().is_some_and(|l| l.lsub == lsub))
+        };
+        match kind {
+            Untagged::Bye if self.logging_out => UntaggedPlan::Pass,
+            Untagged::Bye => UntaggedPlan::PassThenEnd,
+            Untagged::Capability | Untagged::State if response::carries_capabilities(line) => {
+                UntaggedPlan::Replace(response::replace_capabilities(line, &self.capabilities))
+            }
+            Untagged::List if list_in_flight(false) => UntaggedPlan::Gather,
+            Untagged::Lsub if list_in_flight(true) => UntaggedPlan::Gather,
+            Untagged::List | Untagged::Lsub => {
+                UntaggedPlan::Violation("folder listing outside a LIST/LSUB".into())
+            }
+            Untagged::Status => UntaggedPlan::Gather,
+            Untagged::Fetch if self.renaming => UntaggedPlan::PassRenamed,
+            Untagged::Capability => {
+                UntaggedPlan::Replace(response::replace_capabilities(line, &self.capabilities))
+            }
+            Untagged::State | Untagged::Fetch | Untagged::Other => UntaggedPlan::Pass,
+        }
+    }
+
+    /// A whole gathered response (LIST, LSUB, STATUS).
+    pub fn on_unit(&mut self, kind: Untagged, unit: &[u8]) -> Vec<Action> {
+        match kind {
+            Untagged::List | Untagged::Lsub => {
+                match list_entry(unit) {
+                    Some(entry) if self.listing.len() < MAX_LIST_ENTRIES => self.listing.push(entry),
+                    Some(_) => {}
+                    // Not relayed: the listing is computed from what parses.
+                    None => tracing::warn!(
+                        line = %crate::text::printable(unit, 200),
+                        "unparseable folder listing line from the provider"
+                    ),
+                }
+                Vec::new()
+            }
+            Untagged::Status if status_visible(unit, &self.policy) => {
+                vec![Action::Client(unit.to_vec())]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The provider broke the protocol: end the session (its end event records why).
+    pub fn on_violation(&self, reason: &str) -> Vec<Action> {
+        vec![
+            Action::Client(b"* BYE [UNAVAILABLE] The PEC provider sent something pecgate cannot attribute; reconnect\r\n".to_vec()),
+            Action::End(Ending::ProviderViolation(reason.to_owned())),
+        ]
+    }
+
+    /// The session is over: every command the provider never completed, as an error event.
+    pub fn abandon(&mut self) -> Vec<AuditRecord> {
+        self.in_flight
+            .drain(..)
+            .map(|f| AuditRecord {
+                detail: join_detail(&f.summary.detail, "no answer from the provider"),
+                ..record(&f.summary, Outcome::Error)
+            })
+            .collect()
+    }
+}
+
+/// Whether `command` is a FETCH whose RFC822 items [`force_peek`] will rewrite.
+fn renames_rfc822(command: &Command<'_>, policy: &SessionPolicy) -> bool {
+    if policy.permissions.has(Permission::Flag) {
+        return false;
+    }
+    matches!(
+        &command.body,
+        CommandBody::Fetch {
+            macro_or_item_names: MacroOrMessageDataItemNames::MessageDataItemNames(items),
+            ..
+        } if items.iter().any(|i| matches!(i, MessageDataItemName::Rfc822 | MessageDataItemName::Rfc822Text))
+    )
+}
+
+/// pecgate's own identification: the provider never hears the client's.
+fn id_answer(tag: &str) -> String {
+    format!(
+        "* ID (\"name\" \"pecgate\" \"version\" \"{}\")\r\n{tag} OK ID completed\r\n",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+fn join_detail(a: &str, b: &str) -> String {
+    match (a.is_empty(), b.is_empty()) {
+        (true, _) => b.to_owned(),
+        (_, true) => a.to_owned(),
+        _ => format!("{a} {b}"),
+    }
+}
+
+fn record(summary: &CommandSummary, outcome: Outcome) -> AuditRecord {
+    AuditRecord {
+        command: summary.name.clone(),
+        folder: summary.folder.clone(),
+        detail: summary.detail.clone(),
+        outcome,
+        durable: false,
+    }
+}
+
+fn audit(command: &str, folder: Option<String>, detail: String, outcome: Outcome) -> Action {
+    Action::Audit(AuditRecord {
+        command: command.to_owned(),
+        folder,
+        detail,
+        outcome,
+        durable: false,
+    })
+}
+
+fn violation_end(reason: &str) -> Action {
+    Action::End(Ending::ProviderViolation(reason.to_owned()))
+}
+
+/// The refusal of a command by the folder and permission policy.
+fn deny(tag: &str, summary: &CommandSummary, decision: &Decision) -> Vec<Action> {
+    let text = match decision {
+        Decision::DenyPermission(permission) => {
+            format!("Permission denied: your roles do not grant \"{permission}\" on this mailbox")
+        }
+        Decision::DenyName(name) => format!(
+            "Permission denied: your roles do not allow a folder named \"{}\"",
+            crate::text::escape(name, true)
+        ),
+        Decision::DenySubtree(name) => format!(
+            "Permission denied: \"{}\" may have sub-folders outside your roles, so it cannot be renamed or deleted",
+            crate::text::escape(name, true)
+        ),
+        other => unreachable!("not a denial: {other:?}"),
+    };
+    tracing::info!(command = %summary.name, folder = ?summary.folder, "denied: {text}");
+    vec![
+        audit(
+            &summary.name,
+            summary.folder.clone(),
+            format!("{} ({text})", summary.detail),
+            Outcome::Denied,
+        ),
+        Action::Client(format!("{tag} NO [NOPERM] {text}\r\n").into_bytes()),
+    ]
+}
+
+#[cfg(test)]
+#[path = "client_session_tests.rs"]
+mod tests;
