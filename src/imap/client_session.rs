@@ -227,6 +227,11 @@ impl ClientSession {
         if let Some((length, _)) = append {
             summary.detail.push_str(&format!(" size={length}"));
         }
+        if matches!(command.body, CommandBody::Copy { .. } | CommandBody::Move { .. }) {
+            // The event's folder is the destination; the source is the selected folder.
+            let from = self.selected.as_deref().unwrap_or("");
+            summary.detail = join_detail(&summary.detail, &format!("from={from}"));
+        }
         if summary.folder.is_none() {
             summary.folder = self.selected.clone();
         }

@@ -2,7 +2,7 @@
 //! client sends, what goes upstream, what the client gets, what is audited. No sockets.
 
 use bytes::BytesMut;
-use imap_codec::imap_types::command::Command;
+use imap_codec::imap_types::command::{Command, CommandBody};
 
 use super::*;
 use crate::config::Permission;
@@ -11,6 +11,11 @@ use crate::imap::command::{UpstreamStep, append_skeleton};
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits};
 use crate::imap::provider_client::{ProviderClient, ProviderEvent};
 use crate::policy::FolderPolicy;
+
+enum Held {
+    Command(Command<'static>),
+    Append(Command<'static>, u32, bool),
+}
 
 /// One session with its provider client, fed like the relay feeds them.
 struct Rig {
@@ -24,8 +29,12 @@ struct Rig {
     client: Vec<u8>,
     audits: Vec<AuditRecord>,
     /// A command held back until something completes.
-    waiting: Option<Command<'static>>,
+    waiting: Option<Held>,
+    /// Bytes of an APPEND message still to stream (true) or throw away (false).
+    streaming: Option<(usize, bool)>,
     ended: Option<Ending>,
+    /// Everything taken from `upstream` so far (for the random-stream test).
+    upstream_log: Vec<u8>,
 }
 
 fn rig(patterns: &[&str], permissions: &[Permission]) -> Rig {
@@ -44,7 +53,9 @@ fn rig(patterns: &[&str], permissions: &[Permission]) -> Rig {
         client: Vec::new(),
         audits: Vec::new(),
         waiting: None,
+        streaming: None,
         ended: None,
+        upstream_log: Vec::new(),
     }
 }
 
@@ -57,6 +68,19 @@ impl Rig {
 
     fn pump(&mut self) {
         while self.waiting.is_none() && self.ended.is_none() {
+            if let Some((remaining, forward)) = self.streaming {
+                // An APPEND message (and its line end) being streamed, or thrown away.
+                let n = remaining.min(self.input.len());
+                let chunk = self.input.split_to(n);
+                if forward {
+                    self.upstream.extend_from_slice(&chunk);
+                }
+                self.streaming = (remaining > n).then_some((remaining - n, forward));
+                if remaining > n {
+                    return;
+                }
+                continue;
+            }
             let assembled = if self.session.client_idling() {
                 self.assembler.poll_line(&mut self.input)
             } else {
@@ -77,37 +101,45 @@ impl Rig {
                     self.session.idle_line(&line)
                 }
                 Assembled::Command(bytes) => match parse_command(&bytes) {
-                    Ok(command) => self.submit(command),
+                    Ok(command) => self.submit(Held::Command(command)),
                     Err(_) => self.session.refuse_unparsed(None, "Invalid", String::new()),
                 },
                 Assembled::MessageLiteral { head, literal } => {
                     let skeleton = append_skeleton(&head, &literal).unwrap();
-                    match self.session.submit_append(skeleton, literal.length, literal.sync) {
-                        Submit::Ready(actions) => {
-                            // The message and the line end follow in the input: stream them.
-                            let message = self.input.split_to(literal.length as usize + 2);
-                            let sent = actions
-                                .iter()
-                                .any(|a| matches!(a, Action::Provider(Request::AppendHead { .. })));
-                            self.perform(actions);
-                            if sent {
-                                self.upstream.extend_from_slice(&message);
-                            }
-                            continue;
-                        }
-                        Submit::Wait(_) => panic!("tests do not pipeline behind an APPEND"),
-                    }
+                    self.submit(Held::Append(skeleton, literal.length, literal.sync))
                 }
             };
             self.perform(actions);
         }
     }
 
-    fn submit(&mut self, command: Command<'static>) -> Vec<Action> {
-        match self.session.submit(command) {
-            Submit::Ready(actions) => actions,
+    fn submit(&mut self, held: Held) -> Vec<Action> {
+        let (outcome, append) = match held {
+            Held::Command(command) => (self.session.submit(command), None),
+            Held::Append(skeleton, length, sync) => (
+                self.session.submit_append(skeleton, length, sync),
+                Some((length, sync)),
+            ),
+        };
+        match outcome {
+            Submit::Ready(actions) => {
+                if let Some((length, sync)) = append {
+                    let sent = actions
+                        .iter()
+                        .any(|a| matches!(a, Action::Provider(Request::AppendHead { .. })));
+                    // Sent: the message streams up. Refused: a LITERAL+ message is thrown
+                    // away; a synchronising one was never sent (the client got no `+`).
+                    if sent || !sync {
+                        self.streaming = Some((length as usize + 2, sent));
+                    }
+                }
+                actions
+            }
             Submit::Wait(command) => {
-                self.waiting = Some(command);
+                self.waiting = Some(match append {
+                    Some((length, sync)) => Held::Append(command, length, sync),
+                    None => Held::Command(command),
+                });
                 Vec::new()
             }
         }
@@ -133,8 +165,8 @@ impl Rig {
             ProviderEvent::Violation(reason) => self.session.on_violation(&reason),
         };
         self.perform(actions);
-        if let Some(command) = self.waiting.take() {
-            let actions = self.submit(command);
+        if let Some(held) = self.waiting.take() {
+            let actions = self.submit(held);
             self.perform(actions);
             self.pump();
         }
@@ -182,6 +214,12 @@ impl Rig {
 
     fn take_client(&mut self) -> String {
         String::from_utf8_lossy(&std::mem::take(&mut self.client)).into_owned()
+    }
+
+    /// The IDLE whose DONE was sent and which the provider has not completed yet.
+    fn idle_tag_waiting_for_done(&self) -> Option<String> {
+        let idle = self.session.idle.as_ref()?;
+        (idle.phase == IdlePhase::DoneSent).then(|| idle.upstream_tag.clone())
     }
 
     /// The upstream tag of the last command sent.
@@ -402,4 +440,176 @@ fn listings_come_from_the_visible_tree_only() {
     r.provider_sends("* LIST () \"/\" INBOX\r\n");
     r.provider_sends(&format!("{tag} OK done\r\n"));
     assert!(r.take_client().ends_with("m OK done\r\n"));
+}
+
+#[test]
+fn id_with_many_long_fields_is_answered() {
+    let mut r = rig(&["INBOX"], ALL);
+    // Beyond RFC 2971's limits (30 pairs, 30-octet names, 1024-octet values) and still
+    // answered: pecgate records what fits and never sends it upstream.
+    for (pairs, value) in [(30, 1024), (45, 1200)] {
+        let fields: Vec<String> = (0..pairs)
+            .map(|i| format!("\"field-{i}-{}\" \"{}\"", "k".repeat(40), "v".repeat(value)))
+            .collect();
+        r.client_sends(format!("i ID ({})\r\n", fields.join(" ")).as_bytes());
+        let client = r.take_client();
+        assert!(client.ends_with("i OK ID completed\r\n"), "{client}");
+    }
+    assert!(r.take_upstream().is_empty());
+    let event = r.audits.last().unwrap();
+    assert!(event.detail.len() <= 2048, "{}", event.detail.len());
+}
+
+/// Random client streams (tag reuse, IDLE/DONE at wrong times, literals of both kinds in every
+/// position, APPEND messages that look like commands, garbage) against a provider that answers
+/// everything. Whatever the client sends, every command the provider receives is one pecgate
+/// encoded: its own tag, a granted name or a placeholder, never a hidden name.
+#[test]
+fn random_streams_never_put_client_words_upstream() {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("PECGATE_STREAM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("seed {seed} (PECGATE_STREAM_SEED={seed} to replay)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let pieces: &[&[u8]] = &[
+        b"a NOOP\r\n",
+        b"a IDLE\r\n",
+        b"DONE\r\n",
+        b"b SELECT INBOX\r\n",
+        b"b SELECT Segreto\r\n",
+        b"c SELECT {7+}\r\nSegreto\r\n",
+        b"c EXAMINE {5}\r\nINBOX\r\n",
+        b"d UID FETCH 1:* (BODY.PEEK[] FLAGS)\r\n",
+        b"d FETCH 1 RFC822\r\n",
+        b"e LIST \"\" *\r\n",
+        b"e LSUB \"\" \"*\"\r\n",
+        b"f STATUS Segreto (MESSAGES)\r\n",
+        b"g APPEND INBOX {40+}\r\nx SELECT Segreto\r\ny UID FETCH 1:* BODY[]\r\n\r\n",
+        b"g APPEND INBOX {40}\r\nx SELECT Segreto\r\ny UID FETCH 1:* BODY[]\r\n\r\n",
+        b"h ID {18+}\r\ny SELECT Segreto\r\n\r\n",
+        b"i UID STORE 1 +FLAGS (\\Seen)\r\n",
+        b"i UID MOVE 1 Segreto\r\n",
+        b"j CREATE Segreto/x\r\n",
+        b"j RENAME INBOX/a {7+}\r\nSegreto\r\n",
+        b"k CLOSE\r\n",
+        b"k UNSELECT\r\n",
+        b"l SEARCH TEXT {6+}\r\nSELECT\r\n",
+        b"\x00\xff garbage {3+}\r\n",
+        b"m CAPABILITY\r\n",
+        b"z SELECT\r\n",
+    ];
+    for role in [&[Permission::Read][..], &[Permission::Read, Permission::Flag, Permission::Append][..], ALL] {
+        let mut r = rig(&["INBOX", "INBOX/**", "Sent"], role);
+        for _ in 0..3000 {
+            let piece = pieces[rng.gen_range(0..pieces.len())];
+            if rng.gen_bool(0.1) {
+                // Cut anywhere: the rest arrives with the next piece.
+                let cut = rng.gen_range(0..piece.len());
+                r.client_sends(&piece[..cut]);
+                r.client_sends(&piece[cut..]);
+            } else {
+                r.client_sends(piece);
+            }
+            // The provider answers what is in flight, now or a little later.
+            if rng.gen_bool(0.7) {
+                answer_everything(&mut r);
+            }
+            if r.ended.is_some() {
+                panic!("seed {seed}: the session ended: {:?}", r.ended);
+            }
+        }
+        answer_everything(&mut r);
+        let (commands, dones, appends) = check_upstream(&r.upstream_log, seed);
+        // The stream really went through every path (else the checks above prove little).
+        assert!(commands > 1000 && dones > 20, "seed {seed}: {commands} commands, {dones} DONE");
+        assert_eq!(appends > 0, role.contains(&Permission::Append), "seed {seed}");
+        let client = String::from_utf8_lossy(&r.client);
+        assert!(!client.contains("Segreto\r\n* "), "seed {seed}");
+    }
+}
+
+/// Complete every command in flight (OK), accept IDLE with `+`.
+fn answer_everything(r: &mut Rig) {
+    for _ in 0..8 {
+        let sent = r.take_upstream();
+        r.upstream_log.extend(sent.iter().flat_map(|l| l.as_bytes().to_vec()));
+        let tags: Vec<(String, bool)> = sent
+            .iter()
+            .filter_map(|l| {
+                let mut words = l.split(' ');
+                let tag = words.next()?;
+                let verb = words.next()?.trim_end();
+                (tag.starts_with('c') && tag[1..].chars().all(|c| c.is_ascii_digit()))
+                    .then(|| (tag.to_owned(), verb.eq_ignore_ascii_case("IDLE")))
+            })
+            .collect();
+        if tags.is_empty() && !sent.iter().any(|l| l == "DONE\r\n") {
+            return;
+        }
+        for (tag, idle) in tags {
+            if idle {
+                r.provider_sends("+ idling\r\n");
+                if r.session.client_idling() {
+                    continue;
+                }
+            }
+            r.provider_sends(&format!("{tag} OK done\r\n"));
+        }
+        if let Some(tag) = r.idle_tag_waiting_for_done() {
+            r.provider_sends(&format!("{tag} OK Idle done\r\n"));
+        }
+    }
+}
+
+/// Frame the upstream bytes as a server would and check every command.
+fn check_upstream(bytes: &[u8], seed: u64) -> (usize, usize, usize) {
+    let (mut commands, mut dones, mut appends) = (0, 0, 0);
+    let mut input = BytesMut::from(bytes);
+    let mut assembler = CommandAssembler::new(CommandLimits {
+        max_literal: 1 << 20,
+        ..CommandLimits::default()
+    });
+    let mut after_idle = false;
+    loop {
+        let assembled = if after_idle {
+            assembler.poll_line(&mut input)
+        } else {
+            assembler.poll(&mut input, |_, _| false)
+        };
+        match assembled {
+            Assembled::NeedMore => break,
+            Assembled::SendContinuation => continue,
+            Assembled::Command(command) if after_idle => {
+                assert_eq!(command, b"DONE\r\n", "seed {seed}: only DONE during IDLE");
+                after_idle = false;
+                dones += 1;
+            }
+            Assembled::Command(command) => {
+                let text = String::from_utf8_lossy(&command);
+                let parsed = parse_command(&command)
+                    .unwrap_or_else(|_| panic!("seed {seed}: unparseable upstream {text:?}"));
+                let tag = parsed.tag.as_ref();
+                assert!(
+                    tag.starts_with('c') && tag[1..].chars().all(|c| c.is_ascii_digit()),
+                    "seed {seed}: not a pecgate tag: {text:?}"
+                );
+                let is_append = matches!(parsed.body, CommandBody::Append { .. });
+                assert!(
+                    is_append || !text.contains("Segreto"),
+                    "seed {seed}: a hidden name went upstream: {text:?}"
+                );
+                if let CommandBody::Append { mailbox, .. } = &parsed.body {
+                    assert_ne!(crate::imap::command::mailbox_name(mailbox), "Segreto");
+                }
+                after_idle = matches!(parsed.body, CommandBody::Idle);
+                commands += 1;
+                appends += usize::from(is_append);
+            }
+            other => panic!("seed {seed}: upstream framing: {other:?}"),
+        }
+    }
+    assert!(input.is_empty(), "seed {seed}: trailing upstream bytes");
+    (commands, dones, appends)
 }

@@ -29,7 +29,6 @@ use crate::imap::client_session::{Action, AuditRecord, ClientSession, Ending, Re
 use crate::imap::command::{UpstreamStep, append_skeleton, parse_command};
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, literal_at_end, tag_of};
 use crate::imap::provider_client::{ProviderClient, ProviderEvent};
-use crate::imap::session::SessionEnd;
 use crate::io::{self, BoxStream, CopyError};
 use crate::session::SessionContext;
 use crate::upstream::{ProviderConnection, read_unit};
@@ -49,6 +48,20 @@ const LOGOUT_GRACE: Duration = Duration::from_secs(10);
 const WRITE_BUFFER: usize = 64 * 1024;
 
 type Writer = tokio::sync::Mutex<BufWriter<WriteHalf<BoxStream>>>;
+
+/// How a session ended (for the log and the audit trail).
+#[derive(Debug)]
+pub enum SessionEnd {
+    Logout,
+    ClientClosed,
+    Timeout,
+    Shutdown,
+    AuditFailed,
+    UpstreamClosed,
+    /// The provider sent something pecgate could not attribute.
+    ProviderViolation(String),
+    Error(String),
+}
 
 /// The two machines of one session.
 struct Core {
@@ -129,9 +142,18 @@ pub async fn run(
     for record in orphans {
         let _ = record_event(ctx, record).await;
     }
-    if !matches!(end, SessionEnd::Logout | SessionEnd::UpstreamClosed) {
+    if !matches!(
+        end,
+        SessionEnd::Logout | SessionEnd::UpstreamClosed | SessionEnd::ProviderViolation(_)
+    ) {
+        // A polite goodbye; an IDLE is ended first, since an idling provider reads any other
+        // line as the end of IDLE.
+        let done = shared.core().provider.done();
         let mut provider = shared.provider.lock().await;
         let _ = tokio::time::timeout(Duration::from_secs(3), async {
+            if let Some(done) = done {
+                provider.write_all(done).await?;
+            }
             provider.write_all(b"s9 LOGOUT\r\n").await?;
             provider.flush().await
         })

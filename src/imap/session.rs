@@ -22,7 +22,7 @@ use crate::gateway::Gateway;
 use crate::imap::authorize::SessionPolicy;
 use crate::imap::command::{self, summarize};
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, tag_of};
-use crate::imap::relay;
+use crate::imap::relay::{self, SessionEnd};
 use crate::imap::response;
 use crate::io::{self, BoxStream};
 use crate::login::{self, LoginRefusal};
@@ -32,26 +32,13 @@ use crate::upstream::{self, ProviderConnection};
 
 /// A client that does not log in within this time is disconnected.
 const PREAUTH_TIMEOUT: Duration = Duration::from_secs(120);
-/// Limits before login: nobody unauthenticated gets to make pecgate buffer much.
+/// Limits before login: nobody unauthenticated gets to make pecgate buffer much. A line fits
+/// an ID at RFC 2971's limits (30 pairs of 30-octet names and 1024-octet values).
 const PREAUTH_LIMITS: CommandLimits = CommandLimits {
-    max_line: 8 * 1024,
+    max_line: 40 * 1024,
     max_literal: 8 * 1024,
-    max_command: 16 * 1024,
+    max_command: 48 * 1024,
 };
-
-/// How a session ended (for the log and the audit trail).
-#[derive(Debug)]
-pub enum SessionEnd {
-    Logout,
-    ClientClosed,
-    Timeout,
-    Shutdown,
-    AuditFailed,
-    UpstreamClosed,
-    /// The provider sent something pecgate could not attribute.
-    ProviderViolation(String),
-    Error(String),
-}
 
 impl From<HandshakeFailure> for SessionEnd {
     fn from(failure: HandshakeFailure) -> SessionEnd {

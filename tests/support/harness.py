@@ -794,6 +794,17 @@ class RawlogConnection:
         path = self.prefix.with_name(self.prefix.name + suffix)
         return self.strip_timestamps(path.read_bytes()) if path.exists() else b""
 
+    def timed_lines(self, direction: str) -> list[tuple[float, bytes]]:
+        """(Dovecot's time, line) for every line received (``"in"``) or sent (``"out"``)."""
+        path = self.prefix.with_name(f"{self.prefix.name}.{direction}")
+        out = []
+        data = path.read_bytes() if path.exists() else b""
+        for raw in re.findall(rb"[^\n]*\n|[^\n]+$", data):
+            m = self._STAMP_RE.match(raw)
+            if m:
+                out.append((float(m.group(0)), raw[m.end():]))
+        return out
+
     @property
     def received(self) -> bytes:
         return self._read(".in")

@@ -47,7 +47,10 @@ STATE_CHANGING = {"STORE", "UID STORE", "EXPUNGE", "UID EXPUNGE", "COPY", "UID C
 # answered by pecgate itself).
 RELAYED = STATE_CHANGING | {"SELECT", "EXAMINE", "FETCH", "UID FETCH", "SEARCH", "UID SEARCH",
                             "STATUS", "LIST", "LSUB", "UNSELECT", "NOOP", "CHECK", "NAMESPACE",
-                            "IDLE", "CAPABILITY"}
+                            "IDLE", "CAPABILITY",
+                            # the client's own LOGOUT, relayed and audited like any command (the
+                            # contract names pecgate's *final* LOGOUT, which is s<N>, as its own)
+                            "LOGOUT"}
 # Commands naming a folder, and which argument the audit row's folder is.
 NAMING = {"SELECT": 0, "EXAMINE": 0, "STATUS": 0, "CREATE": 0, "DELETE": 0, "RENAME": 0,
           "SUBSCRIBE": 0, "UNSUBSCRIBE": 0, "APPEND": 0, "COPY": 1, "UID COPY": 1, "MOVE": 1,
@@ -399,7 +402,9 @@ def check_connections(connections, audit_rows, accounts: dict[str, Account],
 
             rows = by_tag.get(cmd.tag, [])
             if not rows:
-                violations.append(f"{ctx}: no audit row with upstream={cmd.tag}")
+                around = "".join(f"\n      {c.wire.raw[:100]!r} -> {results.get(c.tag)}"
+                                 for c in cmds[max(0, i - 3):i + 3])
+                violations.append(f"{ctx}: no audit row with upstream={cmd.tag}; around it:{around}")
                 continue
             sess = {r["session"] for r in rows}
             if len(sess) != 1:
