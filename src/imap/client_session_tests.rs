@@ -408,6 +408,8 @@ fn names_with_control_characters_never_leave() {
     let client = r.take_client();
     assert!(client.starts_with("a BAD Mailbox names with control characters"), "{client}");
     assert!(client.contains("\r\nb BAD Mailbox names with control characters"), "{client}");
+    // Recorded, escaped: an auditor reads `A\r\nBC`, never a forged row.
+    assert_eq!(r.audits[0].folder.as_deref(), Some("A\\r\\nBC"));
 }
 
 #[test]

@@ -242,9 +242,10 @@ pub fn wire_name(mailbox: &Mailbox<'_>) -> Vec<u8> {
     }
 }
 
-/// A mailbox name as text, in its wire form (for the audit log).
+/// A mailbox name as text, in its wire form, escaped (for the audit log and logs): a name
+/// given as a literal may hold CR or LF.
 pub fn mailbox_name(mailbox: &Mailbox<'_>) -> String {
-    String::from_utf8_lossy(&wire_name(mailbox)).into_owned()
+    crate::text::printable(&wire_name(mailbox), 1024)
 }
 
 #[cfg(test)]
