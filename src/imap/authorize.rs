@@ -82,6 +82,7 @@ pub fn authorize(command: &mut Command<'static>, policy: &SessionPolicy) -> Deci
         return Decision::CloseAsUnselect;
     }
     let mut substitutions = Vec::new();
+    let is_create = matches!(command.body, CommandBody::Create { .. });
     for (mailbox, &usage) in mailboxes_mut(&mut command.body).into_iter().zip(class.names) {
         let wire = wire_name(mailbox);
         let shown = display_name(&wire);
@@ -89,9 +90,9 @@ pub fn authorize(command: &mut Command<'static>, policy: &SessionPolicy) -> Deci
             return Decision::BadName("Mailbox names with control characters are not accepted");
         }
         // RFC 3501: a trailing delimiter on CREATE declares a folder meant to hold others;
-        // the folder is the name without it.
-        let decided = match (usage, policy.delimiter) {
-            (NameUse::Create, Some(d)) if wire.len() > 1 && wire.ends_with(&[d as u8]) => {
+        // the folder is the name without it. (Not for RENAME: there it is no folder name.)
+        let decided = match policy.delimiter {
+            Some(d) if is_create && wire.len() > 1 && wire.ends_with(&[d as u8]) => {
                 &wire[..wire.len() - 1]
             }
             _ => &wire[..],
@@ -104,11 +105,11 @@ pub fn authorize(command: &mut Command<'static>, policy: &SessionPolicy) -> Deci
                 return Decision::DenySubtree(shown);
             }
             (NameUse::Existing | NameUse::Subtree, None) => {
-                let placeholder = placeholder_for(&wire, policy.delimiter);
+                let (placeholder, tokens) = placeholder_for(&wire, policy.delimiter);
                 *mailbox = Mailbox::Other(
-                    MailboxOther::try_from(placeholder.clone()).expect("placeholders are atoms"),
+                    MailboxOther::try_from(placeholder).expect("placeholders are atoms"),
                 );
-                substitutions.push((placeholder, shown));
+                substitutions.extend(tokens);
             }
             _ => {}
         }
@@ -180,28 +181,40 @@ fn display_name(wire: &[u8]) -> String {
 
 /// A name that cannot exist, with the same shape as `wire` (same delimiters, same empty
 /// segments), so the provider's syntax checks answer for it exactly as for the original.
-fn placeholder_for(wire: &[u8], delimiter: Option<char>) -> String {
+fn placeholder_for(wire: &[u8], delimiter: Option<char>) -> (String, Vec<(String, String)>) {
     let text = String::from_utf8_lossy(wire);
-    let token = || {
-        format!(
-            "pecgate-none-{:012x}",
-            rand::random::<u64>() & 0xffff_ffff_ffff
-        )
+    let segments: Vec<&str> = match delimiter {
+        Some(d) => text.split(d).collect(),
+        None => vec![&text],
     };
-    match delimiter {
-        Some(d) => text
-            .split(d)
-            .map(|segment| {
-                if segment.is_empty() {
-                    String::new()
-                } else {
-                    token()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(&d.to_string()),
-        None => token(),
+    // Each replaced segment gets its own unique token, put back one by one: the provider may
+    // print the name normalised (a trailing delimiter dropped), and every token still maps back.
+    let mut tokens = Vec::new();
+    let mut placeholder = Vec::with_capacity(segments.len());
+    for (i, segment) in segments.iter().enumerate() {
+        placeholder.push(match *segment {
+            "" => String::new(),
+            // INBOX always exists: kept as the first level of a longer name, so a provider
+            // that keeps every folder under `INBOX.` answers "no such folder" rather than
+            // "wrong namespace" (and prints it as `INBOX`, as it would for the real name).
+            s if i == 0 && segments.len() > 1 && s.eq_ignore_ascii_case("INBOX") => {
+                "INBOX".to_owned()
+            }
+            s => {
+                let token = format!(
+                    "pecgate-none-{:012x}",
+                    rand::random::<u64>() & 0xffff_ffff_ffff
+                );
+                tokens.push((token.clone(), display_name(s.as_bytes())));
+                token
+            }
+        });
     }
+    let joined = match delimiter {
+        Some(d) => placeholder.join(&d.to_string()),
+        None => placeholder.concat(),
+    };
+    (joined, tokens)
 }
 
 /// Whether every folder below `segments` is granted (a pattern ending in `**` covers it).
@@ -387,6 +400,18 @@ pub fn visible_listing(
     let has_children = |wire: &[u8]| parents.contains(wire);
     let pattern = normalise_inbox(&request.pattern, delimiter);
     let matches = |wire: &[u8]| list_match(&pattern, &normalise_inbox(wire, delimiter), delimiter);
+    // RFC 3501's LSUB rule is about `%`: a parent shows when a `%` stopped at its level above a
+    // subscribed child, i.e. when the child would match with `%` reading past the delimiter.
+    let percent_as_star: Vec<u8> = collapse_wildcards(
+        &pattern
+            .iter()
+            .map(|&b| if b == b'%' { b'*' } else { b })
+            .collect::<Vec<u8>>(),
+    );
+    let percent_reaches = |wire: &[u8]| {
+        pattern.contains(&b'%')
+            && list_match(&percent_as_star, &normalise_inbox(wire, delimiter), delimiter)
+    };
 
     let mut out = Vec::new();
     let mut shown: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
@@ -402,7 +427,7 @@ pub fn visible_listing(
             let shows = matches(&ancestor)
                 && (!request.lsub
                     || provider_names.contains(ancestor.as_slice())
-                    || !matches(&entry.wire));
+                    || (!matches(&entry.wire) && percent_reaches(&entry.wire)));
             if !shows {
                 continue;
             }
@@ -654,14 +679,32 @@ mod tests {
             assert!(encoded.contains(&substitutions[0].0), "{encoded}");
             assert!(!encoded.contains("Riservata"), "{encoded}");
         }
-        // Shape preserved: a trailing delimiter stays, so syntax errors stay the same.
+        // Shape preserved: a trailing delimiter stays, so syntax errors stay the same; each
+        // segment has its own token, so a provider that prints the name without the trailing
+        // delimiter still gets the client's name back.
         let (decision, encoded) = decide(&p, "a SELECT Riservata/");
         let Decision::AsNonexistent { substitutions } = decision else {
             panic!()
         };
-        assert!(substitutions[0].0.ends_with('/'), "{substitutions:?}");
-        assert!(encoded.contains(&substitutions[0].0));
-        assert_eq!(substitutions[0].1, "Riservata/");
+        assert_eq!(substitutions.len(), 1, "{substitutions:?}");
+        assert!(encoded.contains(&format!("{}/", substitutions[0].0)), "{encoded}");
+        assert_eq!(substitutions[0].1, "Riservata");
+        let reply = format!("a NO Mailbox doesn't exist: {}\r\n", substitutions[0].0);
+        assert_eq!(
+            substitute(reply.as_bytes(), &substitutions),
+            b"a NO Mailbox doesn't exist: Riservata\r\n"
+        );
+        // On a provider that keeps every folder under `INBOX.`, the INBOX level stays.
+        let aruba = SessionPolicy {
+            delimiter: Some('.'),
+            ..policy(&["INBOX", "INBOX/Sent"], &all())
+        };
+        let (decision, encoded) = decide(&aruba, "a SELECT inbox.Riservata.Legale");
+        let Decision::AsNonexistent { substitutions } = decision else {
+            panic!()
+        };
+        assert_eq!(substitutions.len(), 2);
+        assert!(encoded.starts_with("a SELECT INBOX.pecgate-none-"), "{encoded}");
         // Granted names go through untouched.
         assert_eq!(
             decide(&p, "a SELECT inbox"),
@@ -685,6 +728,12 @@ mod tests {
         assert_eq!(
             decide(&p, "a RENAME Progetti/A Progetti/B").0,
             Decision::Allow
+        );
+        // A trailing delimiter is CREATE's alone: as a RENAME target it is no clean name.
+        assert_eq!(decide(&p, "a CREATE Progetti/Nuovo/").0, Decision::Allow);
+        assert_eq!(
+            decide(&p, "a RENAME Progetti/A Progetti/").0,
+            Decision::DenyName("Progetti/".into())
         );
         // Sent may have hidden sub-folders: deleting or renaming it would touch them.
         assert_eq!(
@@ -831,6 +880,13 @@ mod tests {
         assert_eq!(
             listing("LSUB \"\" *", &entries, &p),
             ["* LSUB () \"/\" Ricevute/Consegne"]
+        );
+        // Without a `%` there is no such rule: the exact name of the parent lists nothing
+        // (as Dovecot answers).
+        assert!(listing("LSUB \"\" Ricevute", &entries, &p).is_empty());
+        assert_eq!(
+            listing("LSUB \"\" Ric%", &entries, &p),
+            ["* LSUB (\\Noselect) \"/\" Ricevute"]
         );
         // A subscribed parent that is not granted shows as `\Noselect`, never as itself.
         let p = policy(&["Ricevute/Consegne"], &all());

@@ -227,8 +227,8 @@ impl ClientSession {
         if let Some((length, _)) = append {
             summary.detail.push_str(&format!(" size={length}"));
         }
-        if matches!(command.body, CommandBody::Copy { .. } | CommandBody::Move { .. }) {
-            // The event's folder is the destination; the source is the selected folder.
+        if class.permissions.contains(&Permission::Move) {
+            // COPY/MOVE: the event's folder is the destination; the source is the selected one.
             let from = self.selected.as_deref().unwrap_or("");
             summary.detail = join_detail(&summary.detail, &format!("from={from}"));
         }
@@ -276,17 +276,15 @@ impl ClientSession {
         };
         self.renaming = force_peek(&mut command, &self.policy);
         let upstream_tag = next_tag();
-        summary.detail = join_detail(&summary.detail, &format!("upstream={upstream_tag}"));
         command.tag = Tag::try_from(upstream_tag.clone()).expect("c<digits> is a valid tag");
-        let select_target = match &command.body {
-            CommandBody::Select { .. } | CommandBody::Examine { .. } => summary.folder.clone(),
-            _ => None,
-        };
+        let select_target = (class.selection == Selection::Select)
+            .then(|| summary.folder.clone())
+            .flatten();
         let mut actions = Vec::new();
         if class.changes_state {
             actions.push(Action::Audit(AuditRecord {
                 durable: true,
-                ..record(&summary, Outcome::Sent)
+                ..relayed(&summary, &upstream_tag, Outcome::Sent, None)
             }));
         }
         let request = match (&list, append) {
@@ -417,7 +415,7 @@ impl ClientSession {
         if let Some(line) = &idle_broken {
             summary.detail = join_detail(&format!("client sent {line:?} instead of DONE"), &summary.detail);
         }
-        let mut actions = vec![Action::Audit(record(&summary, outcome))];
+        let mut actions = vec![Action::Audit(relayed(&summary, tag, outcome, None))];
         if let Some(request) = done.list
             && status == Status::Ok
         {
@@ -506,9 +504,13 @@ impl ClientSession {
     pub fn abandon(&mut self) -> Vec<AuditRecord> {
         self.in_flight
             .drain(..)
-            .map(|f| AuditRecord {
-                detail: join_detail(&f.summary.detail, "no answer from the provider"),
-                ..record(&f.summary, Outcome::Error)
+            .map(|f| {
+                relayed(
+                    &f.summary,
+                    &f.upstream_tag,
+                    Outcome::Error,
+                    Some("no answer from the provider"),
+                )
             })
             .collect()
     }
@@ -544,11 +546,19 @@ fn join_detail(a: &str, b: &str) -> String {
     }
 }
 
-fn record(summary: &CommandSummary, outcome: Outcome) -> AuditRecord {
+/// The event of a relayed command: its detail always ends with `upstream=<tag>`, the tag the
+/// provider saw (auditors match it with the provider's own logs).
+fn relayed(
+    summary: &CommandSummary,
+    upstream_tag: &str,
+    outcome: Outcome,
+    note: Option<&str>,
+) -> AuditRecord {
+    let detail = join_detail(&summary.detail, note.unwrap_or(""));
     AuditRecord {
         command: summary.name.clone(),
         folder: summary.folder.clone(),
-        detail: summary.detail.clone(),
+        detail: join_detail(&detail, &format!("upstream={upstream_tag}")),
         outcome,
         durable: false,
     }

@@ -229,7 +229,10 @@ impl CommandAssembler {
                 return Assembled::Command(command);
             };
             if literal.binary {
-                return self.refuse_literal(literal, Refusal::BinaryLiteral);
+                match self.refuse_literal(literal, Refusal::BinaryLiteral) {
+                    Some(refused) => return refused,
+                    None => continue,
+                }
             }
             if streams(&self.command, &literal) {
                 let head = std::mem::take(&mut self.command);
@@ -237,10 +240,16 @@ impl CommandAssembler {
                 return Assembled::MessageLiteral { head, literal };
             }
             if literal.length > self.limits.max_literal {
-                return self.refuse_literal(literal, Refusal::LiteralTooLarge);
+                match self.refuse_literal(literal, Refusal::LiteralTooLarge) {
+                    Some(refused) => return refused,
+                    None => continue,
+                }
             }
             if self.command.len() + literal.length as usize > self.limits.max_command {
-                return self.refuse_literal(literal, Refusal::CommandTooLarge);
+                match self.refuse_literal(literal, Refusal::CommandTooLarge) {
+                    Some(refused) => return refused,
+                    None => continue,
+                }
             }
             self.literal_remaining = literal.length;
             if literal.sync {
@@ -249,39 +258,19 @@ impl CommandAssembler {
         }
     }
 
-    /// One plain line, for a client in IDLE: a server reads the next line as a line (DONE, or
-    /// anything else ends the IDLE); a literal announcement in it means nothing. Bounded like
-    /// any command line.
-    pub fn poll_line(&mut self, input: &mut BytesMut) -> Assembled {
-        if self.discard_remaining > 0 || self.pending_refusal.is_some() || !self.command.is_empty() {
-            return self.poll(input, |_, _| false);
-        }
-        match find_line_end(input, 0) {
-            Some(end) if end > self.limits.max_line => {
-                let tag = tag_of(&[], &input[..end]);
-                input.advance(end);
-                Assembled::Refused {
-                    tag,
-                    reason: Refusal::LineTooLong,
-                }
-            }
-            Some(end) => Assembled::Command(input.split_to(end).to_vec()),
-            None if input.len() > self.limits.max_line => self.refuse_unterminated_line(input),
-            None => Assembled::NeedMore,
-        }
-    }
-
-    fn refuse_literal(&mut self, literal: LiteralHeader, reason: Refusal) -> Assembled {
+    /// Refuse the command whose literal was just announced. A synchronising literal is never
+    /// sent (the client waits for a `+`): the refusal is the answer. A non-synchronising one is
+    /// on its way: `None`, and the caller's loop goes on discarding it (its bytes may already
+    /// be buffered, so the caller must not wait for more input first).
+    fn refuse_literal(&mut self, literal: LiteralHeader, reason: Refusal) -> Option<Assembled> {
         let tag = tag_of(&self.command, &[]);
         self.reset();
         if literal.sync {
-            // The client waits for our answer and will not send the bytes.
-            Assembled::Refused { tag, reason }
+            Some(Assembled::Refused { tag, reason })
         } else {
-            // LITERAL+: the bytes are coming regardless; throw them away, then the line end.
             self.discard_remaining = u64::from(literal.length);
             self.pending_refusal = Some((tag, reason));
-            Assembled::NeedMore
+            None
         }
     }
 
@@ -499,19 +488,22 @@ mod tests {
     }
 
     #[test]
-    fn idle_lines_are_lines() {
-        let mut a = CommandAssembler::new(CommandLimits::default());
-        let mut input = BytesMut::from(&b"y ID {20+}\r\ny SELECT hidden-folder\r\n"[..]);
-        assert_eq!(a.poll_line(&mut input), Assembled::Command(b"y ID {20+}\r\n".to_vec()));
-        // The next line is not swallowed as a literal: it is framed as a command of its own.
+    fn refused_non_sync_literal_already_buffered_does_not_stall() {
+        // The whole refused command and the next one arrive in one read: both are answered
+        // without waiting for more input.
+        let mut a = CommandAssembler::new(CommandLimits {
+            max_literal: 4,
+            ..CommandLimits::default()
+        });
+        let mut input = BytesMut::from(&b"a SELECT {10+}\r\n0123456789\r\nb NOOP\r\n"[..]);
         assert_eq!(
             a.poll(&mut input, never),
-            Assembled::Command(b"y SELECT hidden-folder\r\n".to_vec())
+            Assembled::Refused {
+                tag: Some("a".into()),
+                reason: Refusal::LiteralTooLarge
+            }
         );
-        let mut partial = BytesMut::from(&b"DO"[..]);
-        assert_eq!(a.poll_line(&mut partial), Assembled::NeedMore);
-        partial.extend_from_slice(b"NE\r\n");
-        assert_eq!(a.poll_line(&mut partial), Assembled::Command(b"DONE\r\n".to_vec()));
+        assert_eq!(a.poll(&mut input, never), Assembled::Command(b"b NOOP\r\n".to_vec()));
     }
 
     #[test]

@@ -213,8 +213,10 @@ async fn upward(
     }
     loop {
         let client_idling = shared.core().session.client_idling();
+        // In IDLE the client's next command is framed like any other (a LITERAL+ belongs to
+        // it and is dropped with it), but a synchronising literal is never invited: no `+`.
         let assembled = if client_idling {
-            assembler.poll_line(&mut buffer)
+            assembler.poll(&mut buffer, |_, literal| literal.sync)
         } else {
             assembler.poll(&mut buffer, |head, literal| append_skeleton(head, literal).is_some())
         };
@@ -234,12 +236,19 @@ async fn upward(
                 try_end!(answer(&shared.client, b"+ Ready for literal data\r\n").await);
                 continue;
             }
+            Assembled::Command(line) | Assembled::MessageLiteral { head: line, .. }
+                if client_idling =>
+            {
+                shared.core().session.idle_line(&line)
+            }
+            Assembled::Refused { .. } if client_idling => {
+                shared.core().session.idle_line(b"(a command refused while framing)")
+            }
             Assembled::Refused { tag, reason } => shared.core().session.refuse_unparsed(
                 tag.as_deref(),
                 reason.text(),
                 reason.text().to_owned(),
             ),
-            Assembled::Command(line) if client_idling => shared.core().session.idle_line(&line),
             Assembled::Command(bytes) => match parse_command(&bytes) {
                 Err(error) => shared.core().session.refuse_unparsed(
                     tag_of(&bytes, &[]).as_deref(),

@@ -15,7 +15,11 @@ against *what the audit log says*, using Dovecot's own record of every provider 
   (``upstream_log.check_connections`` has the full list), and every audited upstream tag
   reached Dovecot;
 * no hidden folder's content (a marker only its messages carry) and no hidden folder's name
-  reaches the client (a name may come back only in a tagged answer, to a client that typed it).
+  reaches the client (a name may come back only in a tagged answer, to a client that typed it);
+* no answer comes under a tag the client never sent (it would mean bytes of a literal, or the
+  rest of a dropped line, were read as a command), a line sent during IDLE is dropped whole
+  (BAD for the IDLE, never answered itself), and no session stalls: every batch ends with a
+  NOOP under a fresh tag that must be answered within READ_DEADLINE.
 
 It runs on the default layout (``/``, folders at the root) and on an Aruba-like one (``.``,
 everything under ``INBOX.``), with a user who has two mailboxes (two provider logins on the
@@ -39,7 +43,7 @@ import pytest
 from harness import (ALL_PERMISSIONS, PROVIDER_ADDRESS, Dovecot, HarnessError, Pecgate, make_message,
                      populate_demo, provider_mailbox, wait_until)
 from test_policy_matrix import CapturingImap
-from upstream_log import Account, check_connections
+from upstream_log import Account, check_connections, is_granted, split_wire
 
 SEED = int(os.environ.get("PECGATE_STREAM_SEED") or secrets.randbelow(10**9))
 COMMANDS = int(os.environ.get("PECGATE_STREAM_COMMANDS", "2500"))
@@ -137,15 +141,10 @@ def world(request, pecgate_binary):
 # ---------------------------------------------------------------------------
 
 
-def _is_granted_logical(patterns, name):
-    from upstream_log import is_granted
-    return is_granted(patterns, name.encode(), "/")
-
-
 def injection_lines(d: Dovecot, logical_names) -> list[str]:
     """Lines put in APPEND messages that look like commands on hidden folders. Messages
     carrying them may legitimately be fetched back, so the leak scan masks them."""
-    return [f"x SELECT {d.provider_name(n)}\r\ny UID FETCH 1:* BODY.PEEK[]" for n in logical_names]
+    return [f"inj1 SELECT {d.provider_name(n)}\r\ninj2 UID FETCH 1:* BODY.PEEK[]" for n in logical_names]
 
 
 class Chunked:
@@ -172,8 +171,8 @@ class Generator:
         self.rng = rng
         d = world.dovecot
         self.d = d
-        patterns, self.perms, _ = ROLES[USERS[user]]
-        visible = [n for n in EXISTING if _is_granted_logical(patterns, n)]
+        patterns, _, _ = ROLES[USERS[user]]
+        visible = [n for n in EXISTING if is_granted(patterns, n.encode(), "/")]
         hidden = [n for n in EXISTING if n not in visible]
         P = d.provider_name
         self.visible = [P(n) for n in visible]
@@ -240,8 +239,8 @@ class Generator:
         body = "Testo di prova."
         if rng.random() < 0.5:
             body += "\r\n" + rng.choice(self.injections + ["DONE", "* OK [ALERT] finto", "+ continua",
-                                                            "z1 LOGOUT", "a {5}", "a {5+}"])
-            body += "\r\n" + rng.choice(["c NOOP", ")", "", "b IDLE"])
+                                                            "inj3 LOGOUT", "inj4 {5}", "inj5 {5+}"])
+            body += "\r\n" + rng.choice(["inj6 NOOP", ")", "", "inj7 IDLE"])
         return make_message(f"Flusso {rng.randrange(10**6)}", body)
 
     # -- one command ---------------------------------------------------------
@@ -437,6 +436,7 @@ class Stream:
         self.recent = collections.deque(maxlen=12)  # (time, bytes sent) for failure messages
         self.received = collections.deque(maxlen=12)  # (time, line received)
         self.forbidden: set[bytes] = set()  # tags of dropped commands: never answered
+        self.tags_used: set[bytes] = {b"zz"}  # every tag (first token of a line) the client sent
         self.session = None
         self.typed: set[bytes] = set()
         self.sync_n = 0
@@ -467,6 +467,10 @@ class Stream:
         self.received.append((round(time.monotonic(), 2), line[:160]))
         self.stats["lines"] += 1
         self.scan(line, f"{self.label} {self.user}")
+        first = line.split(b" ", 1)[0]
+        if first not in (b"*", b"+") and not first.startswith(b"+") and first not in self.tags_used:
+            self.violations.append(f"{self.label} {self.user}: answer for a tag the client never sent (bytes of "
+                                   f"a literal or of a dropped line read as a command?): {line[:200]!r}")
         if any(line.startswith(t) for t in self.forbidden):
             self.violations.append(f"{self.label} {self.user}: a command dropped during IDLE was answered: "
                                    f"{line[:200]!r}")
@@ -529,6 +533,12 @@ class Stream:
         whether its line is dropped (inside IDLE) or gets a `+` would be unknown."""
         s = self.session
         self.recent.append((round(time.monotonic(), 2), item.data[:160]))
+        if item.kind in ("GARBAGE", "DONE"):
+            for w in split_wire(item.data):
+                self.tags_used.add(w.lines[0].split(b" ", 1)[0])
+        self.tags_used.add(item.tag.encode())
+        if item.kind == "IDLESYNC":
+            self.tags_used.add(item.inner_tag.encode())
         for name in item.names:
             self.typed.add(name.encode())
         for tok in self.tokens:
@@ -547,13 +557,11 @@ class Stream:
             if end == "idle-ended":
                 self.stats["literal line dropped in IDLE"] += 1
                 return
-            if end == "plus":
-                # pecgate reads the whole command (its literals included) before dropping it:
-                # also a consistent framing. The rest of the command follows; the IDLE's BAD
-                # must come, and the command's tag must never be answered.
-                self.stats["literal read, then dropped in IDLE"] += 1
-                self.send_rest(item.inner_chunks[1:], item.inner_tag, idle_tag=item.tag)
-            return
+            # A `+` here means the command was not dropped whole: typically the bytes after a
+            # LITERAL+ in it were read as a new command, whose literal gets the `+`.
+            self.violations.append(f"{self.label} {self.user}: {item.chunks[1][:160]!r} sent during IDLE got "
+                                   f"{end!r} instead of the IDLE's BAD (the command was not dropped whole)")
+            raise EOFError("session state unknown after a wrong answer: start over")
         if len(item.chunks) > 1 and state["idle"]:
             self.sync(state)
         if item.kind == "IDLE":
@@ -582,6 +590,7 @@ class Stream:
         """End any IDLE, then a NOOP with a unique tag; read up to its answer."""
         self.sync_n += 1
         tag = f"z{self.sync_n}"
+        self.tags_used.add(tag.encode())
         if state["idle"] or self.rng.random() < 0.05:
             self.session.send(b"DONE\r\n")
         state["idle"] = False
@@ -636,6 +645,8 @@ class Stream:
 
 
 def test_random_streams_reach_the_provider_only_as_audited(world):
+    """The three users' streams run at once (mario alternating between his two mailboxes);
+    then every provider connection they caused is held against the audit log."""
     layout = world.layout
     seed = SEED + (0 if layout == "default" else 1)
     print(f"stream seed {SEED} (PECGATE_STREAM_SEED={SEED}), layout {layout}, {COMMANDS} commands per user")
@@ -688,8 +699,8 @@ def test_random_streams_reach_the_provider_only_as_audited(world):
     all_v = client_violations + violations
     assert not all_v, (
         f"seed {SEED} (PECGATE_STREAM_SEED={SEED}) layout {layout}: {len(all_v)} violations "
-        f"({len(client_violations)} client-side, {len(violations)} provider-side):\n  "
-        + "\n  ".join(all_v[:25]))
+        f"({len(client_violations)} client-side, {len(violations)} provider-side; at most 15 of each):\n  "
+        + "\n  ".join(client_violations[:15] + violations[:15]))
 
     # The run did exercise the relay (so a silent relay cannot pass).
     assert len(conns) >= len(USERS), conns

@@ -20,7 +20,8 @@ The contract checked here:
   provider had selected when it ran the command (tracked from the rawlog: SELECT/EXAMINE OK
   selects, a failed SELECT/EXAMINE or CLOSE/UNSELECT deselects);
 * a folder name that reaches the provider is either granted to the user or a placeholder
-  (every segment ``pecgate-none-<12 hex>``), and placeholders go with outcome ``denied``;
+  (every segment ``pecgate-none-<12 hex>``, except a leading ``INBOX`` level, which always
+  exists), and placeholders go with outcome ``denied``;
   a client's LIST/LSUB goes up as ``LIST "" "*"`` (``LSUB "" "*"``);
 * what reached the provider is permitted to the user: STORE needs ``flag`` (and ``delete`` for
   ``\\Deleted`` or a FLAGS replace), EXPUNGE needs ``delete``, COPY ``move``, MOVE ``move`` and
@@ -214,8 +215,12 @@ def tagged_results(sent: bytes) -> dict[str, str]:
 
 
 def is_placeholder(name: bytes, separator: str) -> bool:
-    """Every (non-empty) segment is ``pecgate-none-<12 hex>``."""
+    """Every (non-empty) segment is ``pecgate-none-<12 hex>``; a first ``INBOX`` level of a
+    longer name is kept as is (it always exists, so the provider answers "no such folder"
+    rather than "wrong namespace" on an ``INBOX.``-prefixed layout)."""
     segs = [s for s in name.split(separator.encode()) if s]
+    if len(segs) > 1 and segs[0] == b"INBOX":
+        segs = segs[1:]
     return bool(segs) and all(PLACEHOLDER_SEGMENT.match(s) for s in segs)
 
 
