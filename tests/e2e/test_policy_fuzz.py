@@ -267,6 +267,11 @@ def echo_forms(typed) -> list[bytes]:
         decoded = mutf7_decode_lenient(text)
         if mutf7_encode(decoded) == text:
             forms.add(decoded.encode())
+    # The provider prints a leading INBOX level as `INBOX`, whatever the case typed (as it does
+    # for a name that does not exist).
+    for form in list(forms):
+        if form[:6].lower() == b"inbox/":
+            forms.add(b"INBOX" + form[5:])
     return sorted(forms, key=len, reverse=True)
 
 
