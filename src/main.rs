@@ -268,7 +268,8 @@ fn user_mailboxes(config: &Config) -> Vec<(String, String)> {
 
 /// `check --live`: list every mailbox's folders on the provider and show what each user sees.
 fn check_live(config: &Config) -> anyhow::Result<ExitCode> {
-    use pecgate::imap::authorize::{ListRequest, SessionPolicy, visible_listing};
+    use pecgate::imap::authorize::SessionPolicy;
+    use pecgate::imap::listing::{ListRequest, visible_listing};
     use pecgate::imap::mutf7;
     use pecgate::policy::FolderPolicy;
     use pecgate::upstream::{self, ConnectionBudget};

@@ -8,7 +8,7 @@
 //!
 //! A folder is granted when a pattern matches it; everything else is hidden. (Parents of
 //! visible folders are drawn as `\Noselect` by the LIST answer, from the folders that really
-//! exist and are visible: see `imap::authorize::visible_listing`.) Names that cannot be split
+//! exist and are visible: see `imap::listing::visible_listing`.) Names that cannot be split
 //! into clean segments (bad modified UTF-7, empty segments from doubled, leading or trailing
 //! delimiters, `.` or `..`) are never granted: a provider might read them as some other folder.
 

@@ -29,9 +29,9 @@ use imap_codec::imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItem
 use crate::audit::Outcome;
 use crate::config::Permission;
 use crate::imap::authorize::{
-    Decision, ListRequest, SessionPolicy, authorize, force_peek,
-    status_visible, substitute,
+    Decision, SessionPolicy, authorize, force_peek, substitute,
 };
+use crate::imap::listing::{ListRequest, status_visible};
 use crate::imap::classify::{CommandClass, Handling, Selection, classify};
 use crate::imap::command::{CommandSummary, parse_command, summarize};
 use crate::imap::provider_client::{Untagged, next_tag};

@@ -6,7 +6,7 @@ use imap_codec::imap_types::command::{Command, CommandBody};
 
 use super::*;
 use crate::config::Permission;
-use crate::imap::authorize::answer_list;
+use crate::imap::listing::answer_list;
 use crate::imap::command::{UpstreamStep, append_skeleton};
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits};
 use crate::imap::provider_client::{ProviderClient, ProviderEvent};

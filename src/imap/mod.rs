@@ -5,7 +5,8 @@
 //! - [`command`]: parsing with imap-codec, re-encoding for the provider, audit summaries;
 //! - [`classify`]: the one table of what each command kind is and needs;
 //! - [`response`]: classifying provider responses, the capability allow-list;
-//! - [`authorize`]: the folder and permission policy on commands and listings;
+//! - [`authorize`]: the folder and permission policy on commands;
+//! - [`listing`]: LIST/LSUB answered and STATUS filtered from the visible tree;
 //! - [`provider_client`]: pecgate's side of the provider conversation (tags, literals, IDLE,
 //!   attribution of every response);
 //! - [`client_session`]: one logged-in client session as a state machine;
@@ -17,6 +18,7 @@ pub mod classify;
 pub mod client_session;
 pub mod command;
 pub mod framing;
+pub mod listing;
 pub mod mutf7;
 pub mod provider_client;
 pub mod relay;

@@ -24,7 +24,8 @@ use tokio::io::{AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::imap::authorize::{SessionPolicy, answer_list, rename_rfc822_items};
+use crate::imap::authorize::{SessionPolicy, rename_rfc822_items};
+use crate::imap::listing::answer_list;
 use crate::imap::client_session::{Action, AuditRecord, ClientSession, Ending, Request, Submit, UntaggedPlan};
 use crate::imap::command::{UpstreamStep, append_skeleton, parse_command};
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, literal_at_end, tag_of};
