@@ -80,6 +80,12 @@ pub fn split_name(wire: &[u8], delimiter: Option<char>) -> Option<Vec<String>> {
     }
     if segments[0].eq_ignore_ascii_case("INBOX") {
         segments[0] = "INBOX".to_owned();
+        // A provider that keeps every folder under `INBOX.` (Aruba's layout, Dovecot with
+        // `prefix = INBOX.`) reads `INBOX.INBOX` as INBOX itself: a pattern that grants
+        // "a folder named INBOX below INBOX" must never open INBOX. No such name is clean.
+        if segments.get(1).is_some_and(|s| s.eq_ignore_ascii_case("INBOX")) {
+            return None;
+        }
     }
     Some(segments)
 }
@@ -143,6 +149,13 @@ mod tests {
             (&segreteria, "Ricevute/Consegne", Some('.'), HIDDEN),
             (&segreteria, "INBOX.Secret", Some('.'), HIDDEN),
             (&segreteria, "Ricevute.Consegne", Some('/'), HIDDEN),
+            // `INBOX.INBOX` is INBOX itself on an `INBOX.`-prefixed provider: never granted
+            // through a pattern below INBOX.
+            (&["INBOX/*"], "INBOX.INBOX", Some('.'), HIDDEN),
+            (&["INBOX/*"], "inbox.Inbox", Some('.'), HIDDEN),
+            (&["INBOX/**"], "INBOX.INBOX.X", Some('.'), HIDDEN),
+            (&["INBOX/*"], "INBOX.Ricevute", Some('.'), GRANTED),
+            (&["**"], "INBOX/INBOX", Some('/'), HIDDEN),
             // Flat namespace.
             (&segreteria, "Sent", None, GRANTED),
             (&segreteria, "Ricevute/Consegne", None, HIDDEN),

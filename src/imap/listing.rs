@@ -60,11 +60,17 @@ impl ListRequest {
             } => (true, reference, mailbox_wildcard),
             _ => return None,
         };
-        let mut pattern = wire_name(reference);
-        pattern.extend_from_slice(match wildcard {
+        let wildcard: &[u8] = match wildcard {
             ListMailbox::Token(token) => token.as_ref(),
             ListMailbox::String(string) => string.as_ref(),
-        });
+        };
+        // An empty mailbox argument asks for the delimiter (and a root, which RFC 3501 lets
+        // be empty), whatever the reference: answered like `LIST "" ""`, never as a folder.
+        let mut pattern = Vec::new();
+        if !wildcard.is_empty() {
+            pattern = wire_name(reference);
+            pattern.extend_from_slice(wildcard);
+        }
         Some(ListRequest {
             lsub,
             pattern: collapse_wildcards(&pattern),
@@ -473,6 +479,19 @@ mod tests {
                 "* LSUB () \"/\" Ricevute/Consegne"
             ]
         );
+    }
+
+    #[test]
+    fn an_empty_pattern_asks_for_the_delimiter_only() {
+        let p = policy(&["Riservata/**"]);
+        let entries = mailbox_folders();
+        for request in ["LIST \"\" \"\"", "LIST \"Riservata\" \"\"", "LIST Riservata/ \"\""] {
+            assert_eq!(
+                listing(request, &entries, &p),
+                ["* LIST (\\Noselect) \"/\" \"\""],
+                "{request}"
+            );
+        }
     }
 
     #[test]

@@ -457,9 +457,11 @@ def test_j_state_changing_command_has_sent_then_final_row(world, opened):
 def test_k_hidden_folder_on_aruba_layout_answers_like_a_nonexistent_one(pecgate_binary):
     """On a provider whose folders all live under `INBOX.` (Aruba), a hidden `INBOX.Sent`
     must answer exactly like a nonexistent `INBOX.Inesistente` (README: a hidden folder is
-    indistinguishable from a nonexistent one), whatever text the provider gives for the
-    placeholder (every segment is replaced, `INBOX` included, so Dovecot speaks of a
-    nonexistent namespace: the same for both, which is what matters here)."""
+    indistinguishable from a nonexistent one): the placeholder keeps the `INBOX` level, so
+    Dovecot gives its ordinary "doesn't exist" answer for both.
+
+    Also: such a provider reads `INBOX.INBOX` as INBOX itself, so a role granting only the
+    folders below INBOX (`INBOX/*`) must not open INBOX through that name."""
     d = Dovecot(layout="aruba")
     d.add_user(PROVIDER_ADDRESS, "provider-" + secrets.token_hex(8))
     with d:
@@ -481,8 +483,29 @@ def test_k_hidden_folder_on_aruba_layout_answers_like_a_nonexistent_one(pecgate_
                         for t, name in ((hidden, b"INBOX.Sent"), (missing, b"INBOX.Inesistente"))]
                 if norm[0] != norm[1]:
                     problems.append(f"{verb}: hidden {hidden!r} vs nonexistent {missing!r}")
+                if verb in ("SELECT", "EXAMINE", "STATUS") and b"doesn't exist" not in hidden:
+                    problems.append(f"{verb}: not the provider's ordinary answer: {hidden!r}")
             r.close()
             assert not problems, "\n".join(problems)
+        finally:
+            gw.cleanup()
+        below = "below-" + secrets.token_hex(6)
+        gw = Pecgate(d, users={"bruno": {"password": below, "roles": ["below"]}},
+                     roles={"below": {"mailboxes": list(ROLES["reception"]["mailboxes"]),
+                                      "folders": ["INBOX/*"], "permissions": ["read", "flag"]}},
+                     binary=pecgate_binary)
+        try:
+            gw.setup()
+            gw.start()
+            r = gw.raw(tls=True)
+            r.login("bruno", below)
+            for name in ("INBOX.INBOX", "inbox.Inbox", "INBOX.INBOX.INBOX"):
+                untagged, tagged = r.command("x", f"EXAMINE {name}")
+                assert tagged.startswith(b"x NO "), (name, untagged, tagged)
+                assert not any(b"EXISTS" in line for line in untagged), (name, untagged)
+                untagged, tagged = r.command("y", f"STATUS {name} (MESSAGES)")
+                assert not any(line.startswith(b"* STATUS") for line in untagged), (name, untagged)
+            r.close()
         finally:
             gw.cleanup()
 
