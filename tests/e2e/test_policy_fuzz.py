@@ -28,6 +28,7 @@ import random
 import pytest
 
 from harness import make_message, quote
+from upstream_log import match_pattern
 from test_policy_matrix import (
     ROLES, WITHOUT_SEND, World, _b64, display, mutf7_decode_lenient, mutf7_encode,
     send_command, snapshot, status_word,
@@ -57,21 +58,11 @@ GENERIC = {"2026", "INBOX"}
 # ---------------------------------------------------------------------------
 
 
-def _match(pattern, name) -> bool:
-    if not pattern:
-        return not name
-    if pattern[0] == "**":
-        return _match(pattern[1:], name) or (bool(name) and _match(pattern, name[1:]))
-    if not name:
-        return False
-    return (pattern[0] == "*" or pattern[0] == name[0]) and _match(pattern[1:], name[1:])
-
-
 def is_granted(patterns, wire: str) -> bool:
     segs = display(wire).split("/")
     if segs[0].upper() == "INBOX":
         segs[0] = "INBOX"
-    return any(_match([("INBOX" if i == 0 and s.upper() == "INBOX" else s)
+    return any(match_pattern([("INBOX" if i == 0 and s.upper() == "INBOX" else s)
                        for i, s in enumerate(p.split("/"))], segs) for p in patterns)
 
 

@@ -265,14 +265,15 @@ def mutf7_canonical_decode(wire: str) -> str | None:
     return "".join(out)
 
 
-def _match(pattern, segs) -> bool:
+def match_pattern(pattern, segs) -> bool:
+    """A role pattern (split on `/`) against decoded name segments, as policy.rs matches."""
     if not pattern:
         return not segs
     if pattern[0] == "**":
-        return _match(pattern[1:], segs) or (bool(segs) and _match(pattern, segs[1:]))
+        return match_pattern(pattern[1:], segs) or (bool(segs) and match_pattern(pattern, segs[1:]))
     if not segs:
         return False
-    return (pattern[0] == "*" or pattern[0] == segs[0]) and _match(pattern[1:], segs[1:])
+    return (pattern[0] == "*" or pattern[0] == segs[0]) and match_pattern(pattern[1:], segs[1:])
 
 
 def is_granted(patterns, wire_name: bytes, separator: str) -> bool:
@@ -288,11 +289,14 @@ def is_granted(patterns, wire_name: bytes, separator: str) -> bool:
         return False
     if segs[0].upper() == "INBOX":
         segs[0] = "INBOX"
+        # INBOX.INBOX is INBOX itself on an INBOX.-prefixed provider: never granted.
+        if len(segs) > 1 and segs[1].upper() == "INBOX":
+            return False
     for p in patterns:
         ps = p.split("/")
         if ps[0].upper() == "INBOX":
             ps[0] = "INBOX"
-        if _match(ps, segs):
+        if match_pattern(ps, segs):
             return True
     return False
 
