@@ -5,7 +5,7 @@ One private Dovecot (the PEC provider), one pecgate (release build, implicit-TLS
 listener, audit log on as in production), measured side by side in one run:
 
 1. bulk FETCH     UID FETCH 1:* (BODY.PEEK[]) over N ~50 KB messages, median of R runs
-2. round trip     sequential NOOP and UID FETCH n (FLAGS) on one session: p50/p99
+2. round trip     sequential NOOP, UID FETCH n (FLAGS) and UID STORE on one session: p50/p99
 3. streaming RAM  one 50 MB message fetched by 10 clients at once: pecgate VmRSS
 4. idle sessions  500 logged-in idle sessions: pecgate VmRSS per session
 5. mbsync          a full `mbsync` pull of the bulk folder into an empty Maildir, median of R
@@ -498,10 +498,14 @@ class Bench:
         d, g = self.direct(), self.gateway()
         try:
             for c in (d, g):
-                c.run(f"EXAMINE {quote(BULK_FOLDER)}")
+                c.run(f"SELECT {quote(BULK_FOLDER)}")
             out = {}
+            # STORE changes the mailbox: pecgate writes its audit row durably (fsync, group
+            # commit) before sending it, so its round trip shows that cost.
             for name, cmd in (("NOOP", lambda i: "NOOP"),
-                              ("UID FETCH n (FLAGS)", lambda i: f"UID FETCH {i % a.messages + 1} (FLAGS)")):
+                              ("UID FETCH n (FLAGS)", lambda i: f"UID FETCH {i % a.messages + 1} (FLAGS)"),
+                              ("UID STORE n +FLAGS.SILENT", lambda i: f"UID STORE {i % a.messages + 1} "
+                                                                    f"{'+' if i % 2 else '-'}FLAGS.SILENT (\\Flagged)")):
                 for i in range(min(200, a.rtt)):  # warm-up
                     d.run(cmd(i))
                     g.run(cmd(i))
@@ -658,9 +662,12 @@ class Bench:
         if "rtt" in r:
             for name, v in r["rtt"].items():
                 (d50, d99), (g50, g99) = v["direct"], v["pecgate"]
+                # A state-changing command waits for its durable audit row by design: no target.
+                durable = name.startswith("UID STORE")
+                target = "— (durable audit row first)" if durable else f"≤ +{TARGET_ADDED_P50_US:.0f} µs"
+                met = "" if durable else ok(g50 - d50 <= TARGET_ADDED_P50_US)
                 p(f"| `{name}` round trip p50 ({a.rtt} sequential) | {d50:.0f} µs | {g50:.0f} µs "
-                  f"| +{g50 - d50:.0f} µs | ≤ +{TARGET_ADDED_P50_US:.0f} µs "
-                  f"| {ok(g50 - d50 <= TARGET_ADDED_P50_US)} |")
+                  f"| +{g50 - d50:.0f} µs | {target} | {met} |")
                 p(f"| `{name}` round trip p99 | {d99:.0f} µs | {g99:.0f} µs | +{g99 - d99:.0f} µs | — | |")
         if "stream" in r:
             s = r["stream"]

@@ -157,6 +157,8 @@ const MAX_BATCH: usize = 1_000;
 
 /// How long the writer waits for more events before committing a small batch.
 const GROUP_COMMIT_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+/// How often the linger looks for a durable event that must not wait.
+const LINGER_STEP: std::time::Duration = std::time::Duration::from_micros(200);
 /// After a failure, events are kept for one last attempt at shutdown; beyond
 /// this many they are only counted, so a dead disk cannot also exhaust memory.
 const MAX_RETAINED: usize = 100_000;
@@ -668,19 +670,26 @@ impl Writer {
             // A short linger turns a trickle of sequential commands into one transaction
             // (one fsync) per few commands instead of one each: the writer's CPU is taken
             // from the sessions on a small machine. Nobody waits for it (`record` returns
-            // once queued), except `record_durable`, which skips the linger.
-            let durable_waiting = batch.iter().any(|p| p.ack.is_some());
-            if !durable_waiting
+            // once queued), except `record_durable` (a state-changing command waits for its
+            // row before it goes to the provider): the linger ends as soon as one is queued.
+            let durable_waiting = |batch: &[Pending]| batch.iter().any(|p| p.ack.is_some());
+            if !durable_waiting(&batch)
                 && !batch.is_empty()
                 && batch.len() < MAX_BATCH
                 && !self.rx.is_closed()
             {
-                std::thread::sleep(GROUP_COMMIT_LINGER);
-                while batch.len() < MAX_BATCH {
-                    match self.rx.try_recv() {
-                        Ok(Msg::Event(pending)) => batch.push(pending),
-                        Ok(Msg::Shutdown) => self.rx.close(),
-                        Err(_) => break,
+                let deadline = std::time::Instant::now() + GROUP_COMMIT_LINGER;
+                'linger: while std::time::Instant::now() < deadline {
+                    std::thread::sleep(LINGER_STEP);
+                    while batch.len() < MAX_BATCH {
+                        match self.rx.try_recv() {
+                            Ok(Msg::Event(pending)) => batch.push(pending),
+                            Ok(Msg::Shutdown) => self.rx.close(),
+                            Err(_) => break,
+                        }
+                    }
+                    if batch.len() >= MAX_BATCH || durable_waiting(&batch) || self.rx.is_closed() {
+                        break 'linger;
                     }
                 }
             }
