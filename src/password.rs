@@ -134,6 +134,23 @@ pub fn read_password_line<R: BufRead + ?Sized>(
     Ok(line)
 }
 
+/// `authzid NUL authcid NUL password` (RFC 4616); an authzid other than empty or the authcid is
+/// refused (pecgate has no proxy authorisation).
+pub fn parse_sasl_plain(response: &[u8]) -> Option<(String, Zeroizing<Vec<u8>>)> {
+    let mut parts = response.split(|&b| b == 0);
+    let authzid = parts.next()?;
+    let authcid = parts.next()?;
+    let password = parts.next()?;
+    if parts.next().is_some() || authcid.is_empty() {
+        return None;
+    }
+    if !authzid.is_empty() && authzid != authcid {
+        return None;
+    }
+    let login = std::str::from_utf8(authcid).ok()?.to_owned();
+    Some((login, Zeroizing::new(password.to_vec())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +225,16 @@ mod tests {
                 None => assert!(matches!(got, Err(PasswordError::Empty))),
             }
         }
+    }
+
+    #[test]
+    fn sasl_plain() {
+        let (login, pw) = parse_sasl_plain(b"\0mario\0secret").unwrap();
+        assert_eq!((login.as_str(), pw.as_slice()), ("mario", &b"secret"[..]));
+        assert!(parse_sasl_plain(b"mario\0mario\0pw").is_some());
+        assert!(parse_sasl_plain(b"admin\0mario\0pw").is_none());
+        assert!(parse_sasl_plain(b"\0\0pw").is_none());
+        assert!(parse_sasl_plain(b"mario-pw").is_none());
+        assert!(parse_sasl_plain(b"\0a\0b\0c").is_none());
     }
 }

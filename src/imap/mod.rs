@@ -9,6 +9,7 @@
 //! - [`listing`]: LIST/LSUB answered and STATUS filtered from the visible tree;
 //! - [`provider_client`]: pecgate's side of the provider conversation (tags, literals, IDLE,
 //!   attribution of every response);
+//! - [`preauth`]: the not-authenticated state (served locally), as decisions;
 //! - [`client_session`]: one logged-in client session as a state machine;
 //! - [`session`]: one connection: TLS, not-authenticated state, login;
 //! - [`relay`]: drives the two machines over the client and provider sockets.
@@ -20,6 +21,7 @@ pub mod command;
 pub mod framing;
 pub mod listing;
 pub mod mutf7;
+pub mod preauth;
 pub mod provider_client;
 pub mod relay;
 pub mod response;

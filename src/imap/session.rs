@@ -1,17 +1,12 @@
-//! One client connection, from accept to close: TLS, the not-authenticated state (served
-//! locally), login against the config and the vault, then the relay.
-//!
-//! Before login nothing reaches the provider: CAPABILITY, STARTTLS, LOGIN, AUTHENTICATE PLAIN,
-//! ID, NOOP and LOGOUT are answered here; anything else is refused.
+//! One client connection, from accept to close: TLS, the not-authenticated state (decided by
+//! [`preauth`], served locally: nothing reaches the provider before login), login against the
+//! config and the vault, then the relay.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
 use bytes::BytesMut;
-use imap_codec::imap_types::auth::AuthMechanism;
-use imap_codec::imap_types::command::CommandBody;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +15,8 @@ use zeroize::Zeroizing;
 use crate::audit::{Outcome, Protocol};
 use crate::gateway::Gateway;
 use crate::imap::authorize::SessionPolicy;
-use crate::imap::command::{self, summarize};
+use crate::imap::command;
+use crate::imap::preauth;
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, tag_of};
 use crate::imap::relay::{self, SessionEnd};
 use crate::imap::response;
@@ -136,15 +132,6 @@ enum PreAuthEnd {
     Closed(SessionEnd),
 }
 
-/// Capabilities offered before login.
-fn preauth_capabilities(tls: bool) -> &'static str {
-    if tls {
-        "IMAP4rev1 LITERAL+ SASL-IR ID AUTH=PLAIN"
-    } else {
-        "IMAP4rev1 LITERAL+ SASL-IR ID STARTTLS LOGINDISABLED"
-    }
-}
-
 /// Write and flush; any error ends the session.
 async fn send(stream: &mut BoxStream, bytes: &[u8]) -> Result<(), SessionEnd> {
     let result = async {
@@ -155,6 +142,7 @@ async fn send(stream: &mut BoxStream, bytes: &[u8]) -> Result<(), SessionEnd> {
     result.map_err(|e| SessionEnd::Error(e.to_string()))
 }
 
+/// Drive [`preauth`] until the client logs in or goes away.
 async fn not_authenticated(
     ctx: &mut SessionContext,
     mut stream: BoxStream,
@@ -168,28 +156,25 @@ async fn not_authenticated(
             }
         };
     }
-    macro_rules! audit_or_close {
-        ($command:expr, $detail:expr, $outcome:expr) => {
-            if ctx.audit($command, None, $detail, $outcome).await.is_err() {
-                let _ = send(
-                    &mut stream,
-                    b"* BYE [UNAVAILABLE] Audit log unavailable\r\n",
-                )
-                .await;
+    macro_rules! record_or_close {
+        ($event:expr) => {{
+            let preauth::Event {
+                command,
+                detail,
+                outcome,
+            } = $event;
+            if ctx.audit(&command, None, detail, outcome).await.is_err() {
+                let _ = send(&mut stream, AUDIT_BYE).await;
                 return PreAuthEnd::Closed(SessionEnd::AuditFailed);
             }
-        };
+        }};
     }
-    let greeting = format!(
-        "* OK [CAPABILITY {}] pecgate ready\r\n",
-        preauth_capabilities(tls)
-    );
-    send_or_close!(greeting.as_bytes());
+    send_or_close!(preauth::greeting(tls).as_bytes());
     let mut buffer = BytesMut::with_capacity(1024);
     let mut assembler = CommandAssembler::new(PREAUTH_LIMITS);
     let deadline = tokio::time::Instant::now() + PREAUTH_TIMEOUT;
     loop {
-        let assembled = match assembler.poll(&mut buffer, |_, _| false) {
+        let mut step = match assembler.poll(&mut buffer, |_, _| false) {
             Assembled::NeedMore => {
                 tokio::select! {
                     read = io::fill(&mut stream, &mut buffer) => match read {
@@ -211,77 +196,39 @@ async fn not_authenticated(
                 send_or_close!(b"+ Ready for literal data\r\n");
                 continue;
             }
-            other => other,
-        };
-        let bytes = match assembled {
-            Assembled::Command(bytes) => bytes,
             Assembled::Refused { tag, reason } => {
-                audit_or_close!("(unparsed)", reason.text().to_owned(), Outcome::Bad);
-                send_or_close!(bad(tag.as_deref(), reason.text()).as_bytes());
-                continue;
+                preauth::on_unparsed(tag.as_deref(), reason.text(), reason.text().to_owned())
             }
-            Assembled::MessageLiteral { .. }
-            | Assembled::NeedMore
-            | Assembled::SendContinuation => {
-                unreachable!("handled above")
-            }
+            Assembled::Command(bytes) => match command::parse_command(&bytes) {
+                Ok(command) => preauth::on_command(command, tls),
+                Err(error) => preauth::on_unparsed(
+                    tag_of(&bytes, &[]).as_deref(),
+                    &format!("Invalid command: {error}"),
+                    crate::text::printable(&bytes, 200),
+                ),
+            },
+            Assembled::MessageLiteral { .. } => unreachable!("nothing streams before login"),
         };
-        let command = match command::parse_command(&bytes) {
-            Ok(command) => command,
-            Err(error) => {
-                let tag = tag_of(&bytes, &[]);
-                audit_or_close!("(unparsed)", crate::text::printable(&bytes, 200), Outcome::Bad);
-                send_or_close!(
-                    bad(tag.as_deref(), &format!("Invalid command: {error}")).as_bytes()
-                );
-                continue;
-            }
-        };
-        let tag = command.tag.as_ref().to_owned();
-        let name = command.body.name();
-        let (login, secret) = match command.body {
-            CommandBody::Capability => {
-                audit_or_close!(name, String::new(), Outcome::Ok);
-                let reply = format!(
-                    "* CAPABILITY {}\r\n{tag} OK CAPABILITY completed\r\n",
-                    preauth_capabilities(tls)
-                );
+        if let preauth::Step::SaslContinuation { tag } = &step {
+            send_or_close!(b"+ \r\n");
+            step = match io::next_line(&mut stream, &mut buffer, 8 * 1024).await {
+                Ok(line) => preauth::on_sasl_line(tag, &Zeroizing::new(line.to_vec())),
+                Err(e) => return PreAuthEnd::Closed(SessionEnd::Error(e.to_string())),
+            };
+        }
+        match step {
+            preauth::Step::Answer { event, reply } => {
+                record_or_close!(event);
                 send_or_close!(reply.as_bytes());
-                continue;
             }
-            CommandBody::Noop => {
-                audit_or_close!(name, String::new(), Outcome::Ok);
-                send_or_close!(format!("{tag} OK NOOP completed\r\n").as_bytes());
-                continue;
-            }
-            CommandBody::Id { .. } => {
-                audit_or_close!(name, summarize(&command).detail, Outcome::Ok);
-                let reply = format!(
-                    "* ID (\"name\" \"pecgate\" \"version\" \"{}\")\r\n{tag} OK ID completed\r\n",
-                    env!("CARGO_PKG_VERSION")
-                );
-                send_or_close!(reply.as_bytes());
-                continue;
-            }
-            CommandBody::Logout => {
-                audit_or_close!(name, String::new(), Outcome::Ok);
-                let _ = send(
-                    &mut stream,
-                    format!("* BYE Logging out\r\n{tag} OK LOGOUT completed\r\n").as_bytes(),
-                )
-                .await;
+            preauth::Step::Logout { event, reply } => {
+                record_or_close!(event);
+                let _ = send(&mut stream, reply.as_bytes()).await;
                 return PreAuthEnd::Closed(SessionEnd::Logout);
             }
-            CommandBody::StartTLS if tls => {
-                audit_or_close!(name, "already using TLS".to_owned(), Outcome::Bad);
-                send_or_close!(bad(Some(&tag), "TLS is already active").as_bytes());
-                continue;
-            }
-            CommandBody::StartTLS => {
-                audit_or_close!(name, String::new(), Outcome::Ok);
-                send_or_close!(format!("{tag} OK Begin TLS negotiation now\r\n").as_bytes());
-                // Anything the client pipelined after STARTTLS was sent in clear text and
-                // could have been injected by a man in the middle: discard it.
+            preauth::Step::StartTls { event, reply } => {
+                record_or_close!(event);
+                send_or_close!(reply.as_bytes());
                 buffer.clear();
                 assembler = CommandAssembler::new(PREAUTH_LIMITS);
                 stream = match ctx.accept_tls(stream).await {
@@ -289,105 +236,38 @@ async fn not_authenticated(
                     Err(failure) => return PreAuthEnd::Closed(failure.into()),
                 };
                 tls = true;
-                continue;
             }
-            CommandBody::Login { .. } | CommandBody::Authenticate { .. } if !tls => {
-                audit_or_close!(name, "before STARTTLS".to_owned(), Outcome::Denied);
-                send_or_close!(
-                    format!("{tag} NO [PRIVACYREQUIRED] Use STARTTLS before logging in\r\n")
-                        .as_bytes()
-                );
-                continue;
-            }
-            CommandBody::Authenticate {
-                mechanism,
-                initial_response,
-            } => {
-                if mechanism != AuthMechanism::Plain {
-                    audit_or_close!(name, mechanism.to_string(), Outcome::No);
-                    send_or_close!(
-                        format!("{tag} NO [CANNOT] Only AUTHENTICATE PLAIN is supported\r\n")
-                            .as_bytes()
-                    );
-                    continue;
-                }
-                let response: Zeroizing<Vec<u8>> = match initial_response {
-                    Some(secret) => Zeroizing::new(secret.declassify().to_vec()),
-                    None => {
-                        send_or_close!(b"+ \r\n");
-                        let line = match io::next_line(&mut stream, &mut buffer, 8 * 1024).await
-                        {
-                            Ok(line) => Zeroizing::new(line.to_vec()),
-                            Err(e) => return PreAuthEnd::Closed(SessionEnd::Error(e.to_string())),
-                        };
-                        let trimmed = line
-                            .strip_suffix(b"\n")
-                            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-                            .unwrap_or(&line);
-                        if trimmed == b"*" {
-                            audit_or_close!(name, "cancelled".to_owned(), Outcome::Bad);
-                            send_or_close!(bad(Some(&tag), "Authentication cancelled").as_bytes());
-                            continue;
-                        }
-                        match base64::engine::general_purpose::STANDARD.decode(trimmed) {
-                            Ok(decoded) => Zeroizing::new(decoded),
-                            Err(_) => {
-                                audit_or_close!(name, "invalid base64".to_owned(), Outcome::Bad);
-                                send_or_close!(
-                                    bad(Some(&tag), "Invalid base64 in SASL response").as_bytes()
-                                );
-                                continue;
-                            }
-                        }
-                    }
-                };
-                let Some((login, secret)) = login::parse_sasl_plain(&response) else {
-                    audit_or_close!(name, "malformed PLAIN response".to_owned(), Outcome::Bad);
-                    send_or_close!(bad(Some(&tag), "Malformed SASL PLAIN response").as_bytes());
-                    continue;
-                };
-                (login, secret)
-            }
-            CommandBody::Login { username, password } => (
-                String::from_utf8_lossy(username.as_ref()).into_owned(),
-                Zeroizing::new(password.declassify().as_ref().to_vec()),
-            ),
-            _ => {
-                audit_or_close!(name, "before login".to_owned(), Outcome::Bad);
-                send_or_close!(bad(Some(&tag), "Log in first").as_bytes());
-                continue;
-            }
-        };
-        match log_in(ctx, &tag, name, &login, secret).await {
-            LoginResult::Success {
-                provider,
-                capabilities,
-                reply,
-            } => {
-                send_or_close!(reply.as_bytes());
-                return PreAuthEnd::LoggedIn {
-                    stream,
-                    buffer,
+            preauth::Step::SaslContinuation { .. } => unreachable!("answered above"),
+            preauth::Step::LogIn {
+                tag,
+                command,
+                login,
+                secret,
+            } => match log_in(ctx, &tag, command, &login, secret).await {
+                LoginResult::Success {
                     provider,
                     capabilities,
-                };
-            }
-            LoginResult::Refused(reply) => send_or_close!(reply.as_bytes()),
-            LoginResult::AuditFailed => {
-                let _ = send(
-                    &mut stream,
-                    b"* BYE [UNAVAILABLE] Audit log unavailable\r\n",
-                )
-                .await;
-                return PreAuthEnd::Closed(SessionEnd::AuditFailed);
-            }
+                    reply,
+                } => {
+                    send_or_close!(reply.as_bytes());
+                    return PreAuthEnd::LoggedIn {
+                        stream,
+                        buffer,
+                        provider,
+                        capabilities,
+                    };
+                }
+                LoginResult::Refused(reply) => send_or_close!(reply.as_bytes()),
+                LoginResult::AuditFailed => {
+                    let _ = send(&mut stream, AUDIT_BYE).await;
+                    return PreAuthEnd::Closed(SessionEnd::AuditFailed);
+                }
+            },
         }
     }
 }
 
-fn bad(tag: Option<&str>, text: &str) -> String {
-    format!("{} BAD {text}\r\n", tag.unwrap_or("*"))
-}
+const AUDIT_BYE: &[u8] = b"* BYE [UNAVAILABLE] Audit log unavailable\r\n";
 
 enum LoginResult {
     Success {

@@ -425,7 +425,7 @@ impl Session<'_> {
                     None => self.read_sasl("").await?,
                 };
                 let parsed = match response {
-                    SaslLine::Data(bytes) => login::parse_sasl_plain(&bytes),
+                    SaslLine::Data(bytes) => crate::password::parse_sasl_plain(&bytes),
                     SaslLine::Cancel => return self.auth_cancelled(detail).await,
                     SaslLine::Invalid => None,
                 };
