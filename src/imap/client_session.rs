@@ -37,6 +37,10 @@ use crate::imap::command::{CommandSummary, parse_command, summarize};
 use crate::imap::provider_client::{Untagged, next_tag};
 use crate::imap::response::{self, ListEntry, Status, list_entry};
 
+/// Most commands of one session in flight at the provider: a client pipelining more waits
+/// (it is not read from) until some complete, so a session's state stays bounded.
+const MAX_IN_FLIGHT: usize = 64;
+
 /// Most folders gathered for one LIST: far beyond any real mailbox, and a bound on memory.
 const MAX_LIST_ENTRIES: usize = 100_000;
 
@@ -261,7 +265,10 @@ impl ClientSession {
             return self.refuse(&client_tag, &summary, "LIST pattern too long");
         }
         let runs_alone = class.exclusive || renames_rfc822(&command, &self.policy);
-        if (runs_alone && !self.in_flight.is_empty()) || self.in_flight.iter().any(|f| f.runs_alone) {
+        if (runs_alone && !self.in_flight.is_empty())
+            || self.in_flight.iter().any(|f| f.runs_alone)
+            || self.in_flight.len() >= MAX_IN_FLIGHT
+        {
             return Submit::Wait(command);
         }
         let substitutions = match authorize(&mut command, &self.policy) {

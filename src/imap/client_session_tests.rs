@@ -624,3 +624,25 @@ fn check_upstream(bytes: &[u8], seed: u64) -> (usize, usize, usize) {
     assert!(input.is_empty(), "seed {seed}: trailing upstream bytes");
     (commands, dones, appends)
 }
+
+#[test]
+fn pipelining_is_bounded() {
+    let mut r = rig(&["INBOX"], ALL);
+    let burst: Vec<u8> = (0..200).flat_map(|i| format!("n{i} NOOP\r\n").into_bytes()).collect();
+    r.client_sends(&burst);
+    let up = r.take_upstream();
+    assert_eq!(up.len(), MAX_IN_FLIGHT, "the rest waits, unread");
+    // Each completion lets one more go; in the end every NOOP is answered, in order.
+    for line in up {
+        r.provider_sends(&format!("{} OK done\r\n", Rig::last_tag(&[line])));
+    }
+    while !r.session.in_flight.is_empty() {
+        let up = r.take_upstream();
+        for line in up {
+            r.provider_sends(&format!("{} OK done\r\n", Rig::last_tag(&[line])));
+        }
+    }
+    let client = r.take_client();
+    assert_eq!(client.lines().count(), 200);
+    assert!(client.lines().enumerate().all(|(i, l)| l == format!("n{i} OK done")));
+}
