@@ -3,8 +3,9 @@
 //! Before login nothing reaches the provider: CAPABILITY, STARTTLS, LOGIN, AUTHENTICATE PLAIN
 //! (with SASL-IR or one continuation), ID, NOOP and LOGOUT are answered here; anything else is
 //! refused. Each decision says what to record in the audit log and what to answer; the driver
-//! (`session.rs`) records first, then writes, and does the TLS handshake and the credential
-//! check when told to.
+//! (`session.rs`) records login attempts first, then writes, and does the TLS handshake and the
+//! credential check when told to. Everything else before login is counted in a [`Tally`] and
+//! recorded as one row per connection; at most [`MAX_COMMANDS`] commands are served.
 
 use base64::Engine;
 use imap_codec::imap_types::auth::AuthMechanism;
@@ -41,6 +42,54 @@ pub enum Step {
         login: String,
         secret: Zeroizing<Vec<u8>>,
     },
+}
+
+/// Most commands a connection may send before logging in. Thunderbird and Outlook send three or
+/// four; past this the connection is closed (`* BYE`), so nobody can keep a pre-login
+/// connection busy for ever.
+pub const MAX_COMMANDS: u32 = 32;
+
+/// What one connection did before login. Login attempts are recorded one by one; everything
+/// else before login (CAPABILITY, NOOP, ID, STARTTLS, refused input) only counts here, and
+/// [`Tally::summary`] is the one row the connection leaves for it: a client cannot fill the
+/// audit log (and so close it for everyone) without logging in.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Tally {
+    pub commands: u32,
+    pub bytes: u64,
+    pub tls: bool,
+}
+
+impl Tally {
+    /// Count one command; false once the connection is over [`MAX_COMMANDS`].
+    pub fn count(&mut self) -> bool {
+        self.commands += 1;
+        self.commands <= MAX_COMMANDS
+    }
+
+    /// The connection's one summary row, `ended` saying how the state ended.
+    pub fn summary(&self, ended: &str) -> Event {
+        Event {
+            command: "preauth".into(),
+            detail: format!(
+                "commands={} bytes={} tls={} ended={ended}",
+                self.commands,
+                self.bytes,
+                if self.tls { "yes" } else { "no" }
+            ),
+            outcome: if self.commands > MAX_COMMANDS {
+                Outcome::Denied
+            } else {
+                Outcome::Ok
+            },
+        }
+    }
+}
+
+/// Whether an event is recorded on its own (a login attempt) rather than only counted in the
+/// connection's [`Tally`].
+pub fn recorded_alone(event: &Event) -> bool {
+    event.command == "LOGIN" || event.command == "AUTHENTICATE"
 }
 
 /// Capabilities offered before login.
@@ -216,6 +265,35 @@ mod tests {
             }
             other => panic!("no reply: {other:?}"),
         }
+    }
+
+    #[test]
+    fn one_summary_row_instead_of_a_row_per_command() {
+        let mut tally = Tally::default();
+        for text in ["a CAPABILITY", "b NOOP", "c ID NIL", "d STARTTLS"] {
+            let (Step::Answer { event, .. } | Step::StartTls { event, .. }) = step(text, false) else {
+                panic!("{text}")
+            };
+            assert!(!recorded_alone(&event), "{text}");
+            assert!(tally.count());
+        }
+        let Step::Answer { event, .. } = step("e LOGIN mario x", false) else {
+            panic!()
+        };
+        assert!(recorded_alone(&event), "a login attempt is always on record");
+        tally.bytes = 120;
+        tally.tls = true;
+        assert_eq!(
+            tally.summary("login"),
+            Event {
+                command: "preauth".into(),
+                detail: "commands=4 bytes=120 tls=yes ended=login".into(),
+                outcome: Outcome::Ok
+            }
+        );
+        while tally.count() {}
+        assert_eq!(tally.commands, MAX_COMMANDS + 1);
+        assert_eq!(tally.summary("too many commands").outcome, Outcome::Denied);
     }
 
     #[test]

@@ -142,13 +142,41 @@ async fn send(stream: &mut BoxStream, bytes: &[u8]) -> Result<(), SessionEnd> {
     result.map_err(|e| SessionEnd::Error(e.to_string()))
 }
 
-/// Drive [`preauth`] until the client logs in or goes away.
+/// Drive [`preauth`] until the client logs in or goes away, then record the connection's one
+/// pre-login summary row.
 async fn not_authenticated(
     ctx: &mut SessionContext,
-    mut stream: BoxStream,
-    mut tls: bool,
+    stream: BoxStream,
+    tls: bool,
     shutdown: &CancellationToken,
 ) -> PreAuthEnd {
+    let mut tally = preauth::Tally {
+        tls,
+        ..Default::default()
+    };
+    let end = serve_preauth(ctx, stream, &mut tally, shutdown).await;
+    let ended = match &end {
+        PreAuthEnd::LoggedIn { .. } => "login".to_owned(),
+        PreAuthEnd::Closed(SessionEnd::Error(text)) => crate::text::printable(text.as_bytes(), 120),
+        PreAuthEnd::Closed(end) => format!("{end:?}").to_lowercase(),
+    };
+    let preauth::Event {
+        command,
+        detail,
+        outcome,
+    } = tally.summary(&ended);
+    // A failure here shows at the next event (the relay checks the log's health first).
+    let _ = ctx.audit(&command, None, detail, outcome).await;
+    end
+}
+
+async fn serve_preauth(
+    ctx: &mut SessionContext,
+    mut stream: BoxStream,
+    tally: &mut preauth::Tally,
+    shutdown: &CancellationToken,
+) -> PreAuthEnd {
+    let mut tls = tally.tls;
     macro_rules! send_or_close {
         ($bytes:expr) => {
             if let Err(end) = send(&mut stream, $bytes).await {
@@ -158,12 +186,13 @@ async fn not_authenticated(
     }
     macro_rules! record_or_close {
         ($event:expr) => {{
-            let preauth::Event {
-                command,
-                detail,
-                outcome,
-            } = $event;
-            if ctx.audit(&command, None, detail, outcome).await.is_err() {
+            let event: preauth::Event = $event;
+            if preauth::recorded_alone(&event)
+                && ctx
+                    .audit(&event.command, None, event.detail, event.outcome)
+                    .await
+                    .is_err()
+            {
                 let _ = send(&mut stream, AUDIT_BYE).await;
                 return PreAuthEnd::Closed(SessionEnd::AuditFailed);
             }
@@ -176,9 +205,13 @@ async fn not_authenticated(
     loop {
         let mut step = match assembler.poll(&mut buffer, |_, _| false) {
             Assembled::NeedMore => {
+                let before = buffer.len();
                 tokio::select! {
                     read = io::fill(&mut stream, &mut buffer) => match read {
-                        Ok(true) => continue,
+                        Ok(true) => {
+                            tally.bytes += (buffer.len() - before) as u64;
+                            continue;
+                        }
                         Ok(false) => return PreAuthEnd::Closed(SessionEnd::ClientClosed),
                         Err(e) => return PreAuthEnd::Closed(SessionEnd::Error(e.to_string())),
                     },
@@ -209,6 +242,10 @@ async fn not_authenticated(
             },
             Assembled::MessageLiteral { .. } => unreachable!("nothing streams before login"),
         };
+        if !tally.count() {
+            let _ = send(&mut stream, b"* BYE Too many commands before login\r\n").await;
+            return PreAuthEnd::Closed(SessionEnd::Error("too many commands before login".into()));
+        }
         if let preauth::Step::SaslContinuation { tag } = &step {
             send_or_close!(b"+ \r\n");
             step = match io::next_line(&mut stream, &mut buffer, 8 * 1024).await {
@@ -236,6 +273,7 @@ async fn not_authenticated(
                     Err(failure) => return PreAuthEnd::Closed(failure.into()),
                 };
                 tls = true;
+                tally.tls = true;
             }
             preauth::Step::SaslContinuation { .. } => unreachable!("answered above"),
             preauth::Step::LogIn {

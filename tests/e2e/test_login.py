@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from harness import capabilities_from, quote
+from harness import capabilities_from, quote, wait_until
 
 FORBIDDEN_CAP_PREFIXES = ("COMPRESS", "NOTIFY")
 
@@ -155,3 +155,52 @@ def test_capabilities_allow_list_without_compress(gateway, clients):
     assert tagged.startswith((b"Z1 BAD", b"Z1 NO")), tagged
     _, tagged = r.command("N1", "NOOP")
     assert tagged.startswith(b"N1 OK"), tagged
+
+
+def test_before_login_one_summary_row_and_a_cap_on_commands(make_gateway):
+    """A client that never logs in cannot fill the audit log (which would close it for
+    everyone): its commands leave one `preauth` row, and past 32 commands it is disconnected.
+    A login attempt is always recorded on its own."""
+    gw = make_gateway()
+    r = gw.raw(tls=True)
+    r.command("b0", "LOGIN mario wrong-password")
+    for i in range(31):
+        _, tagged = r.command(f"n{i}", "NOOP")
+        assert tagged.startswith(f"n{i} OK".encode()), tagged
+    r.send(b"n31 NOOP\r\n")
+    line = r.read_line()
+    assert line.startswith(b"* BYE Too many commands before login"), line
+    with pytest.raises((EOFError, OSError, TimeoutError)):
+        r.read_line(timeout=5)
+    r.close()
+
+    # (The harness's readiness probe leaves a preauth row of its own: look at this session's.)
+    wait_until(lambda: any(row["command"] == "LOGIN" for row in gw.audit_rows()), 10, "the LOGIN row")
+    session = next(row["session"] for row in gw.audit_rows() if row["command"] == "LOGIN")
+
+    def rows():
+        return [row for row in gw.audit_rows() if row["session"] == session]
+
+    wait_until(lambda: any(row["command"] == "preauth" for row in rows()), 10, "the preauth row")
+    got = rows()
+    assert [row["command"] for row in got] == ["LOGIN", "preauth"], got
+    assert got[0]["outcome"] == "no"
+    assert got[1]["outcome"] == "denied"
+    assert got[1]["detail"].startswith("commands=33 bytes="), got[1]
+    assert "tls=yes ended=too many commands before login" in got[1]["detail"], got[1]
+
+    # A client that logs in leaves the same single row, ended=login, under its user.
+    c = gw.client("mario", tls=True)
+    c.noop()
+    c.logout()
+
+    def logged_in_rows():
+        return [row for row in gw.audit_rows()
+                if row["command"] == "preauth" and row["detail"].endswith("ended=login")]
+
+    wait_until(logged_in_rows, 10, "the preauth row of the session that logged in")
+    [last] = logged_in_rows()
+    assert last["user"] == "mario" and last["detail"].endswith("tls=yes ended=login"), last
+    assert not [row for row in gw.audit_rows() if row["session"] == last["session"]
+                and row["command"] in ("CAPABILITY", "NOOP", "ID")
+                and row["id"] < last["id"]], "pre-login commands recorded one by one"
