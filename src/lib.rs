@@ -7,8 +7,8 @@
 pub mod audit;
 pub mod config;
 pub mod gateway;
-pub mod io;
 pub mod imap;
+pub mod io;
 pub mod ledger;
 pub mod login;
 pub mod password;

@@ -83,7 +83,10 @@ pub fn split_name(wire: &[u8], delimiter: Option<char>) -> Option<Vec<String>> {
         // A provider that keeps every folder under `INBOX.` (Aruba's layout, Dovecot with
         // `prefix = INBOX.`) reads `INBOX.INBOX` as INBOX itself: a pattern that grants
         // "a folder named INBOX below INBOX" must never open INBOX. No such name is clean.
-        if segments.get(1).is_some_and(|s| s.eq_ignore_ascii_case("INBOX")) {
+        if segments
+            .get(1)
+            .is_some_and(|s| s.eq_ignore_ascii_case("INBOX"))
+        {
             return None;
         }
     }

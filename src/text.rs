@@ -70,7 +70,10 @@ mod tests {
     fn escapes_what_could_forge_a_line() {
         assert_eq!(printable(b"a\r\n* OK forged", 100), "a\\r\\n* OK forged");
         assert_eq!(printable(b"x\x1b[31m", 100), "x\\u{1b}[31m");
-        assert_eq!(printable("evil\u{202e}txt".as_bytes(), 100), "evil\\u{202e}txt");
+        assert_eq!(
+            printable("evil\u{202e}txt".as_bytes(), 100),
+            "evil\\u{202e}txt"
+        );
         assert_eq!(printable(b"\xff", 100), "\u{fffd}");
         assert_eq!(printable(b"abcdef", 3), "abc…");
         assert_eq!(escape("plain", true), Cow::Borrowed("plain"));

@@ -122,14 +122,12 @@ impl ProviderConnection {
         self.writer.flush().await?;
         let mut folders = Vec::new();
         loop {
-            let line =
-                io::next_line(&mut self.reader, &mut self.buffer, SETUP_LINE_MAX).await?;
+            let line = io::next_line(&mut self.reader, &mut self.buffer, SETUP_LINE_MAX).await?;
             if let ResponseKind::Tagged { tag: "s4", .. } = response::classify(&line) {
                 return Ok(folders);
             }
             // A name may come as a literal: read the whole response.
-            let unit = read_unit(&mut self.reader, &mut self.buffer, &line, SETUP_LINE_MAX)
-                .await?;
+            let unit = read_unit(&mut self.reader, &mut self.buffer, &line, SETUP_LINE_MAX).await?;
             folders.extend(response::list_entry(&unit));
         }
     }

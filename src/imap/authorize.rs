@@ -73,10 +73,15 @@ pub fn authorize(command: &mut Command<'static>, policy: &SessionPolicy) -> Deci
     }
     let mut substitutions = Vec::new();
     let is_create = matches!(command.body, CommandBody::Create { .. });
-    for (mailbox, &usage) in mailboxes_mut(&mut command.body).into_iter().zip(class.names) {
+    for (mailbox, &usage) in mailboxes_mut(&mut command.body)
+        .into_iter()
+        .zip(class.names)
+    {
         let wire = wire_name(mailbox);
         let shown = display_name(&wire);
-        if crate::text::has_control(&shown) || crate::text::has_control(&String::from_utf8_lossy(&wire)) {
+        if crate::text::has_control(&shown)
+            || crate::text::has_control(&String::from_utf8_lossy(&wire))
+        {
             return Decision::BadName("Mailbox names with control characters are not accepted");
         }
         // RFC 3501: a trailing delimiter on CREATE declares a folder meant to hold others;
@@ -364,7 +369,10 @@ mod tests {
             panic!()
         };
         assert_eq!(substitutions.len(), 1, "{substitutions:?}");
-        assert!(encoded.contains(&format!("{}/", substitutions[0].0)), "{encoded}");
+        assert!(
+            encoded.contains(&format!("{}/", substitutions[0].0)),
+            "{encoded}"
+        );
         assert_eq!(substitutions[0].1, "Riservata");
         let reply = format!("a NO Mailbox doesn't exist: {}\r\n", substitutions[0].0);
         assert_eq!(
@@ -381,7 +389,10 @@ mod tests {
             panic!()
         };
         assert_eq!(substitutions.len(), 2);
-        assert!(encoded.starts_with("a SELECT INBOX.pecgate-none-"), "{encoded}");
+        assert!(
+            encoded.starts_with("a SELECT INBOX.pecgate-none-"),
+            "{encoded}"
+        );
         // Granted names go through untouched.
         assert_eq!(
             decide(&p, "a SELECT inbox"),

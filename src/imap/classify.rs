@@ -121,9 +121,7 @@ pub fn classify(body: &CommandBody<'_>) -> CommandClass {
         CommandBody::Capability => CommandClass::local(Handling::LocalCapability),
         CommandBody::Enable { .. } => CommandClass::local(Handling::LocalEnable),
         CommandBody::Id { .. } => CommandClass::local(Handling::LocalId),
-        CommandBody::Noop | CommandBody::Check | CommandBody::Namespace => {
-            CommandClass::relay(&[])
-        }
+        CommandBody::Noop | CommandBody::Check | CommandBody::Namespace => CommandClass::relay(&[]),
         CommandBody::Idle => CommandClass {
             handling: Handling::Idle,
             ..CommandClass::relay(&[]).exclusive(Keep)
@@ -132,9 +130,9 @@ pub fn classify(body: &CommandBody<'_>) -> CommandClass {
             handling: Handling::Logout,
             ..CommandClass::relay(&[]).exclusive(Keep)
         },
-        CommandBody::Select { .. } | CommandBody::Examine { .. } => {
-            CommandClass::relay(&[Read]).names(EXISTING).exclusive(Select)
-        }
+        CommandBody::Select { .. } | CommandBody::Examine { .. } => CommandClass::relay(&[Read])
+            .names(EXISTING)
+            .exclusive(Select),
         CommandBody::Unselect => CommandClass::relay(&[]).exclusive(Deselect),
         // CLOSE expunges; without `delete` the policy sends UNSELECT instead.
         CommandBody::Close => CommandClass::relay(&[]).exclusive(Deselect).changing(),
@@ -228,7 +226,11 @@ mod tests {
     use crate::imap::command::parse_command;
 
     fn class(text: &str) -> CommandClass {
-        classify(&parse_command(format!("{text}\r\n").as_bytes()).unwrap().body)
+        classify(
+            &parse_command(format!("{text}\r\n").as_bytes())
+                .unwrap()
+                .body,
+        )
     }
 
     #[test]
@@ -289,7 +291,12 @@ mod tests {
         for text in ["a LIST \"\" *", "a LSUB \"\" *", "a IDLE", "a LOGOUT"] {
             assert!(class(text).exclusive, "{text}");
         }
-        for text in ["a FETCH 1 FLAGS", "a UID SEARCH ALL", "a NOOP", "a STATUS INBOX (MESSAGES)"] {
+        for text in [
+            "a FETCH 1 FLAGS",
+            "a UID SEARCH ALL",
+            "a NOOP",
+            "a STATUS INBOX (MESSAGES)",
+        ] {
             assert!(!class(text).exclusive, "{text}");
             assert!(!class(text).changes_state, "{text}");
         }

@@ -28,12 +28,10 @@ use imap_codec::imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItem
 
 use crate::audit::Outcome;
 use crate::config::Permission;
-use crate::imap::authorize::{
-    Decision, SessionPolicy, authorize, force_peek, substitute,
-};
-use crate::imap::listing::{ListRequest, status_visible};
+use crate::imap::authorize::{Decision, SessionPolicy, authorize, force_peek, substitute};
 use crate::imap::classify::{CommandClass, Handling, Selection, classify};
 use crate::imap::command::{CommandSummary, parse_command, summarize};
+use crate::imap::listing::{ListRequest, status_visible};
 use crate::imap::provider_client::{Untagged, next_tag};
 use crate::imap::response::{self, ListEntry, Status, list_entry};
 
@@ -224,7 +222,11 @@ impl ClientSession {
         self.submit_inner(skeleton, Some((length, sync)))
     }
 
-    fn submit_inner(&mut self, mut command: Command<'static>, append: Option<(u32, bool)>) -> Submit {
+    fn submit_inner(
+        &mut self,
+        mut command: Command<'static>,
+        append: Option<(u32, bool)>,
+    ) -> Submit {
         let client_tag = command.tag.as_ref().to_owned();
         let class = classify(&command.body);
         let mut summary = summarize(&command);
@@ -240,12 +242,23 @@ impl ClientSession {
             summary.folder = self.selected.clone();
         }
         if self.in_flight.iter().any(|f| f.client_tag == client_tag) {
-            return self.refuse(&client_tag, &summary, "Tag already in use by a running command");
+            return self.refuse(
+                &client_tag,
+                &summary,
+                "Tag already in use by a running command",
+            );
         }
-        let ok = |text: String| Submit::Ready(vec![
-            audit(&summary.name, summary.folder.clone(), summary.detail.clone(), Outcome::Ok),
-            Action::Client(text.into_bytes()),
-        ]);
+        let ok = |text: String| {
+            Submit::Ready(vec![
+                audit(
+                    &summary.name,
+                    summary.folder.clone(),
+                    summary.detail.clone(),
+                    Outcome::Ok,
+                ),
+                Action::Client(text.into_bytes()),
+            ])
+        };
         match class.handling {
             Handling::Refuse(text) => return self.refuse(&client_tag, &summary, text),
             Handling::LocalCapability => {
@@ -335,7 +348,12 @@ impl ClientSession {
 
     fn refuse(&self, tag: &str, summary: &CommandSummary, text: &str) -> Submit {
         Submit::Ready(vec![
-            audit(&summary.name, summary.folder.clone(), text.to_owned(), Outcome::Bad),
+            audit(
+                &summary.name,
+                summary.folder.clone(),
+                text.to_owned(),
+                Outcome::Bad,
+            ),
             Action::Client(format!("{tag} BAD {text}\r\n").into_bytes()),
         ])
     }
@@ -383,14 +401,18 @@ impl ClientSession {
                 actions.push(Action::Provider(Request::Done));
                 actions
             }
-            IdlePhase::Idling | IdlePhase::DoneSent => vec![violation_end("a second continuation for IDLE")],
+            IdlePhase::Idling | IdlePhase::DoneSent => {
+                vec![violation_end("a second continuation for IDLE")]
+            }
         }
     }
 
     /// The provider completed the command sent under `tag`; `text` is the rest of its line.
     pub fn on_completed(&mut self, tag: &str, status: Status, text: &[u8]) -> Vec<Action> {
         let Some(position) = self.in_flight.iter().position(|f| f.upstream_tag == tag) else {
-            return vec![violation_end("a completion for a command this session did not send")];
+            return vec![violation_end(
+                "a completion for a command this session did not send",
+            )];
         };
         let done = self.in_flight.remove(position);
         match (done.class.selection, status) {
@@ -420,7 +442,10 @@ impl ClientSession {
         };
         let mut summary = done.summary.clone();
         if let Some(line) = &idle_broken {
-            summary.detail = join_detail(&format!("client sent {line:?} instead of DONE"), &summary.detail);
+            summary.detail = join_detail(
+                &format!("client sent {line:?} instead of DONE"),
+                &summary.detail,
+            );
         }
         let mut actions = vec![Action::Audit(relayed(&summary, tag, outcome, None))];
         if let Some(request) = done.list
@@ -432,7 +457,9 @@ impl ClientSession {
             });
         }
         let line = match idle_broken {
-            Some(_) => format!("{} BAD Expected DONE to end IDLE\r\n", done.client_tag).into_bytes(),
+            Some(_) => {
+                format!("{} BAD Expected DONE to end IDLE\r\n", done.client_tag).into_bytes()
+            }
             None => {
                 let mut line = done.client_tag.clone().into_bytes();
                 line.push(b' ');
@@ -482,7 +509,9 @@ impl ClientSession {
         match kind {
             Untagged::List | Untagged::Lsub => {
                 match list_entry(unit) {
-                    Some(entry) if self.listing.len() < MAX_LIST_ENTRIES => self.listing.push(entry),
+                    Some(entry) if self.listing.len() < MAX_LIST_ENTRIES => {
+                        self.listing.push(entry)
+                    }
                     Some(_) => {}
                     // Not relayed: the listing is computed from what parses.
                     None => tracing::warn!(

@@ -6,9 +6,9 @@ use imap_codec::imap_types::command::{Command, CommandBody};
 
 use super::*;
 use crate::config::Permission;
-use crate::imap::listing::answer_list;
 use crate::imap::command::{UpstreamStep, append_skeleton};
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits};
+use crate::imap::listing::answer_list;
 use crate::imap::provider_client::{ProviderClient, ProviderEvent};
 use crate::policy::FolderPolicy;
 
@@ -158,7 +158,9 @@ impl Rig {
                 self.session.on_completed(&tag, status, &text)
             }
             ProviderEvent::Untagged(kind) => match self.session.plan_untagged(kind, line) {
-                UntaggedPlan::Pass | UntaggedPlan::PassThenEnd => vec![Action::Client(line.to_vec())],
+                UntaggedPlan::Pass | UntaggedPlan::PassThenEnd => {
+                    vec![Action::Client(line.to_vec())]
+                }
                 UntaggedPlan::PassRenamed => vec![Action::Client(
                     crate::imap::authorize::rename_rfc822_items(line),
                 )],
@@ -193,7 +195,9 @@ impl Rig {
                         }
                     }
                 }
-                Action::Provider(Request::AppendHead { skeleton, length, .. }) => {
+                Action::Provider(Request::AppendHead {
+                    skeleton, length, ..
+                }) => {
                     for step in self.provider.encode_append(&skeleton, length) {
                         if let UpstreamStep::Send(bytes) = step {
                             self.upstream.extend_from_slice(&bytes);
@@ -259,7 +263,11 @@ fn commands_go_up_under_pecgate_tags_and_come_back_under_the_clients() {
     let last = r.audits.last().unwrap();
     assert_eq!(last.command, "SELECT");
     assert_eq!(last.outcome, Outcome::Ok);
-    assert!(last.detail.ends_with(&format!("upstream={tag}")), "{}", last.detail);
+    assert!(
+        last.detail.ends_with(&format!("upstream={tag}")),
+        "{}",
+        last.detail
+    );
 }
 
 #[test]
@@ -288,7 +296,10 @@ fn idle_then_append_literal_never_reaches_the_provider() {
     r.provider_sends("+ idling\r\n");
     r.client_sends(b"f APPEND INBOX {5}\r\n");
     r.provider_sends(&format!("{tag} OK Idle completed\r\n"));
-    assert_eq!(r.take_client(), "+ idling\r\ne BAD Expected DONE to end IDLE\r\n");
+    assert_eq!(
+        r.take_client(),
+        "+ idling\r\ne BAD Expected DONE to end IDLE\r\n"
+    );
     let idle_event = r.audits.iter().find(|a| a.command == "IDLE").unwrap();
     assert_eq!(idle_event.outcome, Outcome::Bad);
 }
@@ -301,7 +312,10 @@ fn a_reused_tag_is_refused_and_idle_is_not_confused() {
     let up = r.take_upstream();
     assert_eq!(up.len(), 1, "{up:?}");
     assert!(up[0].ends_with(" NOOP\r\n"));
-    assert_eq!(r.take_client(), "a BAD Tag already in use by a running command\r\n");
+    assert_eq!(
+        r.take_client(),
+        "a BAD Tag already in use by a running command\r\n"
+    );
     assert!(!r.session.client_idling());
     // The literal is part of one (invalid) ID command: refused whole, nothing goes up.
     r.client_sends(b"y ID {18+}\r\ny SELECT Segreto\r\n\r\n");
@@ -373,7 +387,10 @@ fn without_flag_bodies_are_peeked_and_rfc822_keeps_its_name() {
     r.provider_sends(&format!("{tag} OK done\r\n"));
     r.client_sends(b"f FETCH 1 (BODY[TEXT] BODY[HEADER.FIELDS (SUBJECT)])\r\n");
     let up = r.take_upstream();
-    assert!(up[0].ends_with(" FETCH 1 (BODY.PEEK[TEXT] BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n"), "{up:?}");
+    assert!(
+        up[0].ends_with(" FETCH 1 (BODY.PEEK[TEXT] BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n"),
+        "{up:?}"
+    );
     r.provider_sends(&format!("{} OK done\r\n", Rig::last_tag(&up)));
     r.take_client();
     r.client_sends(b"g FETCH 1 RFC822\r\n");
@@ -414,8 +431,14 @@ fn names_with_control_characters_never_leave() {
     r.client_sends(b"b CREATE &AA0ACg-x\r\n");
     assert!(r.take_upstream().is_empty());
     let client = r.take_client();
-    assert!(client.starts_with("a BAD Mailbox names with control characters"), "{client}");
-    assert!(client.contains("\r\nb BAD Mailbox names with control characters"), "{client}");
+    assert!(
+        client.starts_with("a BAD Mailbox names with control characters"),
+        "{client}"
+    );
+    assert!(
+        client.contains("\r\nb BAD Mailbox names with control characters"),
+        "{client}"
+    );
     // Recorded, escaped: an auditor reads `A\r\nBC`, never a forged row.
     assert_eq!(r.audits[0].folder.as_deref(), Some("A\\r\\nBC"));
 }
@@ -441,7 +464,10 @@ fn listings_come_from_the_visible_tree_only() {
     r.provider_sends("* LIST (\\HasNoChildren) \"/\" Segreto\r\n");
     r.provider_sends(&format!("{tag} OK List completed\r\n"));
     let client = r.take_client();
-    assert!(client.contains("INBOX") && !client.contains("Segreto"), "{client}");
+    assert!(
+        client.contains("INBOX") && !client.contains("Segreto"),
+        "{client}"
+    );
     assert!(client.ends_with("l OK List completed\r\n"));
     // A pattern of hundreds of wildcards is collapsed and answered.
     let pattern = "*".repeat(200);
@@ -510,7 +536,11 @@ fn random_streams_never_put_client_words_upstream() {
         b"m CAPABILITY\r\n",
         b"z SELECT\r\n",
     ];
-    for role in [&[Permission::Read][..], &[Permission::Read, Permission::Flag, Permission::Append][..], ALL] {
+    for role in [
+        &[Permission::Read][..],
+        &[Permission::Read, Permission::Flag, Permission::Append][..],
+        ALL,
+    ] {
         let mut r = rig(&["INBOX", "INBOX/**", "Sent"], role);
         for _ in 0..3000 {
             let piece = pieces[rng.gen_range(0..pieces.len())];
@@ -533,8 +563,15 @@ fn random_streams_never_put_client_words_upstream() {
         answer_everything(&mut r);
         let (commands, dones, appends) = check_upstream(&r.upstream_log, seed);
         // The stream really went through every path (else the checks above prove little).
-        assert!(commands > 1000 && dones > 20, "seed {seed}: {commands} commands, {dones} DONE");
-        assert_eq!(appends > 0, role.contains(&Permission::Append), "seed {seed}");
+        assert!(
+            commands > 1000 && dones > 20,
+            "seed {seed}: {commands} commands, {dones} DONE"
+        );
+        assert_eq!(
+            appends > 0,
+            role.contains(&Permission::Append),
+            "seed {seed}"
+        );
         let client = String::from_utf8_lossy(&r.client);
         assert!(!client.contains("Segreto\r\n* "), "seed {seed}");
     }
@@ -544,7 +581,8 @@ fn random_streams_never_put_client_words_upstream() {
 fn answer_everything(r: &mut Rig) {
     for _ in 0..8 {
         let sent = r.take_upstream();
-        r.upstream_log.extend(sent.iter().flat_map(|l| l.as_bytes().to_vec()));
+        r.upstream_log
+            .extend(sent.iter().flat_map(|l| l.as_bytes().to_vec()));
         let tags: Vec<(String, bool)> = sent
             .iter()
             .filter_map(|l| {
@@ -588,7 +626,11 @@ fn check_upstream(bytes: &[u8], seed: u64) -> (usize, usize, usize) {
             let Some(end) = crate::io::find_line_end(&input, 0) else {
                 break;
             };
-            assert_eq!(&input[..end], b"DONE\r\n", "seed {seed}: only DONE during IDLE");
+            assert_eq!(
+                &input[..end],
+                b"DONE\r\n",
+                "seed {seed}: only DONE during IDLE"
+            );
             let _ = input.split_to(end);
             after_idle = false;
             dones += 1;
@@ -628,7 +670,9 @@ fn check_upstream(bytes: &[u8], seed: u64) -> (usize, usize, usize) {
 #[test]
 fn pipelining_is_bounded() {
     let mut r = rig(&["INBOX"], ALL);
-    let burst: Vec<u8> = (0..200).flat_map(|i| format!("n{i} NOOP\r\n").into_bytes()).collect();
+    let burst: Vec<u8> = (0..200)
+        .flat_map(|i| format!("n{i} NOOP\r\n").into_bytes())
+        .collect();
     r.client_sends(&burst);
     let up = r.take_upstream();
     assert_eq!(up.len(), MAX_IN_FLIGHT, "the rest waits, unread");
@@ -644,5 +688,10 @@ fn pipelining_is_bounded() {
     }
     let client = r.take_client();
     assert_eq!(client.lines().count(), 200);
-    assert!(client.lines().enumerate().all(|(i, l)| l == format!("n{i} OK done")));
+    assert!(
+        client
+            .lines()
+            .enumerate()
+            .all(|(i, l)| l == format!("n{i} OK done"))
+    );
 }

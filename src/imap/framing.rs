@@ -503,7 +503,10 @@ mod tests {
                 reason: Refusal::LiteralTooLarge
             }
         );
-        assert_eq!(a.poll(&mut input, never), Assembled::Command(b"b NOOP\r\n".to_vec()));
+        assert_eq!(
+            a.poll(&mut input, never),
+            Assembled::Command(b"b NOOP\r\n".to_vec())
+        );
     }
 
     #[test]

@@ -176,7 +176,11 @@ pub fn visible_listing(
     );
     let percent_reaches = |wire: &[u8]| {
         pattern.contains(&b'%')
-            && list_match(&percent_as_star, &normalise_inbox(wire, delimiter), delimiter)
+            && list_match(
+                &percent_as_star,
+                &normalise_inbox(wire, delimiter),
+                delimiter,
+            )
     };
 
     let mut out = Vec::new();
@@ -485,7 +489,11 @@ mod tests {
     fn an_empty_pattern_asks_for_the_delimiter_only() {
         let p = policy(&["Riservata/**"]);
         let entries = mailbox_folders();
-        for request in ["LIST \"\" \"\"", "LIST \"Riservata\" \"\"", "LIST Riservata/ \"\""] {
+        for request in [
+            "LIST \"\" \"\"",
+            "LIST \"Riservata\" \"\"",
+            "LIST Riservata/ \"\"",
+        ] {
             assert_eq!(
                 listing(request, &entries, &p),
                 ["* LIST (\\Noselect) \"/\" \"\""],

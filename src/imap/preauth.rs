@@ -255,14 +255,17 @@ mod tests {
     use crate::imap::command::parse_command;
 
     fn step(text: &str, tls: bool) -> Step {
-        on_command(parse_command(format!("{text}\r\n").as_bytes()).unwrap(), tls)
+        on_command(
+            parse_command(format!("{text}\r\n").as_bytes()).unwrap(),
+            tls,
+        )
     }
 
     fn reply_of(step: &Step) -> &str {
         match step {
-            Step::Answer { reply, .. } | Step::StartTls { reply, .. } | Step::Logout { reply, .. } => {
-                reply
-            }
+            Step::Answer { reply, .. }
+            | Step::StartTls { reply, .. }
+            | Step::Logout { reply, .. } => reply,
             other => panic!("no reply: {other:?}"),
         }
     }
@@ -271,7 +274,8 @@ mod tests {
     fn one_summary_row_instead_of_a_row_per_command() {
         let mut tally = Tally::default();
         for text in ["a CAPABILITY", "b NOOP", "c ID NIL", "d STARTTLS"] {
-            let (Step::Answer { event, .. } | Step::StartTls { event, .. }) = step(text, false) else {
+            let (Step::Answer { event, .. } | Step::StartTls { event, .. }) = step(text, false)
+            else {
                 panic!("{text}")
             };
             assert!(!recorded_alone(&event), "{text}");
@@ -280,7 +284,10 @@ mod tests {
         let Step::Answer { event, .. } = step("e LOGIN mario x", false) else {
             panic!()
         };
-        assert!(recorded_alone(&event), "a login attempt is always on record");
+        assert!(
+            recorded_alone(&event),
+            "a login attempt is always on record"
+        );
         tally.bytes = 120;
         tally.tls = true;
         assert_eq!(
@@ -335,8 +342,13 @@ mod tests {
             step("c AUTHENTICATE PLAIN", true),
             Step::SaslContinuation { .. }
         ));
-        assert!(matches!(on_sasl_line("c", format!("{ir}\r\n").as_bytes()), Step::LogIn { .. }));
-        assert!(reply_of(&on_sasl_line("c", b"*\r\n")).starts_with("c BAD Authentication cancelled"));
+        assert!(matches!(
+            on_sasl_line("c", format!("{ir}\r\n").as_bytes()),
+            Step::LogIn { .. }
+        ));
+        assert!(
+            reply_of(&on_sasl_line("c", b"*\r\n")).starts_with("c BAD Authentication cancelled")
+        );
         assert!(reply_of(&on_sasl_line("c", b"!!\r\n")).starts_with("c BAD Invalid base64"));
         assert!(reply_of(&step("d AUTHENTICATE CRAM-MD5", true)).contains("[CANNOT]"));
     }

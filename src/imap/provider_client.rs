@@ -45,7 +45,9 @@ pub enum Untagged {
 #[derive(Debug, PartialEq, Eq)]
 pub enum ProviderEvent {
     /// A `+` for the wait registered under this tag.
-    Continuation { tag: String },
+    Continuation {
+        tag: String,
+    },
     /// The completion of an in-flight command; `text` is the line after the tag (`OK ...`).
     Completed {
         tag: String,
@@ -85,7 +87,10 @@ impl ProviderClient {
     /// The steps that send `command` (already carrying its upstream tag).
     pub fn encode(&mut self, command: &Command<'_>) -> Vec<UpstreamStep> {
         let tag = command.tag.as_ref().to_owned();
-        if matches!(command.body, imap_codec::imap_types::command::CommandBody::Idle) {
+        if matches!(
+            command.body,
+            imap_codec::imap_types::command::CommandBody::Idle
+        ) {
             self.idle_requested = Some(tag.clone());
             self.awaiting = Some(tag.clone());
         }
@@ -241,7 +246,11 @@ mod tests {
         let mut provider = ProviderClient::new(true);
         assert_eq!(provider.done(), None);
         provider.encode(&parse_command(b"c9 IDLE\r\n").unwrap());
-        assert_eq!(provider.done(), None, "the provider has not accepted IDLE yet");
+        assert_eq!(
+            provider.done(),
+            None,
+            "the provider has not accepted IDLE yet"
+        );
         assert_eq!(
             provider.on_line(b"+ idling\r\n"),
             ProviderEvent::Continuation { tag: "c9".into() }

@@ -25,10 +25,12 @@ use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::imap::authorize::{SessionPolicy, rename_rfc822_items};
-use crate::imap::listing::answer_list;
-use crate::imap::client_session::{Action, AuditRecord, ClientSession, Ending, Request, Submit, UntaggedPlan};
+use crate::imap::client_session::{
+    Action, AuditRecord, ClientSession, Ending, Request, Submit, UntaggedPlan,
+};
 use crate::imap::command::{UpstreamStep, append_skeleton, parse_command};
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, literal_at_end, tag_of};
+use crate::imap::listing::answer_list;
 use crate::imap::provider_client::{ProviderClient, ProviderEvent};
 use crate::io::{self, BoxStream, CopyError};
 use crate::session::SessionContext;
@@ -85,7 +87,9 @@ struct Shared<'a> {
 
 impl Shared<'_> {
     fn core(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().expect("the session machines never panic while locked")
+        self.core
+            .lock()
+            .expect("the session machines never panic while locked")
     }
 }
 
@@ -125,7 +129,12 @@ pub async fn run(
     };
     let end = {
         let up = upward(&shared, &mut client_reader, client_buffer, limits);
-        let down = downward(&shared, &mut provider_reader, &mut provider_buffer, shutdown);
+        let down = downward(
+            &shared,
+            &mut provider_reader,
+            &mut provider_buffer,
+            shutdown,
+        );
         tokio::pin!(up, down);
         tokio::select! {
             end = &mut up => match end {
@@ -219,7 +228,9 @@ async fn upward(
         let assembled = if client_idling {
             assembler.poll(&mut buffer, |_, literal| literal.sync)
         } else {
-            assembler.poll(&mut buffer, |head, literal| append_skeleton(head, literal).is_some())
+            assembler.poll(&mut buffer, |head, literal| {
+                append_skeleton(head, literal).is_some()
+            })
         };
         let actions = match assembled {
             Assembled::NeedMore => {
@@ -228,7 +239,8 @@ async fn upward(
                     Ok(Ok(false)) => return Some(SessionEnd::ClientClosed),
                     Ok(Err(e)) => return Some(SessionEnd::Error(e.to_string())),
                     Err(_) => {
-                        let _ = answer(&shared.client, b"* BYE Autologout: idle for too long\r\n").await;
+                        let _ = answer(&shared.client, b"* BYE Autologout: idle for too long\r\n")
+                            .await;
                         return Some(SessionEnd::Timeout);
                     }
                 }
@@ -242,9 +254,10 @@ async fn upward(
             {
                 shared.core().session.idle_line(&line)
             }
-            Assembled::Refused { .. } if client_idling => {
-                shared.core().session.idle_line(b"(a command refused while framing)")
-            }
+            Assembled::Refused { .. } if client_idling => shared
+                .core()
+                .session
+                .idle_line(b"(a command refused while framing)"),
             Assembled::Refused { tag, reason } => shared.core().session.refuse_unparsed(
                 tag.as_deref(),
                 reason.text(),
@@ -337,7 +350,10 @@ async fn perform_upward(
             let tag = command.tag.as_ref().to_owned();
             let mut provider = shared.provider.lock().await;
             send_steps(shared, &mut provider, &tag, &steps).await?;
-            provider.flush().await.map_err(|_| SessionEnd::UpstreamClosed)
+            provider
+                .flush()
+                .await
+                .map_err(|_| SessionEnd::UpstreamClosed)
         }
         Action::Provider(Request::AppendHead {
             skeleton,
@@ -376,10 +392,18 @@ async fn perform_upward(
                     b"* BYE Protocol error: unexpected data after the APPEND message\r\n",
                 )
                 .await;
-                return Err(SessionEnd::Error(format!("data after the APPEND message ({tag})")));
+                return Err(SessionEnd::Error(format!(
+                    "data after the APPEND message ({tag})"
+                )));
             }
-            provider.write_all(b"\r\n").await.map_err(|_| SessionEnd::UpstreamClosed)?;
-            provider.flush().await.map_err(|_| SessionEnd::UpstreamClosed)
+            provider
+                .write_all(b"\r\n")
+                .await
+                .map_err(|_| SessionEnd::UpstreamClosed)?;
+            provider
+                .flush()
+                .await
+                .map_err(|_| SessionEnd::UpstreamClosed)
         }
     }
 }
@@ -388,8 +412,14 @@ async fn send_done(shared: &Shared<'_>) -> Result<(), SessionEnd> {
     let done = shared.core().provider.done();
     if let Some(bytes) = done {
         let mut provider = shared.provider.lock().await;
-        provider.write_all(bytes).await.map_err(|_| SessionEnd::UpstreamClosed)?;
-        provider.flush().await.map_err(|_| SessionEnd::UpstreamClosed)?;
+        provider
+            .write_all(bytes)
+            .await
+            .map_err(|_| SessionEnd::UpstreamClosed)?;
+        provider
+            .flush()
+            .await
+            .map_err(|_| SessionEnd::UpstreamClosed)?;
     }
     Ok(())
 }
@@ -415,9 +445,15 @@ async fn send_steps(
             shared.core().provider.expect_continuation(tag);
             rx
         });
-        provider.write_all(bytes).await.map_err(|_| SessionEnd::UpstreamClosed)?;
+        provider
+            .write_all(bytes)
+            .await
+            .map_err(|_| SessionEnd::UpstreamClosed)?;
         if let Some(rx) = waiter {
-            provider.flush().await.map_err(|_| SessionEnd::UpstreamClosed)?;
+            provider
+                .flush()
+                .await
+                .map_err(|_| SessionEnd::UpstreamClosed)?;
             if !rx.await.map_err(|_| SessionEnd::UpstreamClosed)? {
                 return Ok(false);
             }
@@ -494,7 +530,11 @@ async fn downward(
             Ok(line) => line,
             Err(error) => {
                 tracing::warn!(%error, "provider stream ended mid-response");
-                let _ = answer(&shared.client, b"* BYE The PEC provider connection failed\r\n").await;
+                let _ = answer(
+                    &shared.client,
+                    b"* BYE The PEC provider connection failed\r\n",
+                )
+                .await;
                 return SessionEnd::UpstreamClosed;
             }
         };
@@ -536,7 +576,9 @@ async fn downward(
                 match plan {
                     UntaggedPlan::Pass | UntaggedPlan::PassRenamed => {
                         let rename = plan == UntaggedPlan::PassRenamed;
-                        if let Err(end) = pass_through(provider, buffer, &shared.client, line, rename).await {
+                        if let Err(end) =
+                            pass_through(provider, buffer, &shared.client, line, rename).await
+                        {
                             return end;
                         }
                         continue;
@@ -549,14 +591,20 @@ async fn downward(
                         return SessionEnd::UpstreamClosed;
                     }
                     UntaggedPlan::Replace(bytes) => vec![Action::Client(bytes)],
-                    UntaggedPlan::Gather => match read_unit(provider, buffer, &line, MAX_MAILBOX_DATA).await {
-                        Ok(unit) => shared.core().session.on_unit(kind, &unit),
-                        Err(error) => {
-                            tracing::warn!(%error, "unreadable mailbox data from the provider");
-                            let _ = answer(&shared.client, b"* BYE The PEC provider connection failed\r\n").await;
-                            return SessionEnd::UpstreamClosed;
+                    UntaggedPlan::Gather => {
+                        match read_unit(provider, buffer, &line, MAX_MAILBOX_DATA).await {
+                            Ok(unit) => shared.core().session.on_unit(kind, &unit),
+                            Err(error) => {
+                                tracing::warn!(%error, "unreadable mailbox data from the provider");
+                                let _ = answer(
+                                    &shared.client,
+                                    b"* BYE The PEC provider connection failed\r\n",
+                                )
+                                .await;
+                                return SessionEnd::UpstreamClosed;
+                            }
                         }
-                    },
+                    }
                     UntaggedPlan::Violation(reason) => shared.core().session.on_violation(&reason),
                 }
             }
@@ -575,17 +623,24 @@ async fn perform_downward(shared: &Shared<'_>, action: Action) -> Result<(), Ses
         Action::Audit(record) => audited(shared, record).await,
         Action::Client(bytes) => {
             let mut writer = shared.client.lock().await;
-            writer.write_all(&bytes).await.map_err(|_| SessionEnd::ClientClosed)
+            writer
+                .write_all(&bytes)
+                .await
+                .map_err(|_| SessionEnd::ClientClosed)
         }
         Action::ClientListing { request, entries } => {
             // Matching a listing is CPU work that grows with the mailbox: off the runtime.
             let policy = shared.policy.clone();
-            let lines = tokio::task::spawn_blocking(move || answer_list(&request, &entries, &policy))
-                .await
-                .map_err(|e| SessionEnd::Error(format!("listing: {e}")))?;
+            let lines =
+                tokio::task::spawn_blocking(move || answer_list(&request, &entries, &policy))
+                    .await
+                    .map_err(|e| SessionEnd::Error(format!("listing: {e}")))?;
             let mut writer = shared.client.lock().await;
             for line in lines {
-                writer.write_all(&line).await.map_err(|_| SessionEnd::ClientClosed)?;
+                writer
+                    .write_all(&line)
+                    .await
+                    .map_err(|_| SessionEnd::ClientClosed)?;
             }
             Ok(())
         }
