@@ -90,8 +90,6 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ending {
     Logout,
-    /// The provider ended its session (BYE).
-    ProviderBye,
     /// The provider said something pecgate cannot attribute.
     ProviderViolation(String),
 }

@@ -115,11 +115,6 @@ impl ProviderClient {
         self.idling.take().map(|_| &b"DONE\r\n"[..])
     }
 
-    /// Whether any command is in flight.
-    pub fn is_busy(&self) -> bool {
-        !self.in_flight.is_empty()
-    }
-
     /// Attribute the first line of a provider response.
     pub fn on_line(&mut self, line: &[u8]) -> ProviderEvent {
         match response::classify(line) {
@@ -208,7 +203,6 @@ mod tests {
             ProviderEvent::Violation(_)
         ));
         provider.encode(&parse_command(b"c7 NOOP\r\n").unwrap());
-        assert!(provider.is_busy());
         assert!(matches!(
             provider.on_line(b"+ go\r\n"),
             ProviderEvent::Violation(_)
@@ -238,7 +232,6 @@ mod tests {
             provider.on_line(b"c7 OK again\r\n"),
             ProviderEvent::Violation(_)
         ));
-        assert!(!provider.is_busy());
     }
 
     #[test]

@@ -473,7 +473,6 @@ async fn audited(shared: &Shared<'_>, record: AuditRecord) -> Result<(), Session
 fn ending_to_end(ending: Ending) -> SessionEnd {
     match ending {
         Ending::Logout => SessionEnd::Logout,
-        Ending::ProviderBye => SessionEnd::UpstreamClosed,
         Ending::ProviderViolation(reason) => {
             tracing::warn!(%reason, "the provider broke the protocol: session ended");
             SessionEnd::ProviderViolation(reason)
