@@ -116,45 +116,53 @@ pub fn authorize(command: &mut Command<'static>, policy: &SessionPolicy) -> Deci
     }
 }
 
-/// Without `flag`, reading a message must not mark it `\Seen`: every body item of a FETCH
-/// becomes its `.PEEK` form. Returns true when `RFC822` or `RFC822.TEXT` were rewritten: their
-/// answers come back as `BODY[]` / `BODY[TEXT]` and must be renamed for the client
-/// ([`rename_rfc822_items`]).
-pub fn force_peek(command: &mut Command<'static>, policy: &SessionPolicy) -> bool {
+/// Without `flag`, reading a message must not mark it `\\Seen`: every body item of a FETCH
+/// becomes its `.PEEK` form (`RFC822` → `BODY.PEEK[]`, `RFC822.TEXT` → `BODY.PEEK[TEXT]`;
+/// [`renames_rfc822`] says beforehand whether the answers must get those names back).
+pub fn force_peek(command: &mut Command<'static>, policy: &SessionPolicy) {
     if policy.permissions.has(Permission::Flag) {
-        return false;
+        return;
     }
     let CommandBody::Fetch {
         macro_or_item_names: MacroOrMessageDataItemNames::MessageDataItemNames(items),
         ..
     } = &mut command.body
     else {
-        return false;
+        return;
     };
-    let mut renamed = false;
     for item in items.iter_mut() {
-        match item {
-            MessageDataItemName::BodyExt { peek, .. } => *peek = true,
-            MessageDataItemName::Rfc822 => {
-                *item = MessageDataItemName::BodyExt {
-                    section: None,
-                    partial: None,
-                    peek: true,
-                };
-                renamed = true;
+        let section = match item {
+            MessageDataItemName::BodyExt { peek, .. } => {
+                *peek = true;
+                continue;
             }
-            MessageDataItemName::Rfc822Text => {
-                *item = MessageDataItemName::BodyExt {
-                    section: Some(Section::Text(None)),
-                    partial: None,
-                    peek: true,
-                };
-                renamed = true;
-            }
-            _ => {}
-        }
+            MessageDataItemName::Rfc822 => None,
+            MessageDataItemName::Rfc822Text => Some(Section::Text(None)),
+            _ => continue,
+        };
+        *item = MessageDataItemName::BodyExt {
+            section,
+            partial: None,
+            peek: true,
+        };
     }
-    renamed
+}
+
+/// Whether [`force_peek`] will rewrite `RFC822` or `RFC822.TEXT` items of `command`: their
+/// answers then come back as `BODY[]` / `BODY[TEXT]` and must be renamed for the client
+/// ([`rename_rfc822_items`]).
+pub fn renames_rfc822(command: &Command<'_>, policy: &SessionPolicy) -> bool {
+    !policy.permissions.has(Permission::Flag)
+        && matches!(
+            &command.body,
+            CommandBody::Fetch {
+                macro_or_item_names: MacroOrMessageDataItemNames::MessageDataItemNames(items),
+                ..
+            } if items.iter().any(|i| matches!(
+                i,
+                MessageDataItemName::Rfc822 | MessageDataItemName::Rfc822Text
+            ))
+        )
 }
 
 /// In a FETCH response line to a command rewritten by [`force_peek`], give `BODY[]` and

@@ -22,13 +22,16 @@
 //! - While IDLE is in flight nothing but `DONE` is requested; a client line other than DONE
 //!   ends the IDLE with `BAD` and is dropped.
 
-use imap_codec::imap_types::command::{Command, CommandBody};
+use std::sync::Arc;
+
+use imap_codec::imap_types::command::Command;
 use imap_codec::imap_types::core::Tag;
-use imap_codec::imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItemName};
 
 use crate::audit::Outcome;
 use crate::config::Permission;
-use crate::imap::authorize::{Decision, SessionPolicy, authorize, force_peek, substitute};
+use crate::imap::authorize::{
+    Decision, SessionPolicy, authorize, force_peek, renames_rfc822, substitute,
+};
 use crate::imap::classify::{CommandClass, Handling, Selection, classify};
 use crate::imap::command::{CommandSummary, parse_command, summarize};
 use crate::imap::listing::{ListRequest, status_visible};
@@ -130,6 +133,9 @@ struct InFlight {
     /// For SELECT/EXAMINE: the folder selected on success.
     select_target: Option<String>,
     runs_alone: bool,
+    /// A FETCH rewritten to `.PEEK` whose `RFC822` items must be renamed back (it runs alone,
+    /// so every FETCH line while it is in flight answers it).
+    renames: bool,
     list: Option<ListRequest>,
 }
 
@@ -154,7 +160,8 @@ struct Idle {
 
 /// The state of one logged-in client session.
 pub struct ClientSession {
-    policy: SessionPolicy,
+    /// Shared with the driver, which answers listings off the async runtime.
+    policy: Arc<SessionPolicy>,
     capabilities: Vec<String>,
     /// The folder selected on the provider connection, as known from completions.
     selected: Option<String>,
@@ -162,13 +169,11 @@ pub struct ClientSession {
     idle: Option<Idle>,
     /// Entries of the LIST/LSUB in flight.
     listing: Vec<ListEntry>,
-    /// A FETCH rewritten to `.PEEK` whose `RFC822` items must be renamed back is in flight.
-    renaming: bool,
     logging_out: bool,
 }
 
 impl ClientSession {
-    pub fn new(policy: SessionPolicy, capabilities: Vec<String>) -> Self {
+    pub fn new(policy: Arc<SessionPolicy>, capabilities: Vec<String>) -> Self {
         ClientSession {
             policy,
             capabilities,
@@ -176,12 +181,11 @@ impl ClientSession {
             in_flight: Vec::new(),
             idle: None,
             listing: Vec::new(),
-            renaming: false,
             logging_out: false,
         }
     }
 
-    pub fn policy(&self) -> &SessionPolicy {
+    pub fn policy(&self) -> &Arc<SessionPolicy> {
         &self.policy
     }
 
@@ -275,7 +279,8 @@ impl ClientSession {
         if list.as_ref().is_some_and(ListRequest::too_long) {
             return self.refuse(&client_tag, &summary, "LIST pattern too long");
         }
-        let runs_alone = class.exclusive || renames_rfc822(&command, &self.policy);
+        let renames = renames_rfc822(&command, &self.policy);
+        let runs_alone = class.exclusive || renames;
         if (runs_alone && !self.in_flight.is_empty())
             || self.in_flight.iter().any(|f| f.runs_alone)
             || self.in_flight.len() >= MAX_IN_FLIGHT
@@ -292,7 +297,7 @@ impl ClientSession {
             Decision::BadName(text) => return self.refuse(&client_tag, &summary, text),
             denial => return Submit::Ready(deny(&client_tag, &summary, &denial)),
         };
-        self.renaming = force_peek(&mut command, &self.policy);
+        force_peek(&mut command, &self.policy);
         let upstream_tag = next_tag();
         command.tag = Tag::try_from(upstream_tag.clone()).expect("c<digits> is a valid tag");
         let select_target = (class.selection == Selection::Select)
@@ -338,6 +343,7 @@ impl ClientSession {
             substitutions,
             select_target,
             runs_alone,
+            renames,
             list,
         });
         actions.push(Action::Provider(request));
@@ -423,9 +429,6 @@ impl ClientSession {
             }
             _ => {}
         }
-        if done.runs_alone {
-            self.renaming = false;
-        }
         let idle_broken = match &self.idle {
             Some(idle) if idle.upstream_tag == tag => self.idle.take().and_then(|i| i.broken),
             _ => None,
@@ -494,7 +497,9 @@ impl ClientSession {
                 UntaggedPlan::Violation("folder listing outside a LIST/LSUB".into())
             }
             Untagged::Status => UntaggedPlan::Gather,
-            Untagged::Fetch if self.renaming => UntaggedPlan::PassRenamed,
+            Untagged::Fetch if self.in_flight.iter().any(|f| f.renames) => {
+                UntaggedPlan::PassRenamed
+            }
             Untagged::Capability => {
                 UntaggedPlan::Replace(response::replace_capabilities(line, &self.capabilities))
             }
@@ -548,20 +553,6 @@ impl ClientSession {
             })
             .collect()
     }
-}
-
-/// Whether `command` is a FETCH whose RFC822 items [`force_peek`] will rewrite.
-fn renames_rfc822(command: &Command<'_>, policy: &SessionPolicy) -> bool {
-    if policy.permissions.has(Permission::Flag) {
-        return false;
-    }
-    matches!(
-        &command.body,
-        CommandBody::Fetch {
-            macro_or_item_names: MacroOrMessageDataItemNames::MessageDataItemNames(items),
-            ..
-        } if items.iter().any(|i| matches!(i, MessageDataItemName::Rfc822 | MessageDataItemName::Rfc822Text))
-    )
 }
 
 /// pecgate's own identification: the provider never hears the client's.

@@ -45,7 +45,10 @@ fn rig(patterns: &[&str], permissions: &[Permission]) -> Rig {
         provider_unselect: true,
     };
     Rig {
-        session: ClientSession::new(policy, vec!["IMAP4rev1".into(), "IDLE".into()]),
+        session: ClientSession::new(
+            std::sync::Arc::new(policy),
+            vec!["IMAP4rev1".into(), "IDLE".into()],
+        ),
         provider: ProviderClient::new(true),
         assembler: CommandAssembler::new(CommandLimits::default()),
         input: BytesMut::new(),

@@ -16,7 +16,7 @@ use imap_codec::imap_types::mailbox::Mailbox;
 
 use imap_codec::imap_types::IntoStatic;
 
-use super::classify::{is_uid, mailboxes_mut};
+use super::classify::{classify, is_uid, mailboxes_mut};
 use super::framing::{LiteralHeader, literal_at_end};
 
 /// Why a command could not be parsed.
@@ -205,6 +205,10 @@ pub fn summarize(command: &Command<'_>) -> CommandSummary {
 /// The folder a command targets, for the audit log: its first mailbox name (COPY/MOVE's
 /// destination, RENAME's source), in wire form.
 fn target_mailbox(body: &CommandBody<'_>) -> Option<String> {
+    // Most commands (FETCH, STORE, SEARCH…) name no folder: no copy of them is made.
+    if classify(body).names.is_empty() {
+        return None;
+    }
     let mut body = body.clone().into_static();
     mailboxes_mut(&mut body).first().map(|m| mailbox_name(m))
 }

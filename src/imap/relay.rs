@@ -82,7 +82,6 @@ struct Shared<'a> {
     completed: Notify,
     /// The upward loop waiting for the provider's `+` to a literal of this tag.
     literal_wait: Mutex<Option<(String, oneshot::Sender<bool>)>>,
-    policy: Arc<SessionPolicy>,
 }
 
 impl Shared<'_> {
@@ -114,14 +113,13 @@ pub async fn run(
     let shared = Shared {
         ctx,
         core: Mutex::new(Core {
-            session: ClientSession::new(policy.clone(), capabilities),
+            session: ClientSession::new(Arc::new(policy), capabilities),
             provider: ProviderClient::new(literal_plus),
         }),
         client: tokio::sync::Mutex::new(BufWriter::with_capacity(WRITE_BUFFER, client_writer)),
         provider: tokio::sync::Mutex::new(BufWriter::with_capacity(WRITE_BUFFER, provider_writer)),
         completed: Notify::new(),
         literal_wait: Mutex::new(None),
-        policy: Arc::new(policy),
     };
     let limits = CommandLimits {
         max_literal: ctx.gateway.config.imap.max_literal_bytes,
@@ -528,13 +526,7 @@ async fn downward(
         let line = match io::next_line(provider, buffer, MAX_RESPONSE_LINE).await {
             Ok(line) => line,
             Err(error) => {
-                tracing::warn!(%error, "provider stream ended mid-response");
-                let _ = answer(
-                    &shared.client,
-                    b"* BYE The PEC provider connection failed\r\n",
-                )
-                .await;
-                return SessionEnd::UpstreamClosed;
+                return provider_failed(shared, &error, "provider stream ended mid-response").await;
             }
         };
         let event = shared.core().provider.on_line(&line);
@@ -594,13 +586,12 @@ async fn downward(
                         match read_unit(provider, buffer, &line, MAX_MAILBOX_DATA).await {
                             Ok(unit) => shared.core().session.on_unit(kind, &unit),
                             Err(error) => {
-                                tracing::warn!(%error, "unreadable mailbox data from the provider");
-                                let _ = answer(
-                                    &shared.client,
-                                    b"* BYE The PEC provider connection failed\r\n",
+                                return provider_failed(
+                                    shared,
+                                    &error,
+                                    "unreadable mailbox data from the provider",
                                 )
                                 .await;
-                                return SessionEnd::UpstreamClosed;
                             }
                         }
                     }
@@ -617,6 +608,21 @@ async fn downward(
     }
 }
 
+/// The provider connection broke mid-response: say so to the client and end.
+async fn provider_failed(
+    shared: &Shared<'_>,
+    error: &crate::io::LineError,
+    what: &str,
+) -> SessionEnd {
+    tracing::warn!(%error, "{what}");
+    let _ = answer(
+        &shared.client,
+        b"* BYE The PEC provider connection failed\r\n",
+    )
+    .await;
+    SessionEnd::UpstreamClosed
+}
+
 async fn perform_downward(shared: &Shared<'_>, action: Action) -> Result<(), SessionEnd> {
     match action {
         Action::Audit(record) => audited(shared, record).await,
@@ -629,7 +635,7 @@ async fn perform_downward(shared: &Shared<'_>, action: Action) -> Result<(), Ses
         }
         Action::ClientListing { request, entries } => {
             // Matching a listing is CPU work that grows with the mailbox: off the runtime.
-            let policy = shared.policy.clone();
+            let policy = Arc::clone(shared.core().session.policy());
             let lines =
                 tokio::task::spawn_blocking(move || answer_list(&request, &entries, &policy))
                     .await
