@@ -28,19 +28,23 @@ PECGATE_BIN="${PECGATE_BIN:-target/debug/pecgate}" python3 -m pytest -q tests/e2
 # One closing line over both runners.
 passed=0
 failed=0
-while read -r p f; do
+skipped=0
+while read -r p f i; do
     passed=$((passed + p))
     failed=$((failed + f))
-done < <(sed -n 's/^test result: [a-zA-Z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' "$log")
+    skipped=$((skipped + i))
+done < <(sed -n 's/^test result: [a-zA-Z]*\. \([0-9]*\) passed; \([0-9]*\) failed; \([0-9]*\) ignored.*/\1 \2 \3/p' "$log")
 # pytest's summary: "2 failed, 107 passed, 1 error in 12.3s" (any order, any subset).
 py_line=$(grep -E '^[0-9]+ (passed|failed|errors?|skipped).* in [0-9.]+s' "$log" | tail -n 1)
 count() { grep -Eo "[0-9]+ $1" <<<"$py_line" | grep -Eo '^[0-9]+' || echo 0; }
 py_passed=$(count passed)
 py_failed=$(( $(count failed) + $(count 'errors?') ))
+py_skipped=$(count skipped)
 passed=$((passed + ${py_passed:-0}))
 failed=$((failed + ${py_failed:-0}))
+skipped=$((skipped + ${py_skipped:-0}))
 if [[ $status -ne 0 && $failed -eq 0 ]]; then
     failed=1  # a runner failed without a count (build error, crash): never report green
 fi
-echo "tests: $passed passed, $failed failed"
+echo "tests: $passed passed, $failed failed, $skipped skipped"
 exit $status

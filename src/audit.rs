@@ -113,11 +113,18 @@
 //! database file is removed or replaced under the daemon, the writer logs one
 //! `tracing::error!` and marks the log failed. From then on every `record`
 //! returns [`AuditError::Unavailable`], so sessions refuse commands rather than
-//! work unrecorded. The log stays failed until pecgate is restarted. Events
-//! of the failed batch, and any already queued, are kept in memory (up to
-//! 100000) and are never counted as written. [`AuditWriter::shutdown`] tries once more to write
-//! them, if the file is still the same one, and returns
-//! [`AuditError::EventsLost`] if that also fails.
+//! work unrecorded. Events of the failed batch, and any already queued, are
+//! kept in memory (up to 100000) and are never counted as written. An event
+//! whose `record_durable` caller was told it failed (so the command was not
+//! carried out) is kept with outcome `error` and `; refused: audit log
+//! unavailable` added to its detail, so the trail says what really happened.
+//!
+//! While failed, the writer retries the kept events every few seconds (a full
+//! disk that an operator clears); once they are written the log is healthy
+//! again and sessions carry on, with no restart. A database file removed or
+//! replaced under the daemon is never written again: that needs a restart.
+//! [`AuditWriter::shutdown`] tries once more to write what is still kept and
+//! returns [`AuditError::EventsLost`] if that also fails.
 //!
 //! # Reading
 //!
@@ -162,6 +169,11 @@ const LINGER_STEP: std::time::Duration = std::time::Duration::from_micros(200);
 /// After a failure, events are kept for one last attempt at shutdown; beyond
 /// this many they are only counted, so a dead disk cannot also exhaust memory.
 const MAX_RETAINED: usize = 100_000;
+/// Added to the detail of an event refused while the log was unavailable (written later).
+const HELD_BACK_NOTE: &str =
+    "; written late: the audit log was unavailable and pecgate refused to go on";
+/// While failed, how often the writer retries the kept events.
+const RECOVERY_INTERVAL: Duration = Duration::from_secs(2);
 /// Readers (`pecgate audit show`) and the writer may briefly contend for locks.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -506,6 +518,11 @@ impl AuditLog {
             failed: false,
             retained: Vec::new(),
             dropped: 0,
+            retry_every: if cfg!(test) {
+                Duration::from_millis(20)
+            } else {
+                RECOVERY_INTERVAL
+            },
         };
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
@@ -523,7 +540,7 @@ impl AuditLog {
     /// fails, in which case the log turns unhealthy and later calls fail.
     /// Waits while the queue is full (backpressure); never drops.
     pub async fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
-        self.check_available()?;
+        self.check_available_or_hold(&event)?;
         self.tx
             .send(Msg::Event(Pending { event, ack: None }))
             .await
@@ -534,7 +551,7 @@ impl AuditLog {
     /// transaction has committed; use it when the command must not proceed
     /// before its record is on disk.
     pub async fn record_durable(&self, event: AuditEvent) -> Result<(), AuditError> {
-        self.check_available()?;
+        self.check_available_or_hold(&event)?;
         let (ack_tx, ack_rx) = oneshot::channel();
         let pending = Pending {
             event,
@@ -561,12 +578,31 @@ impl AuditLog {
         self.shared.stats()
     }
 
-    fn check_available(&self) -> Result<(), AuditError> {
+    /// `Ok` when the log is healthy. Otherwise the event is refused, and (unless pecgate is
+    /// stopping) handed to the writer to be kept and written once the log recovers, marked so
+    /// that the row says its caller did not go on: what happened during an outage (a login
+    /// attempt, a session cut) is not lost from the trail.
+    fn check_available_or_hold(&self, event: &AuditEvent) -> Result<(), AuditError> {
         if self.is_healthy() {
-            Ok(())
-        } else {
-            Err(AuditError::Unavailable)
+            return Ok(());
         }
+        if !self.shared.closing.load(Ordering::Acquire) {
+            let mut held = event.clone();
+            held.detail.push_str(HELD_BACK_NOTE);
+            // Never waits: with the queue full (the writer far behind) the refused event is
+            // only logged.
+            if self
+                .tx
+                .try_send(Msg::Event(Pending {
+                    event: held,
+                    ack: None,
+                }))
+                .is_err()
+            {
+                tracing::warn!(command = %event.command, "audit queue full: a refused event was not kept");
+            }
+        }
+        Err(AuditError::Unavailable)
     }
 }
 
@@ -649,6 +685,8 @@ struct Writer {
     retained: Vec<AuditEvent>,
     /// Events beyond `MAX_RETAINED`, only counted.
     dropped: u64,
+    /// While failed, how often to retry.
+    retry_every: Duration,
 }
 
 impl Writer {
@@ -659,7 +697,13 @@ impl Writer {
         // Waits for at least one message, then takes whatever else is queued:
         // that is the group commit. Returns 0 only once the channel is
         // closed *and* drained, so no queued event is left behind.
-        while self.rx.blocking_recv_many(&mut msgs, MAX_BATCH) > 0 {
+        loop {
+            if self.failed && !self.wait_for_recovery() {
+                break;
+            }
+            if self.rx.blocking_recv_many(&mut msgs, MAX_BATCH) == 0 {
+                break;
+            }
             for msg in msgs.drain(..) {
                 match msg {
                     Msg::Event(pending) => batch.push(pending),
@@ -698,6 +742,66 @@ impl Writer {
             }
         }
         self.finish()
+    }
+
+    /// While failed: retry the kept events every `retry_every`, holding back (as kept events)
+    /// whatever is still queued. `true` once recovered; `false` when shutting down.
+    fn wait_for_recovery(&mut self) -> bool {
+        loop {
+            loop {
+                match self.rx.try_recv() {
+                    Ok(Msg::Event(pending)) => self.retain(&mut vec![pending]),
+                    Ok(Msg::Shutdown) => self.rx.close(),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return false,
+                }
+            }
+            if self.rx.is_closed() || self.shared.closing.load(Ordering::Acquire) {
+                return false;
+            }
+            std::thread::sleep(self.retry_every);
+            if self.write_retained() {
+                self.failed = false;
+                self.shared.healthy.store(true, Ordering::Release);
+                tracing::warn!(
+                    path = %self.path.display(),
+                    "audit log writable again: held-back events written, sessions may go on"
+                );
+                return true;
+            }
+        }
+    }
+
+    /// Write the events kept after a failure, never into a file that replaced ours.
+    fn write_retained(&mut self) -> bool {
+        #[cfg(test)]
+        if self.shared.lift_page_cap.load(Ordering::Acquire) {
+            self.conn
+                .query_row("PRAGMA max_page_count = 1000000", [], |_| Ok(()))
+                .unwrap();
+        }
+        if self.check_identity().is_err() {
+            return false;
+        }
+        if self.retained.is_empty() {
+            return true;
+        }
+        let n = self.retained.len() as u64;
+        match insert_events(&mut self.conn, self.retained.iter())
+            .and_then(|_| self.check_identity())
+        {
+            Ok(()) => {
+                self.retained.clear();
+                self.shared.events_written.fetch_add(n, Ordering::AcqRel);
+                self.shared.commits.fetch_add(1, Ordering::AcqRel);
+                self.shared.events_failed.fetch_sub(n, Ordering::AcqRel);
+                true
+            }
+            Err(error) => {
+                tracing::debug!(%error, "the audit log is still not writable");
+                false
+            }
+        }
     }
 
     fn flush(&mut self, batch: &mut Vec<Pending>) {
@@ -743,7 +847,8 @@ impl Writer {
                 %error,
                 events_in_batch = batch_len,
                 "AUDIT LOG WRITE FAILED: audit log unavailable, sessions will refuse commands \
-                 until pecgate is restarted"
+                 until it can be written again (retried every few seconds; free disk space \
+                 if it is full)"
             );
         }
     }
@@ -752,11 +857,15 @@ impl Writer {
         for pending in batch.drain(..) {
             // Count before acknowledging, so a waiter sees consistent stats.
             self.shared.events_failed.fetch_add(1, Ordering::AcqRel);
+            let mut event = pending.event;
             if let Some(ack) = pending.ack {
+                // Its caller learns it failed and does not go on: say so in the row.
                 let _ = ack.send(false);
+                event.outcome = Outcome::Error;
+                event.detail.push_str("; refused: audit log unavailable");
             }
             if self.retained.len() < MAX_RETAINED {
-                self.retained.push(pending.event);
+                self.retained.push(event);
             } else {
                 self.dropped += 1;
             }
@@ -765,30 +874,16 @@ impl Writer {
 
     fn finish(mut self) -> Result<u64, AuditError> {
         // One last attempt for events kept after a failure (the disk may have
-        // been freed meanwhile); never into a file that replaced ours.
-        #[cfg(test)]
-        if self.shared.lift_page_cap.load(Ordering::Acquire) {
-            self.conn
-                .query_row("PRAGMA max_page_count = 1000000", [], |_| Ok(()))
-                .unwrap();
-        }
-        if !self.retained.is_empty() && self.check_identity().is_ok() {
-            let events = std::mem::take(&mut self.retained);
-            let n = events.len() as u64;
-            match insert_events(&mut self.conn, events.iter()).and_then(|_| self.check_identity()) {
-                Ok(()) => {
-                    self.shared.events_written.fetch_add(n, Ordering::AcqRel);
-                    self.shared.commits.fetch_add(1, Ordering::AcqRel);
-                    self.shared.events_failed.fetch_sub(n, Ordering::AcqRel);
-                    tracing::warn!(
-                        events = n,
-                        "audit events held back after the failure were written at shutdown"
-                    );
-                }
-                Err(error) => {
-                    tracing::error!(%error, "retrying the held-back audit events failed");
-                    self.retained = events;
-                }
+        // been freed meanwhile).
+        if !self.retained.is_empty() {
+            let n = self.retained.len();
+            if self.write_retained() {
+                tracing::warn!(
+                    events = n,
+                    "audit events held back after the failure were written at shutdown"
+                );
+            } else {
+                tracing::error!("retrying the held-back audit events failed");
             }
         }
         let lost = self.retained.len() as u64 + self.dropped;
@@ -2193,13 +2288,13 @@ mod tests {
             log.record(event("s", "mario", "NOOP", "")).await,
             Err(AuditError::Unavailable)
         ));
-        assert_eq!(log.stats().events_failed, 1);
         assert_eq!(log.stats().events_written, 0);
-        // Still full at shutdown: reported, never counted as written.
+        // Still full at shutdown: both (the refused NOOP is kept too) reported, never
+        // counted as written.
         match shutdown(writer).await {
             Err(AuditError::EventsLost {
                 written: 0,
-                lost: 1,
+                lost: 2,
             }) => {}
             other => panic!("unexpected {other:?}"),
         }
@@ -2219,16 +2314,54 @@ mod tests {
                 .await
                 .is_err()
         );
-        // Events queued after the failure are held back too.
+        // Events refused after the failure are held back too, marked.
         let late = log.record(event("s", "mario", "NOOP", "queued")).await;
         assert!(matches!(late, Err(AuditError::Unavailable)));
         // Space comes back (an operator freed the disk) before shutdown.
         log.shared.lift_page_cap.store(true, Ordering::Release);
-        assert_eq!(shutdown(writer).await.unwrap(), 1);
+        assert_eq!(shutdown(writer).await.unwrap(), 2);
         assert_eq!(log.stats().events_failed, 0);
         let rows = all(&path);
-        assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].detail, big);
+        assert_eq!(rows.len(), 2);
+        // Its caller was told it failed: the row says the command was refused.
+        assert_eq!(
+            rows[0].detail,
+            format!("{big}; refused: audit log unavailable")
+        );
+        assert_eq!(rows[0].outcome, "error");
+        assert_eq!(rows[1].detail, format!("queued{HELD_BACK_NOTE}"));
+        assert!(verify(&path).unwrap().is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_log_recovers_by_itself_when_space_returns() {
+        let dir = TempDir::new("recover");
+        let path = dir.db();
+        let (log, writer) = AuditLog::open_inner(&path, Some(1)).unwrap();
+        let big = "x".repeat(64 * 1024);
+        assert!(
+            log.record_durable(event("s", "mario", "STORE", &big))
+                .await
+                .is_err()
+        );
+        assert!(!log.is_healthy());
+        log.shared.lift_page_cap.store(true, Ordering::Release);
+        // The writer retries on its own; wait for the outcome, bounded.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !log.is_healthy() {
+            assert!(std::time::Instant::now() < deadline, "never recovered");
+            tokio::task::yield_now().await;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        log.record_durable(event("s", "mario", "NOOP", "after"))
+            .await
+            .unwrap();
+        assert_eq!(log.stats().events_failed, 0);
+        assert_eq!(shutdown(writer).await.unwrap(), 2);
+        let rows = all(&path);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].outcome, "error");
+        assert_eq!(rows[1].detail, "after");
         assert!(verify(&path).unwrap().is_ok());
     }
 
@@ -2251,7 +2384,7 @@ mod tests {
         match shutdown(writer).await {
             Err(AuditError::EventsLost {
                 written: 1,
-                lost: 1,
+                lost: 2,
             }) => {}
             other => panic!("unexpected {other:?}"),
         }

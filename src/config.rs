@@ -26,6 +26,16 @@ pub const DEFAULT_MAX_SESSIONS: usize = 1000;
 pub const DEFAULT_LOGIN_FAILURE_DELAY_MS: u64 = 1500;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 1800;
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
+pub const DEFAULT_MAX_PREAUTH_CONNECTIONS: usize = 512;
+pub const DEFAULT_MAX_PREAUTH_PER_ADDRESS: usize = 64;
+pub const DEFAULT_MAX_SESSIONS_PER_USER: usize = 20;
+pub const DEFAULT_LOGIN_TIMEOUT_SECS: u64 = 60;
+pub const DEFAULT_PROVIDER_TIMEOUT_SECS: u64 = 60;
+pub const DEFAULT_LOCKOUT_ADDRESS_FAILURES: u32 = 10;
+pub const DEFAULT_LOCKOUT_USER_FAILURES: u32 = 20;
+pub const DEFAULT_LOCKOUT_WINDOW_SECS: u64 = 900;
+pub const DEFAULT_LOCKOUT_SECS: u64 = 900;
+pub const DEFAULT_MIN_FREE_SPACE_MB: u64 = 1024;
 pub const DEFAULT_MAX_LITERAL_BYTES: u32 = 65536;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 104_857_600;
@@ -66,6 +76,29 @@ pub struct GatewayConfig {
     pub login_failure_delay: Duration,
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// Connections not yet logged in, across all listeners.
+    pub max_preauth_connections: usize,
+    /// Connections not yet logged in from one client address (IPv6: one /64).
+    pub max_preauth_per_address: usize,
+    /// Sessions (IMAP and SMTP) one user may hold at once.
+    pub max_sessions_per_user: usize,
+    /// Time from connecting to a successful login.
+    pub login_timeout: Duration,
+    /// Time the provider gets to connect, log in, or answer a command.
+    pub provider_timeout: Duration,
+    /// Brute-force lockout.
+    pub lockout: LockoutConfig,
+    /// Below this much free space in `state_dir`, pecgate warns.
+    pub min_free_space_bytes: u64,
+}
+
+/// When failed logins lock an address or a user (`[gateway] lockout_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockoutConfig {
+    pub address_failures: u32,
+    pub user_failures: u32,
+    pub window: Duration,
+    pub duration: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -598,6 +631,16 @@ struct RawGateway {
     login_failure_delay_ms: Option<u64>,
     idle_timeout_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
+    max_preauth_connections: Option<usize>,
+    max_preauth_per_address: Option<usize>,
+    max_sessions_per_user: Option<usize>,
+    login_timeout_secs: Option<u64>,
+    provider_timeout_secs: Option<u64>,
+    lockout_address_failures: Option<u32>,
+    lockout_user_failures: Option<u32>,
+    lockout_window_secs: Option<u64>,
+    lockout_secs: Option<u64>,
+    min_free_space_mb: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -761,7 +804,9 @@ impl Problems {
         for (i, text) in raw.iter().enumerate() {
             let key = format!("{section}.{list}[{i}]");
             match text.trim().parse::<SocketAddr>() {
-                Ok(addr) if addr.port() == 0 => self.push(key, "the port must not be 0"),
+                // Port 0: the system picks a free port, reported in the `listening` log line
+                // (how the tests bind, without a probe-and-release race). Never a duplicate.
+                Ok(addr) if addr.port() == 0 => out.push(addr),
                 Ok(addr) => {
                     if let Some(first) = seen.get(&addr) {
                         self.push(key, format!("duplicate listen address {addr} (also in {first})"));
@@ -955,6 +1000,53 @@ impl Config {
             shutdown_grace: Duration::from_secs(
                 g.shutdown_grace_secs.unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS),
             ),
+            max_preauth_connections: p.at_least_one(
+                "gateway.max_preauth_connections",
+                g.max_preauth_connections
+                    .unwrap_or(DEFAULT_MAX_PREAUTH_CONNECTIONS),
+            ),
+            max_preauth_per_address: p.at_least_one(
+                "gateway.max_preauth_per_address",
+                g.max_preauth_per_address
+                    .unwrap_or(DEFAULT_MAX_PREAUTH_PER_ADDRESS),
+            ),
+            max_sessions_per_user: p.at_least_one(
+                "gateway.max_sessions_per_user",
+                g.max_sessions_per_user
+                    .unwrap_or(DEFAULT_MAX_SESSIONS_PER_USER),
+            ),
+            login_timeout: Duration::from_secs(p.at_least_one(
+                "gateway.login_timeout_secs",
+                g.login_timeout_secs.unwrap_or(DEFAULT_LOGIN_TIMEOUT_SECS),
+            )),
+            provider_timeout: Duration::from_secs(
+                p.at_least_one(
+                    "gateway.provider_timeout_secs",
+                    g.provider_timeout_secs
+                        .unwrap_or(DEFAULT_PROVIDER_TIMEOUT_SECS),
+                ),
+            ),
+            lockout: LockoutConfig {
+                address_failures: p.at_least_one(
+                    "gateway.lockout_address_failures",
+                    g.lockout_address_failures
+                        .unwrap_or(DEFAULT_LOCKOUT_ADDRESS_FAILURES),
+                ),
+                user_failures: p.at_least_one(
+                    "gateway.lockout_user_failures",
+                    g.lockout_user_failures
+                        .unwrap_or(DEFAULT_LOCKOUT_USER_FAILURES),
+                ),
+                window: Duration::from_secs(p.at_least_one(
+                    "gateway.lockout_window_secs",
+                    g.lockout_window_secs.unwrap_or(DEFAULT_LOCKOUT_WINDOW_SECS),
+                )),
+                duration: Duration::from_secs(g.lockout_secs.unwrap_or(DEFAULT_LOCKOUT_SECS)),
+            },
+            min_free_space_bytes: g
+                .min_free_space_mb
+                .unwrap_or(DEFAULT_MIN_FREE_SPACE_MB)
+                .saturating_mul(1024 * 1024),
         };
 
         let cert = p.required("tls.cert", raw.tls.cert);
@@ -1243,7 +1335,25 @@ impl Config {
     /// Things that are allowed but probably not intended. `pecgate check`
     /// shows them; the daemon logs them at startup.
     pub fn warnings(&self) -> Vec<Problem> {
+        self.warnings_with(std::env::var_os("CREDENTIALS_DIRECTORY").as_deref())
+    }
+
+    fn warnings_with(&self, credentials_dir: Option<&OsStr>) -> Vec<Problem> {
         let mut p = Problems::default();
+        let key = self.vault_key_path_with(credentials_dir);
+        if key.starts_with(&self.gateway.state_dir) {
+            p.push(
+                "gateway.vault_key",
+                format!(
+                    "the vault key ({}) is inside state_dir, next to the vault it opens: whoever \
+                     copies state_dir (a backup, a snapshot) can read the provider passwords. \
+                     Move it out and hand it to pecgate as a systemd credential: \
+                     `LoadCredential=vault-key:/etc/pecgate/vault.key` in the unit (see \
+                     systemd/pecgate.service), or set gateway.vault_key",
+                    key.display()
+                ),
+            );
+        }
         if self.gateway.idle_timeout.as_secs() < RFC3501_MIN_IDLE_SECS {
             p.push(
                 "gateway.idle_timeout_secs",
@@ -1435,6 +1545,9 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// A systemd credentials directory, so that the default key is not in state_dir.
+    const CREDS: &str = "/run/credentials/pecgate.service";
+
     /// argon2id of "change-me".
     const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$VHjHv64CViNy8yoyEAVadg$nbSDqcWNHaZIp/bmbEnvNj0ZvQK273Ydu8Nym4+pLw8";
 
@@ -1592,7 +1705,7 @@ disabled = true
         );
         assert_eq!(c.permissions("mario", "studio"), Permissions::all());
         assert_eq!(c.tls.cert, Path::new("/etc/pecgate/certs/gateway.crt"));
-        assert_eq!(c.warnings(), []);
+        assert_eq!(c.warnings_with(Some(OsStr::new(CREDS))), []);
         // The placeholder hashes really are of "change-me".
         let phc = &c.users["anna"].password;
         assert!(crate::password::verify_password(phc, b"change-me"));
@@ -1916,14 +2029,6 @@ disabled = true
                 "not a socket address",
             ),
             (
-                &[(
-                    "listen_tls = [\"0.0.0.0:993\"]",
-                    "listen_tls = [\"0.0.0.0:0\"]",
-                )],
-                "imap.listen_tls[0]",
-                "port",
-            ),
-            (
                 &[("roles = [\"reader\", \"legal_flag\"]", "roles = []")],
                 "users.anna.roles",
                 "at least one role",
@@ -2217,6 +2322,21 @@ disabled = true
     }
 
     #[test]
+    fn vault_key_inside_state_dir_is_warned_about() {
+        let c = valid();
+        let warnings = c.warnings_with(None);
+        let warning = warnings
+            .iter()
+            .find(|p| p.key == "gateway.vault_key")
+            .expect("a warning about the key");
+        assert!(warning.message.contains("LoadCredential=vault-key:"));
+        assert!(c.warnings_with(Some(OsStr::new(CREDS))).is_empty());
+        let mut c = c;
+        c.gateway.vault_key = Some(PathBuf::from("/etc/pecgate/vault.key"));
+        assert!(c.warnings_with(None).is_empty());
+    }
+
+    #[test]
     fn vault_key_path_defaults() {
         let c = valid();
         assert_eq!(
@@ -2321,7 +2441,11 @@ disabled = true
             ("permissions = [\"flag\"]", "permissions = []"),
         ]);
         let c = Config::parse(&text, base()).unwrap();
-        let keys: Vec<String> = c.warnings().into_iter().map(|p| p.key).collect();
+        let keys: Vec<String> = c
+            .warnings_with(Some(OsStr::new(CREDS)))
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
         assert_eq!(
             keys,
             ["gateway.idle_timeout_secs", "roles.legal_flag.permissions"]
@@ -2336,7 +2460,11 @@ disabled = true
             ("permissions = [\"flag\"]", "permissions = [\"send\"]"),
         ]);
         let c = Config::parse(&text, base()).unwrap();
-        let warnings: Vec<String> = c.warnings().iter().map(Problem::to_string).collect();
+        let warnings: Vec<String> = c
+            .warnings_with(Some(OsStr::new(CREDS)))
+            .iter()
+            .map(Problem::to_string)
+            .collect();
         assert_eq!(warnings.len(), 2, "{warnings:#?}");
         assert!(
             warnings[0]
@@ -2349,12 +2477,16 @@ disabled = true
             "roles = [\"legal_flag\"]",
         );
         let c = Config::parse(&text, base()).unwrap();
-        let keys: Vec<String> = c.warnings().into_iter().map(|p| p.key).collect();
+        let keys: Vec<String> = c
+            .warnings_with(Some(OsStr::new(CREDS)))
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
         assert_eq!(
             keys,
             ["roles.legal_flag.permissions", "roles.reader", "users.anna"]
         );
-        assert_eq!(valid().warnings(), []);
+        assert_eq!(valid().warnings_with(Some(OsStr::new(CREDS))), []);
     }
 
     #[test]

@@ -9,7 +9,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::audit::AuditLog;
 use crate::config::{Config, MailboxConfig};
+use crate::guard::{Admission, AdmissionLimits, ThrottleSettings};
 use crate::ledger::Ledger;
+use crate::login::LoginGate;
 use crate::smtp::checks::RateLimiter;
 use crate::tls::{self, TlsError};
 use crate::upstream::{ConnectionBudget, ProviderTarget};
@@ -53,12 +55,13 @@ pub struct Gateway {
     pub audit: AuditLog,
     pub acceptor: TlsAcceptor,
     pub mailboxes: HashMap<String, MailboxRuntime>,
-    /// How long a provider gets to accept a connection and a login.
+    /// How long a provider gets to accept a connection, a login, or answer a command.
     pub provider_timeout: Duration,
-    /// Password verifications running at once. argon2id takes ~19 MiB and tens of
-    /// milliseconds of CPU each: unbounded, a burst of logins (or a guessing attack) would
-    /// take every core and grow memory by 19 MiB per concurrent login.
-    pub password_checks: Arc<tokio::sync::Semaphore>,
+    /// Password checks: the brute-force throttle and the bounded argon2 queue (one check per
+    /// core: argon2id takes ~19 MiB and tens of milliseconds of CPU each).
+    pub logins: LoginGate,
+    /// Pre-login places and sessions, per address and per user.
+    pub admission: Arc<Admission>,
     /// State of the SMTP side.
     pub smtp: SmtpRuntime,
 }
@@ -148,15 +151,19 @@ impl Gateway {
             ledger: None,
             rate,
         };
+        let throttle = ThrottleSettings::from_config(&config.gateway);
+        let admission = Admission::new(AdmissionLimits::from_config(&config.gateway));
         Ok(Gateway {
+            provider_timeout: config.gateway.provider_timeout,
             config,
             audit,
             acceptor: TlsAcceptor::from(server),
             mailboxes,
-            provider_timeout: Duration::from_secs(30),
-            password_checks: Arc::new(tokio::sync::Semaphore::new(
+            logins: LoginGate::new(
+                throttle,
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
-            )),
+            ),
+            admission,
             smtp,
         })
     }

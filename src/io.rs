@@ -112,3 +112,145 @@ where
     }
     Ok(())
 }
+
+/// Since when a reader has been waiting for its peer, shared between a [`Watched`] reader and
+/// whoever watches for a stalled peer. Only time spent *waiting on the peer* counts: a reader
+/// nobody polls (because its consumer is blocked writing elsewhere) is not waiting.
+#[derive(Debug)]
+pub struct ReadWait {
+    origin: std::time::Instant,
+    /// 0 when not waiting; otherwise 1 + milliseconds since `origin` when the wait began.
+    since: std::sync::atomic::AtomicU64,
+}
+
+impl ReadWait {
+    pub fn new() -> std::sync::Arc<ReadWait> {
+        std::sync::Arc::new(ReadWait {
+            origin: std::time::Instant::now(),
+            since: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn pending(&self) {
+        let now = self.origin.elapsed().as_millis() as u64 + 1;
+        // Keep the start of a wait that is already running.
+        let _ = self.since.compare_exchange(
+            0,
+            now,
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn ready(&self) {
+        self.since.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes went to the peer: a wait in progress counts from now (the peer owes an answer
+    /// to what was just sent, not to what came before it).
+    fn restart(&self) {
+        let now = self.origin.elapsed().as_millis() as u64 + 1;
+        let _ = self.since.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |since| (since != 0).then_some(now),
+        );
+    }
+
+    /// How long the reader has been waiting for bytes (zero when it is not waiting).
+    pub fn waiting_for(&self) -> std::time::Duration {
+        match self.since.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => std::time::Duration::ZERO,
+            since => self
+                .origin
+                .elapsed()
+                .saturating_sub(std::time::Duration::from_millis(since - 1)),
+        }
+    }
+}
+
+/// A stream half tied to a [`ReadWait`]: as a reader it records when it waits for its peer;
+/// as a writer, bytes written restart a wait in progress.
+pub struct Watched<S> {
+    inner: S,
+    wait: std::sync::Arc<ReadWait>,
+}
+
+impl<S> Watched<S> {
+    pub fn new(inner: S, wait: std::sync::Arc<ReadWait>) -> Watched<S> {
+        Watched { inner, wait }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Watched<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.wait.restart();
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Watched<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if polled.is_pending() {
+            self.wait.pending();
+        } else {
+            self.wait.ready();
+        }
+        polled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_read_wait_counts_only_while_the_peer_is_silent() {
+        let (mut near, far) = tokio::io::duplex(64);
+        let wait = ReadWait::new();
+        let mut reader = Watched::new(far, wait.clone());
+        let mut buf = BytesMut::new();
+        assert_eq!(wait.waiting_for(), std::time::Duration::ZERO);
+        // Polled with nothing to read: waiting from now on.
+        let pending = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            fill(&mut reader, &mut buf),
+        )
+        .await;
+        assert!(pending.is_err());
+        assert!(wait.waiting_for() >= std::time::Duration::from_millis(20));
+        // Writing to the peer restarts the wait: it owes an answer from now on.
+        let mut writer = Watched::new(tokio::io::sink(), wait.clone());
+        writer.write_all(b"a NOOP\r\n").await.unwrap();
+        assert!(wait.waiting_for() < std::time::Duration::from_millis(20));
+        near.write_all(b"x").await.unwrap();
+        assert!(fill(&mut reader, &mut buf).await.unwrap());
+        assert_eq!(wait.waiting_for(), std::time::Duration::ZERO);
+    }
+}

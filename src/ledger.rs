@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::audit::format_timestamp;
 
@@ -85,6 +85,8 @@ pub enum Status {
     Accepted,
     Rejected,
     Failed,
+    /// The end of the message went out and no answer came: it may have been sent.
+    Unknown,
 }
 
 impl Status {
@@ -93,8 +95,21 @@ impl Status {
             Status::Accepted => "accepted",
             Status::Rejected => "rejected",
             Status::Failed => "failed",
+            Status::Unknown => "unknown",
         }
     }
+}
+
+/// What [`Ledger::begin`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begun {
+    /// A new `sending` row.
+    Row(i64),
+    /// This mailbox already handed this Message-ID to the provider: no row was added.
+    AlreadySent {
+        status: String,
+        submitted_at: String,
+    },
 }
 
 /// A message about to be relayed.
@@ -175,6 +190,9 @@ impl Ledger {
                 });
             }
         }
+        // Duplicate sends are looked up by Message-ID (older ledgers gain the index here).
+        conn.execute_batch("CREATE INDEX IF NOT EXISTS sent_message ON sent (mailbox, message_id)")
+            .map_err(open_error)?;
         let interrupted = conn
             .execute(
                 "UPDATE sent SET status = 'unknown' WHERE status = 'sending'",
@@ -206,10 +224,31 @@ impl Ledger {
         .map_err(|_| LedgerError::Unavailable)?
     }
 
-    /// Record a message about to be relayed; returns the row id. Committed when it returns.
-    pub async fn begin(&self, entry: NewEntry) -> Result<i64, LedgerError> {
+    /// Record a message about to be relayed, committed when it returns: its row id, or, when
+    /// the mailbox already handed this Message-ID to the provider (a row `accepted`, `sending`
+    /// or `unknown`; not for ids pecgate generated), that earlier send and no new row. Check
+    /// and insert are one step under the connection's lock, so two sessions sending the same
+    /// message at once cannot both get a row.
+    pub async fn begin(&self, entry: NewEntry) -> Result<Begun, LedgerError> {
         let submitted_at = format_timestamp(SystemTime::now());
         self.with_conn(move |conn| {
+            if !entry.generated_id {
+                let earlier = conn
+                    .query_row(
+                        "SELECT status, submitted_at FROM sent WHERE mailbox = ?1 \
+                         AND message_id = ?2 AND status IN ('accepted', 'sending', 'unknown') \
+                         ORDER BY id DESC LIMIT 1",
+                        params![entry.mailbox, entry.message_id],
+                        |row| Ok((row.get(0)?, row.get(1)?)),
+                    )
+                    .optional()?;
+                if let Some((status, submitted_at)) = earlier {
+                    return Ok(Begun::AlreadySent {
+                        status,
+                        submitted_at,
+                    });
+                }
+            }
             conn.execute(
                 "INSERT INTO sent (message_id, generated_id, session, user, mailbox, sender, \
                  recipients, subject, size, submitted_at, status) \
@@ -227,7 +266,7 @@ impl Ledger {
                     submitted_at,
                 ],
             )?;
-            Ok(conn.last_insert_rowid())
+            Ok(Begun::Row(conn.last_insert_rowid()))
         })
         .await
     }
@@ -389,7 +428,9 @@ mod tests {
     async fn begin_finish_query() {
         let path = temp_path("rw");
         let ledger = Ledger::open(&path).unwrap();
-        let id = ledger.begin(entry()).await.unwrap();
+        let Begun::Row(id) = ledger.begin(entry()).await.unwrap() else {
+            panic!("a first send gets a row")
+        };
         let rows = rows_of(&path, None);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].status, "sending");
@@ -398,7 +439,21 @@ mod tests {
             .finish(id, Status::Accepted, "250 2.0.0 Ok".into())
             .await
             .unwrap();
-        let second = ledger.begin(entry()).await.unwrap();
+        // The same Message-ID again: refused, naming the accepted send.
+        match ledger.begin(entry()).await.unwrap() {
+            Begun::AlreadySent { status, .. } => assert_eq!(status, "accepted"),
+            other => panic!("{other:?}"),
+        }
+        let Begun::Row(second) = ledger
+            .begin(NewEntry {
+                message_id: "<other@b>".into(),
+                ..entry()
+            })
+            .await
+            .unwrap()
+        else {
+            panic!("a new Message-ID gets a row")
+        };
         drop(ledger);
         let rows = rows_of(&path, Some("mario"));
         assert_eq!(rows[0].status, "accepted");

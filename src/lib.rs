@@ -6,7 +6,11 @@
 
 pub mod audit;
 pub mod config;
+pub mod disk;
+#[cfg(test)]
+mod fuzz;
 pub mod gateway;
+pub mod guard;
 pub mod imap;
 pub mod io;
 pub mod ledger;

@@ -1,13 +1,25 @@
 //! Personal-credential checks shared by every protocol front end (IMAP, SMTP).
 //!
 //! [`check_credentials`] is the one place that decides whether a login name and password are
-//! good and which mailbox the session acts on: argon2 verification off the async workers
-//! (`spawn_blocking`), unknown users verified against a dummy hash so timing does not reveal
-//! which users exist, then [`Config::resolve_login`]. Every refusal is returned only once
-//! `login_failure_delay` has passed since the attempt started, so guessing is slow whatever
-//! the reason. What the client is told, and what is audited, stays with the protocol.
+//! good and which mailbox the session acts on:
+//! - the [`LoginThrottle`] is asked first: a locked address or user is refused without checking
+//!   the password, answered like a wrong password (and as slowly), so a lock reveals nothing;
+//! - argon2 runs off the async workers (`spawn_blocking`), at most one per core, and waiting
+//!   for a turn is bounded ([`MAX_WAITING_CHECKS`], [`CHECK_QUEUE_DEADLINE`]): past either the
+//!   client is told to come back (`Busy`) instead of piling up behind an attacker;
+//! - unknown users are verified against a dummy hash so timing does not reveal which users
+//!   exist, then [`Config::resolve_login`];
+//! - on success the connection's pre-login [`Ticket`] becomes a session of that user, which
+//!   enforces `max_sessions` and `max_sessions_per_user`.
+//!
+//! Every refusal for bad credentials is answered only once the throttle's delay has passed
+//! since the attempt started (`login_failure_delay`, doubling after a few failures). What the
+//! client is told, and what is audited, stays with the protocol.
 
-use std::time::Instant;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
 
@@ -16,7 +28,16 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 
 use crate::config::{Config, LoginError, LoginTarget};
+use crate::guard::{
+    AdmissionRefused, LockScope, LoginThrottle, MAX_FAILURE_DELAY, ThrottleSettings, Ticket,
+    Verdict,
+};
 use crate::password;
+
+/// Logins waiting for a password check beyond which new ones are told to come back.
+pub const MAX_WAITING_CHECKS: usize = 256;
+/// The longest a login waits for its turn at a password check.
+pub const CHECK_QUEUE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Why a login was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,12 +45,32 @@ pub enum LoginRefusal {
     /// Wrong password, unknown user or disabled user: the client must not learn which.
     #[error("{reason}")]
     BadCredentials { reason: &'static str },
+    /// Too many failures: refused unchecked. Told to the client exactly as `BadCredentials`.
+    #[error("locked ({})", .0.as_str())]
+    Locked(LockScope),
+    /// The password checks are saturated: try again later (nothing was checked).
+    #[error("too many logins waiting for a password check")]
+    Busy,
     /// The password is right but the user has several mailboxes and did not choose one.
     #[error("no mailbox chosen")]
     NoMailboxChosen { choices: Vec<String> },
     /// The password is right but the named mailbox is not granted (or the user has none).
     #[error("{0}")]
     MailboxNotGranted(LoginError),
+    /// The password is right but the user (or pecgate) has too many sessions open.
+    #[error("{0}")]
+    TooManySessions(AdmissionRefused),
+}
+
+impl LoginRefusal {
+    /// Whether the client is told "wrong user name or password" (every credential failure,
+    /// including a lock, looks the same from outside).
+    pub fn looks_like_bad_credentials(&self) -> bool {
+        matches!(
+            self,
+            LoginRefusal::BadCredentials { .. } | LoginRefusal::Locked(_)
+        )
+    }
 }
 
 /// A refused login, with what the audit trail may record about it.
@@ -49,12 +90,51 @@ impl LoginFailure {
     }
 }
 
-/// Check `login` / `secret` against the configuration. On success the user and mailbox the
-/// session acts on; on failure, after the configured failure delay, why. `password_checks`
-/// bounds the argon2 verifications running at once (the gateway's `password_checks`).
+/// The shared state of password checking: the throttle and the bounded check queue.
+pub struct LoginGate {
+    throttle: Mutex<LoginThrottle>,
+    checks: Arc<Semaphore>,
+    waiting: AtomicUsize,
+}
+
+impl LoginGate {
+    /// `parallel` password checks at once.
+    pub fn new(settings: ThrottleSettings, parallel: usize) -> LoginGate {
+        LoginGate {
+            throttle: Mutex::new(LoginThrottle::new(settings)),
+            checks: Arc::new(Semaphore::new(parallel.max(1))),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    fn throttle(&self) -> std::sync::MutexGuard<'_, LoginThrottle> {
+        self.throttle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A turn at a password check, or `None` if the queue is full or the wait too long.
+    async fn turn(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Ok(permit) = self.checks.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= MAX_WAITING_CHECKS {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        let permit =
+            tokio::time::timeout(CHECK_QUEUE_DEADLINE, self.checks.clone().acquire_owned()).await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        permit.ok()?.ok()
+    }
+}
+
+/// Check `login` / `secret` from `peer` against the configuration. On success the user and
+/// mailbox the session acts on, and `ticket` has become a session; on failure, after the
+/// throttle's delay for credential failures, why.
 pub async fn check_credentials(
     config: &Config,
-    password_checks: &Arc<Semaphore>,
+    gate: &LoginGate,
+    ticket: &mut Ticket,
+    peer: IpAddr,
     login: &str,
     secret: Zeroizing<Vec<u8>>,
 ) -> Result<LoginTarget, LoginFailure> {
@@ -62,10 +142,29 @@ pub async fn check_credentials(
     let user_name = login.split('/').next().unwrap_or(login).to_owned();
     let hash = config.users.get(&user_name).map(|u| u.password.clone());
     let user_exists = hash.is_some();
-    // argon2 takes tens of milliseconds of CPU and ~19 MiB: keep it off the async workers
-    // and bounded by `password_checks`. Unknown users are checked against a dummy hash so
-    // both cases cost the same.
-    let permit = password_checks.clone().acquire_owned().await;
+    let failure = |refusal| LoginFailure {
+        user: user_exists.then(|| user_name.clone()),
+        user_name: user_name.clone(),
+        refusal,
+    };
+
+    let verdict = gate.throttle().before_attempt(&user_name, peer, started);
+    if let Verdict::Locked(scope) = verdict {
+        tracing::warn!(
+            login,
+            scope = scope.as_str(),
+            "login locked: refused unchecked"
+        );
+        tokio::time::sleep_until((started + MAX_FAILURE_DELAY).into()).await;
+        return Err(failure(LoginRefusal::Locked(scope)));
+    }
+    // argon2 takes tens of milliseconds of CPU and ~19 MiB: keep it off the async workers,
+    // bounded, with a bounded wait. Unknown users are checked against a dummy hash so both
+    // cases cost the same.
+    let Some(permit) = gate.turn().await else {
+        tracing::warn!(login, "login refused: password checks saturated");
+        return Err(failure(LoginRefusal::Busy));
+    };
     let verified = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         match hash {
@@ -79,52 +178,66 @@ pub async fn check_credentials(
     .await
     .unwrap_or(false);
 
-    let refusal = if !verified {
-        LoginRefusal::BadCredentials {
-            reason: if user_exists {
-                "wrong password"
-            } else {
-                "unknown user"
-            },
-        }
+    let resolved = if verified {
+        config.resolve_login(login)
     } else {
-        match config.resolve_login(login) {
-            Ok(target) => return Ok(target),
-            Err(LoginError::AmbiguousMailbox) => LoginRefusal::NoMailboxChosen {
-                choices: config
-                    .mailboxes_of(&user_name)
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect(),
-            },
-            Err(error @ (LoginError::MailboxNotGranted | LoginError::NoMailbox)) => {
-                LoginRefusal::MailboxNotGranted(error)
-            }
-            Err(error @ (LoginError::UnknownUser | LoginError::Disabled)) => {
-                LoginRefusal::BadCredentials {
-                    reason: if error == LoginError::Disabled {
-                        "user is disabled"
-                    } else {
-                        "unknown user"
-                    },
+        Err(LoginError::UnknownUser)
+    };
+    let refusal = match resolved {
+        Ok(target) => {
+            gate.throttle().on_success(&user_name, peer, Instant::now());
+            return match ticket.promote(&target.user) {
+                Ok(()) => Ok(target),
+                Err(refused) => {
+                    tracing::warn!(login, %refused, "login refused: too many sessions");
+                    Err(failure(LoginRefusal::TooManySessions(refused)))
                 }
+            };
+        }
+        Err(LoginError::AmbiguousMailbox) => LoginRefusal::NoMailboxChosen {
+            choices: config
+                .mailboxes_of(&user_name)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        },
+        Err(error @ (LoginError::MailboxNotGranted | LoginError::NoMailbox)) => {
+            LoginRefusal::MailboxNotGranted(error)
+        }
+        Err(error @ (LoginError::UnknownUser | LoginError::Disabled)) => {
+            LoginRefusal::BadCredentials {
+                reason: if !verified && user_exists {
+                    "wrong password"
+                } else if error == LoginError::Disabled {
+                    "user is disabled"
+                } else {
+                    "unknown user"
+                },
             }
         }
     };
+    let mut delay = config.gateway.login_failure_delay;
+    if refusal.looks_like_bad_credentials() {
+        let after = gate.throttle().on_failure(&user_name, peer, started);
+        delay = after.delay;
+        if let Some(scope) = after.locked {
+            tracing::warn!(
+                login,
+                scope = scope.as_str(),
+                "login locked: too many failures"
+            );
+        }
+    }
     tracing::info!(login, reason = %refusal, "login failed");
-    tokio::time::sleep_until((started + config.gateway.login_failure_delay).into()).await;
-    Err(LoginFailure {
-        user: user_exists.then(|| user_name.clone()),
-        user_name,
-        refusal,
-    })
+    tokio::time::sleep_until((started + delay).into()).await;
+    Err(failure(refusal))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::guard::{Admission, AdmissionLimits};
     use std::path::Path;
-    use std::time::Duration;
 
     fn config() -> Config {
         let hash = password::hash_password(b"secret").unwrap();
@@ -171,12 +284,79 @@ disabled = true
         Zeroizing::new(s.as_bytes().to_vec())
     }
 
+    fn gate(c: &Config) -> LoginGate {
+        LoginGate::new(ThrottleSettings::from_config(&c.gateway), 2)
+    }
+
+    fn admission() -> Arc<Admission> {
+        Admission::new(AdmissionLimits {
+            max_preauth: 100,
+            max_preauth_per_address: 100,
+            max_sessions: 100,
+            max_sessions_per_user: 1,
+        })
+    }
+
+    const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     async fn check_credentials(
         c: &Config,
         login: &str,
         secret: Zeroizing<Vec<u8>>,
     ) -> Result<LoginTarget, LoginFailure> {
-        super::check_credentials(c, &Arc::new(Semaphore::new(2)), login, secret).await
+        let mut ticket = admission().admit(PEER).unwrap();
+        super::check_credentials(c, &gate(c), &mut ticket, PEER, login, secret).await
+    }
+
+    #[tokio::test]
+    async fn a_locked_address_is_refused_unchecked_and_looks_the_same() {
+        let c = config();
+        let gate = LoginGate::new(
+            ThrottleSettings {
+                address_failures: 2,
+                base_delay: Duration::ZERO,
+                ..ThrottleSettings::from_config(&c.gateway)
+            },
+            2,
+        );
+        let admission = admission();
+        let mut ticket = admission.admit(PEER).unwrap();
+        for _ in 0..2 {
+            let e = super::check_credentials(&c, &gate, &mut ticket, PEER, "mario", pw("x"))
+                .await
+                .unwrap_err();
+            assert!(matches!(e.refusal, LoginRefusal::BadCredentials { .. }));
+        }
+        tokio::time::pause();
+        let e = super::check_credentials(&c, &gate, &mut ticket, PEER, "mario", pw("secret"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.refusal, LoginRefusal::Locked(LockScope::Address));
+        assert!(e.refusal.looks_like_bad_credentials());
+        assert!(e.audit_detail("mario").contains("reason=locked (address)"));
+    }
+
+    #[tokio::test]
+    async fn sessions_per_user_are_enforced_at_login() {
+        let c = config();
+        let gate = gate(&c);
+        let admission = admission();
+        let mut first = admission.admit(PEER).unwrap();
+        let mut second = admission.admit(PEER).unwrap();
+        super::check_credentials(&c, &gate, &mut first, PEER, "mario", pw("secret"))
+            .await
+            .unwrap();
+        let e = super::check_credentials(&c, &gate, &mut second, PEER, "mario", pw("secret"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.refusal,
+            LoginRefusal::TooManySessions(AdmissionRefused::UserFull)
+        );
+        drop(first);
+        super::check_credentials(&c, &gate, &mut second, PEER, "mario", pw("secret"))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -327,6 +327,7 @@ fn check_live(config: &Config) -> anyhow::Result<ExitCode> {
                 permissions: config.permissions(&user, name),
                 delimiter: folders.iter().find_map(|f| f.delimiter),
                 provider_unselect: true,
+                max_message_bytes: mailbox.max_message_bytes,
             };
             let everything = ListRequest {
                 lsub: false,
@@ -530,6 +531,8 @@ fn serve(path: &Path) -> anyhow::Result<ExitCode> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: a journal or a log file gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = load_config(path)?;
     let state_dir = config.gateway.state_dir.clone();
@@ -560,8 +563,10 @@ fn serve(path: &Path) -> anyhow::Result<ExitCode> {
         let gateway = Arc::new(Gateway::new(config, audit_log, &vault)?.with_ledger(sent_ledger));
         drop(vault);
         let listeners = Listeners::bind(&gateway).await?;
-        for (address, service, kind) in listeners.addresses() {
-            tracing::info!(%address, ?kind, "listening for {service:?}");
+        // With port 0 configured, this line is where the real port is learnt (the tests
+        // bind that way: no probe-and-release race).
+        for (address, key) in listeners.addresses() {
+            tracing::info!(%address, listener = key, "listening");
         }
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(wait_for_signal(shutdown.clone()));

@@ -1,8 +1,11 @@
 //! Listeners, the accept loop and graceful shutdown, for IMAP and SMTP alike.
 //!
 //! Every listener is bound before the daemon reports ready, so a wrong address fails start-up
-//! instead of failing later. Accepting is limited by one semaphore (`max_sessions`) shared by
-//! both protocols; a session task holds its permit until it ends. All tasks are tracked: on
+//! instead of failing later. Accepting is limited by the gateway's [`Admission`] shared by both
+//! protocols: a new connection needs a pre-login place (`max_preauth_connections`, and
+//! `max_preauth_per_address` from one address), which becomes a session at login
+//! (`max_sessions`, `max_sessions_per_user`); the session task holds its ticket until it ends,
+//! and dropping it gives the place back. All tasks are tracked: on
 //! shutdown the accept loops stop, every session says goodbye at its next response boundary
 //! (`* BYE` / `421`), and `run` returns once they are gone (or the grace period is over).
 
@@ -12,11 +15,11 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::gateway::Gateway;
+use crate::guard::AdmissionRefused;
 use crate::session::ListenerKind;
 
 /// Which protocol a listener serves.
@@ -27,11 +30,17 @@ pub enum Service {
 }
 
 impl Service {
-    /// What a plain-text (STARTTLS-port) client is told when `max_sessions` is reached.
-    fn busy_line(self) -> &'static [u8] {
-        match self {
-            Service::Imap => b"* BYE [UNAVAILABLE] Too many connections to pecgate\r\n",
-            Service::Smtp => b"421 4.3.2 Too many connections to pecgate, try again later\r\n",
+    /// What a plain-text (STARTTLS-port) client is told when it is not admitted.
+    fn busy_line(self, refused: AdmissionRefused) -> &'static [u8] {
+        match (self, refused) {
+            (Service::Imap, AdmissionRefused::AddressFull) => {
+                b"* BYE [UNAVAILABLE] Too many connections from your address\r\n"
+            }
+            (Service::Imap, _) => b"* BYE [UNAVAILABLE] Too many connections to pecgate\r\n",
+            (Service::Smtp, AdmissionRefused::AddressFull) => {
+                b"421 4.7.0 Too many connections from your address, try again later\r\n"
+            }
+            (Service::Smtp, _) => b"421 4.3.2 Too many connections to pecgate, try again later\r\n",
         }
     }
 }
@@ -49,7 +58,7 @@ pub enum ServerError {
 
 /// Bound listeners, ready to serve.
 pub struct Listeners {
-    bound: Vec<(TcpListener, Service, ListenerKind)>,
+    bound: Vec<(TcpListener, Service, ListenerKind, &'static str)>,
 }
 
 impl Listeners {
@@ -93,17 +102,18 @@ impl Listeners {
                             key,
                             source,
                         })?;
-                bound.push((listener, service, kind));
+                bound.push((listener, service, kind, key));
             }
         }
         Ok(Listeners { bound })
     }
 
-    /// The bound addresses (with the real port where 0 was configured).
-    pub fn addresses(&self) -> Vec<(SocketAddr, Service, ListenerKind)> {
+    /// The bound addresses (with the real port where 0 was configured) and the config key
+    /// each comes from (`imap.listen_tls`...).
+    pub fn addresses(&self) -> Vec<(SocketAddr, &'static str)> {
         self.bound
             .iter()
-            .filter_map(|(l, service, kind)| l.local_addr().ok().map(|a| (a, *service, *kind)))
+            .filter_map(|(l, _, _, key)| l.local_addr().ok().map(|a| (a, *key)))
             .collect()
     }
 }
@@ -116,14 +126,17 @@ pub async fn run(
     grace: Duration,
 ) {
     let tracker = TaskTracker::new();
-    let sessions = Arc::new(Semaphore::new(gateway.config.gateway.max_sessions));
-    for (listener, service, kind) in listeners.bound {
+    tracker.spawn(crate::disk::watch_free_space(
+        gateway.config.gateway.state_dir.clone(),
+        gateway.config.gateway.min_free_space_bytes,
+        shutdown.clone(),
+    ));
+    for (listener, service, kind, _) in listeners.bound {
         tracker.spawn(accept_loop(
             gateway.clone(),
             listener,
             service,
             kind,
-            sessions.clone(),
             shutdown.clone(),
             tracker.clone(),
         ));
@@ -147,7 +160,6 @@ async fn accept_loop(
     listener: TcpListener,
     service: Service,
     kind: ListenerKind,
-    sessions: Arc<Semaphore>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -165,25 +177,33 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = sessions.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, ?service, "max_sessions reached: connection refused");
-            if kind == ListenerKind::StartTls {
-                let _ = tcp.write_all(service.busy_line()).await;
+        let ticket = match gateway.admission.admit(peer.ip()) {
+            Ok(ticket) => ticket,
+            Err(refused) => {
+                tracing::warn!(%peer, ?service, %refused, "connection refused");
+                if kind == ListenerKind::StartTls {
+                    // Best effort and bounded: a client that does not read must not stall
+                    // the accept loop.
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(200),
+                        tcp.write_all(service.busy_line(refused)),
+                    )
+                    .await;
+                }
+                continue;
             }
-            continue;
         };
         let gateway = gateway.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             match service {
                 Service::Imap => {
-                    crate::imap::session::serve(gateway, tcp, peer, kind, shutdown).await
+                    crate::imap::session::serve(gateway, ticket, tcp, peer, kind, shutdown).await
                 }
                 Service::Smtp => {
-                    crate::smtp::session::serve(gateway, tcp, peer, kind, shutdown).await
+                    crate::smtp::session::serve(gateway, ticket, tcp, peer, kind, shutdown).await
                 }
             }
-            drop(permit);
         });
     }
 }

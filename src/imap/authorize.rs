@@ -29,6 +29,8 @@ pub struct SessionPolicy {
     pub delimiter: Option<char>,
     /// Whether the provider offers UNSELECT (needed to close without expunging).
     pub provider_unselect: bool,
+    /// The largest APPEND accepted (the mailbox's `max_message_bytes`).
+    pub max_message_bytes: u64,
 }
 
 /// What to do with a command.
@@ -49,6 +51,9 @@ pub enum Decision {
     DenySubtree(String),
     /// CLOSE without `delete`: rewritten to UNSELECT so nothing is expunged.
     CloseAsUnselect,
+    /// A hidden name in SUBSCRIBE/UNSUBSCRIBE: answered locally as the provider answers for a
+    /// folder that does not exist, nothing sent.
+    Nonexistent(String),
     /// A name pecgate will not send anywhere (control characters, raw or mUTF-7 encoded):
     /// refused with `BAD` and this text.
     BadName(&'static str),
@@ -96,6 +101,7 @@ pub fn authorize(command: &mut Command<'static>, policy: &SessionPolicy) -> Deci
             .filter(|segments| policy.folders.grants(segments));
         match (usage, granted) {
             (NameUse::Create, None) => return Decision::DenyName(shown),
+            (NameUse::Subscription, None) => return Decision::Nonexistent(shown),
             (NameUse::Subtree, Some(segments)) if !subtree_granted(&policy.folders, &segments) => {
                 return Decision::DenySubtree(shown);
             }
@@ -213,6 +219,20 @@ fn placeholder_for(wire: &[u8], delimiter: Option<char>) -> (String, Vec<(String
             }
         });
     }
+    if tokens.is_empty() {
+        // Only INBOX and empty segments (`INBOX/`): kept as they are, the name would still
+        // reach INBOX on a provider that normalises it. Closed by default: the last segment
+        // becomes a token too.
+        let token = format!(
+            "pecgate-none-{:012x}",
+            rand::random::<u64>() & 0xffff_ffff_ffff
+        );
+        let last = segments.last().copied().unwrap_or_default();
+        tokens.push((token.clone(), display_name(last.as_bytes())));
+        if let Some(slot) = placeholder.last_mut() {
+            *slot = token;
+        }
+    }
     let joined = match delimiter {
         Some(d) => placeholder.join(&d.to_string()),
         None => placeholder.concat(),
@@ -267,6 +287,7 @@ mod tests {
             permissions: permissions.iter().copied().collect(),
             delimiter: Some('/'),
             provider_unselect: true,
+            max_message_bytes: 1 << 20,
         }
     }
 
@@ -344,6 +365,26 @@ mod tests {
         );
     }
 
+    /// Found by the fuzzer: a hidden `INBOX/` kept no token and went up as `INBOX/`, which a
+    /// provider that drops trailing delimiters would read as INBOX.
+    #[test]
+    fn a_placeholder_always_hides_something() {
+        let p = policy(&["Sent"], &all());
+        for text in [
+            "a SELECT INBOX/",
+            "a APPEND INBOX/ {1+}\r\nx",
+            "a SELECT inbox//",
+            "a SELECT /",
+        ] {
+            let (decision, encoded) = decide(&p, text);
+            let Decision::AsNonexistent { substitutions } = decision else {
+                panic!("{text}: {decision:?}")
+            };
+            assert!(!substitutions.is_empty(), "{text}");
+            assert!(encoded.contains("pecgate-none-"), "{text}: {encoded}");
+        }
+    }
+
     #[test]
     fn hidden_names_become_placeholders() {
         let p = policy(&["INBOX", "Sent"], &all());
@@ -354,8 +395,6 @@ mod tests {
             "a STATUS Riservata (MESSAGES)",
             "a COPY 1 Riservata",
             "a UID MOVE 1 Riservata",
-            "a SUBSCRIBE Riservata",
-            "a UNSUBSCRIBE Riservata",
             "a APPEND Riservata {1+}\r\nx",
             "a SELECT sent",
             "a SELECT Sent/",

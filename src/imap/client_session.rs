@@ -250,6 +250,25 @@ impl ClientSession {
                 "Tag already in use by a running command",
             );
         }
+        if let Some((length, _)) = append
+            && u64::from(length) > self.policy.max_message_bytes
+        {
+            // Refused before a byte of it is read: a synchronising literal is never invited,
+            // a LITERAL+ one is thrown away by the caller.
+            let text = format!(
+                "Message too large ({length} bytes; this mailbox accepts at most {})",
+                self.policy.max_message_bytes
+            );
+            return Submit::Ready(vec![
+                audit(
+                    &summary.name,
+                    summary.folder.clone(),
+                    format!("{} (too large)", summary.detail),
+                    Outcome::No,
+                ),
+                Action::Client(format!("{client_tag} NO [TOOBIG] {text}\r\n").into_bytes()),
+            ]);
+        }
         let ok = |text: String| {
             Submit::Ready(vec![
                 audit(
@@ -605,6 +624,32 @@ fn violation_end(reason: &str) -> Action {
 
 /// The refusal of a command by the folder and permission policy.
 fn deny(tag: &str, summary: &CommandSummary, decision: &Decision) -> Vec<Action> {
+    if let Decision::Nonexistent(name) = decision {
+        // Answered as Dovecot answers for a folder that does not exist, so a hidden folder
+        // looks like any missing one: SUBSCRIBE is refused, UNSUBSCRIBE succeeds (there is
+        // nothing to remove from this user's point of view).
+        let (reply, outcome) = if summary.name.eq_ignore_ascii_case("UNSUBSCRIBE") {
+            (format!("{tag} OK Unsubscribe completed.\r\n"), Outcome::Ok)
+        } else {
+            let name = crate::text::escape(name, false);
+            (
+                format!("{tag} NO Mailbox doesn't exist: {name}\r\n"),
+                Outcome::No,
+            )
+        };
+        return vec![
+            audit(
+                &summary.name,
+                summary.folder.clone(),
+                format!(
+                    "{} (hidden folder: answered as nonexistent, nothing sent)",
+                    summary.detail
+                ),
+                outcome,
+            ),
+            Action::Client(reply.into_bytes()),
+        ];
+    }
     let text = match decision {
         Decision::DenyPermission(permission) => {
             format!("Permission denied: your roles do not grant \"{permission}\" on this mailbox")

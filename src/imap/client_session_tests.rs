@@ -32,6 +32,8 @@ struct Rig {
     waiting: Option<Held>,
     /// Bytes of an APPEND message still to stream (true) or throw away (false).
     streaming: Option<(usize, bool)>,
+    /// After a message: its command's line end is awaited (true: the message went up).
+    message_end: Option<bool>,
     ended: Option<Ending>,
     /// Everything taken from `upstream` so far (for the random-stream test).
     upstream_log: Vec<u8>,
@@ -43,6 +45,7 @@ fn rig(patterns: &[&str], permissions: &[Permission]) -> Rig {
         permissions: permissions.iter().copied().collect(),
         delimiter: Some('/'),
         provider_unselect: true,
+        max_message_bytes: 1 << 20,
     };
     Rig {
         session: ClientSession::new(
@@ -57,6 +60,7 @@ fn rig(patterns: &[&str], permissions: &[Permission]) -> Rig {
         audits: Vec::new(),
         waiting: None,
         streaming: None,
+        message_end: None,
         ended: None,
         upstream_log: Vec::new(),
     }
@@ -72,7 +76,7 @@ impl Rig {
     fn pump(&mut self) {
         while self.waiting.is_none() && self.ended.is_none() {
             if let Some((remaining, forward)) = self.streaming {
-                // An APPEND message (and its line end) being streamed, or thrown away.
+                // An APPEND message being streamed, or thrown away.
                 let n = remaining.min(self.input.len());
                 let chunk = self.input.split_to(n);
                 if forward {
@@ -81,6 +85,24 @@ impl Rig {
                 self.streaming = (remaining > n).then_some((remaining - n, forward));
                 if remaining > n {
                     return;
+                }
+                self.message_end = Some(forward);
+                continue;
+            }
+            if let Some(forward) = self.message_end {
+                // As the relay does: the command must end right after the message; pecgate
+                // sends its own CRLF, anything else ends the session.
+                let Some(end) = crate::io::find_line_end(&self.input, 0) else {
+                    return;
+                };
+                let rest = self.input.split_to(end);
+                self.message_end = None;
+                if &rest[..] != b"\r\n" && &rest[..] != b"\n" {
+                    self.ended = Some(Ending::Logout);
+                    return;
+                }
+                if forward {
+                    self.upstream.extend_from_slice(b"\r\n");
                 }
                 continue;
             }
@@ -137,7 +159,7 @@ impl Rig {
                     // Sent: the message streams up. Refused: a LITERAL+ message is thrown
                     // away; a synchronising one was never sent (the client got no `+`).
                     if sent || !sync {
-                        self.streaming = Some((length as usize + 2, sent));
+                        self.streaming = Some((length as usize, sent));
                     }
                 }
                 actions
@@ -154,7 +176,10 @@ impl Rig {
 
     /// A provider response line (whole units only: no literals in these tests).
     fn provider_sends(&mut self, line: &str) {
-        let line = line.as_bytes();
+        self.provider_sends_bytes(line.as_bytes());
+    }
+
+    fn provider_sends_bytes(&mut self, line: &[u8]) {
         let actions = match self.provider.on_line(line) {
             ProviderEvent::Continuation { tag } => self.session.on_idle_continuation(&tag, line),
             ProviderEvent::Completed { tag, status, text } => {
@@ -447,6 +472,47 @@ fn names_with_control_characters_never_leave() {
 }
 
 #[test]
+fn subscriptions_of_hidden_folders_never_reach_the_provider() {
+    let mut r = rig(&["INBOX", "Sent"], ALL);
+    r.client_sends(b"a SUBSCRIBE Riservata\r\nb UNSUBSCRIBE Riservata/Sub\r\n");
+    assert!(r.take_upstream().is_empty());
+    // As Dovecot answers for a folder that does not exist.
+    assert_eq!(
+        r.take_client(),
+        "a NO Mailbox doesn't exist: Riservata\r\nb OK Unsubscribe completed.\r\n"
+    );
+    assert_eq!(r.audits[0].outcome, Outcome::No);
+    assert!(r.audits[0].detail.contains("answered as nonexistent"));
+    // A visible folder is relayed as before.
+    r.client_sends(b"c SUBSCRIBE Sent\r\n");
+    assert!(r.take_upstream()[0].ends_with(" SUBSCRIBE Sent\r\n"));
+}
+
+#[test]
+fn an_append_over_the_mailbox_limit_is_refused_unread() {
+    let mut r = rig(&["INBOX"], ALL);
+    let too_big = (1 << 20) + 1;
+    // Synchronising: never invited, nothing goes up.
+    r.client_sends(format!("a APPEND INBOX {{{too_big}}}\r\n").as_bytes());
+    assert!(r.take_upstream().is_empty());
+    let client = r.take_client();
+    assert!(
+        client.starts_with("a NO [TOOBIG] Message too large"),
+        "{client}"
+    );
+    // LITERAL+: thrown away, and the next command is served.
+    let mut bytes = format!("b APPEND INBOX {{{too_big}+}}\r\n").into_bytes();
+    bytes.extend(std::iter::repeat_n(b'x', too_big));
+    bytes.extend_from_slice(b"\r\nc NOOP\r\n");
+    r.client_sends(&bytes);
+    let up = r.take_upstream();
+    assert_eq!(up.len(), 1, "{up:?}");
+    assert!(up[0].ends_with(" NOOP\r\n"));
+    assert!(r.take_client().starts_with("b NO [TOOBIG]"));
+    assert_eq!(r.audits[0].outcome, Outcome::No);
+}
+
+#[test]
 fn create_with_a_trailing_delimiter_is_decided_on_the_name() {
     let mut r = rig(&["INBOX", "Ricevute/**"], ALL);
     r.client_sends(b"a CREATE Ricevute/2027/\r\n");
@@ -564,7 +630,7 @@ fn random_streams_never_put_client_words_upstream() {
             }
         }
         answer_everything(&mut r);
-        let (commands, dones, appends) = check_upstream(&r.upstream_log, seed);
+        let (commands, dones, appends) = check_upstream(&r.upstream_log, seed, false);
         // The stream really went through every path (else the checks above prove little).
         assert!(
             commands > 1000 && dones > 20,
@@ -583,9 +649,9 @@ fn random_streams_never_put_client_words_upstream() {
 /// Complete every command in flight (OK), accept IDLE with `+`.
 fn answer_everything(r: &mut Rig) {
     for _ in 0..8 {
+        // The log keeps the raw bytes (a message may hold any octet).
+        r.upstream_log.extend_from_slice(&r.upstream);
         let sent = r.take_upstream();
-        r.upstream_log
-            .extend(sent.iter().flat_map(|l| l.as_bytes().to_vec()));
         let tags: Vec<(String, bool)> = sent
             .iter()
             .filter_map(|l| {
@@ -615,7 +681,7 @@ fn answer_everything(r: &mut Rig) {
 }
 
 /// Frame the upstream bytes as a server would and check every command.
-fn check_upstream(bytes: &[u8], seed: u64) -> (usize, usize, usize) {
+fn check_upstream(bytes: &[u8], seed: u64, partial_end: bool) -> (usize, usize, usize) {
     let (mut commands, mut dones, mut appends) = (0, 0, 0);
     let mut input = BytesMut::from(bytes);
     let mut assembler = CommandAssembler::new(CommandLimits {
@@ -639,8 +705,36 @@ fn check_upstream(bytes: &[u8], seed: u64) -> (usize, usize, usize) {
             dones += 1;
             continue;
         }
-        match assembler.poll(&mut input, |_, _| false) {
+        match assembler.poll(&mut input, |h, l| append_skeleton(h, l).is_some()) {
             Assembled::NeedMore => break,
+            Assembled::MessageLiteral { head, literal } => {
+                // An APPEND: its head is pecgate's; the message is the client's, passed as is
+                // (never parsed), then pecgate's CRLF ends the command.
+                let skeleton = append_skeleton(&head, &literal)
+                    .unwrap_or_else(|| panic!("seed {seed}: bad APPEND head {head:?}"));
+                let tag = skeleton.tag.as_ref();
+                assert!(
+                    tag.starts_with('c') && tag[1..].chars().all(|c| c.is_ascii_digit()),
+                    "seed {seed}: not a pecgate tag: {head:?}"
+                );
+                let mut skeleton = skeleton;
+                for mailbox in crate::imap::classify::mailboxes_mut(&mut skeleton.body) {
+                    assert_visible_or_placeholder(mailbox, seed, "APPEND");
+                }
+                let length = literal.length as usize;
+                if input.len() < length + 2 {
+                    break;
+                }
+                let _ = input.split_to(length);
+                assert_eq!(
+                    &input[..2],
+                    b"\r\n",
+                    "seed {seed}: APPEND not ended by CRLF"
+                );
+                let _ = input.split_to(2);
+                commands += 1;
+                appends += 1;
+            }
             Assembled::SendContinuation => continue,
             Assembled::Command(command) => {
                 let text = String::from_utf8_lossy(&command);
@@ -652,12 +746,9 @@ fn check_upstream(bytes: &[u8], seed: u64) -> (usize, usize, usize) {
                     "seed {seed}: not a pecgate tag: {text:?}"
                 );
                 let is_append = matches!(parsed.body, CommandBody::Append { .. });
-                assert!(
-                    is_append || !text.contains("Segreto"),
-                    "seed {seed}: a hidden name went upstream: {text:?}"
-                );
-                if let CommandBody::Append { mailbox, .. } = &parsed.body {
-                    assert_ne!(crate::imap::command::mailbox_name(mailbox), "Segreto");
+                let mut parsed = parsed;
+                for mailbox in crate::imap::classify::mailboxes_mut(&mut parsed.body) {
+                    assert_visible_or_placeholder(mailbox, seed, &text);
                 }
                 after_idle = matches!(parsed.body, CommandBody::Idle);
                 commands += 1;
@@ -666,8 +757,28 @@ fn check_upstream(bytes: &[u8], seed: u64) -> (usize, usize, usize) {
             other => panic!("seed {seed}: upstream framing: {other:?}"),
         }
     }
-    assert!(input.is_empty(), "seed {seed}: trailing upstream bytes");
+    assert!(
+        partial_end || input.is_empty(),
+        "seed {seed}: trailing upstream bytes"
+    );
     (commands, dones, appends)
+}
+
+/// Every folder name that goes upstream is one the test policies (`INBOX`, `INBOX/**`,
+/// `Sent`) grant, or a placeholder for a hidden one.
+fn assert_visible_or_placeholder(
+    mailbox: &imap_codec::imap_types::mailbox::Mailbox<'static>,
+    seed: u64,
+    text: &str,
+) {
+    let name = crate::imap::command::mailbox_name(mailbox);
+    let placeholder = name.split('/').any(|s| s.starts_with("pecgate-none-"));
+    let granted =
+        FolderPolicy::new(&["INBOX", "INBOX/**", "Sent"]).grants_wire(name.as_bytes(), Some('/'));
+    assert!(
+        placeholder || granted,
+        "seed {seed}: a hidden name went upstream: {name:?} in {text:?}"
+    );
 }
 
 #[test]
@@ -697,4 +808,103 @@ fn pipelining_is_bounded() {
             .enumerate()
             .all(|(i, l)| l == format!("n{i} OK done"))
     );
+}
+
+/// Fuzz target: mutated client streams against a provider that answers everything. Every
+/// command that reaches the provider is pecgate's own encoding (see `check_upstream`).
+#[test]
+fn fuzz_imap_session() {
+    crate::fuzz::run(
+        "imap_session",
+        &[
+            b"a SELECT INBOX\r\nb UID FETCH 1:* (BODY[] FLAGS)\r\nc IDLE\r\nDONE\r\n",
+            b"a SELECT {7+}\r\nSegreto\r\nb LIST \"\" *\r\n",
+            b"g APPEND INBOX {40+}\r\nx SELECT Segreto\r\ny UID FETCH 1:* BODY[]\r\n\r\n",
+            b"i UID STORE 1 +FLAGS (\\Seen)\r\nj UID MOVE 1 Segreto\r\nk CLOSE\r\n",
+            b"l SEARCH TEXT {6+}\r\nSELECT\r\nm IDLE\r\nn NOOP\r\n",
+        ],
+        3_000,
+        2048,
+        |input| {
+            let mut r = rig(&["INBOX", "INBOX/**", "Sent"], ALL);
+            // Delivered in two pieces: a command cut anywhere must assemble the same way.
+            let cut = input.len() / 2;
+            r.client_sends(&input[..cut]);
+            answer_everything(&mut r);
+            r.client_sends(&input[cut..]);
+            answer_everything(&mut r);
+            let upstream = std::mem::take(&mut r.upstream_log);
+            // Input that stops mid-APPEND leaves the provider mid-command, as does a session
+            // ended there (the relay then closes the connection, sending nothing more).
+            let partial = r.ended.is_some() || r.streaming.is_some() || r.message_end.is_some();
+            let (commands, dones, appends) = check_upstream(&upstream, 0, partial);
+            crate::fuzz::feature(&[
+                commands.min(8) as u64,
+                dones.min(2) as u64,
+                appends.min(2) as u64,
+                r.ended.is_some() as u64,
+            ])
+        },
+    );
+}
+
+/// Fuzz target: whatever the provider sends while commands are in flight, the session
+/// machine never panics, and no LIST line that reaches the client names a hidden folder.
+#[test]
+fn fuzz_imap_provider_responses() {
+    crate::fuzz::run(
+        "imap_provider_responses",
+        &[
+            b"* 2 EXISTS\r\n* 1 FETCH (UID 4 FLAGS (\\Seen))\r\nc1 OK done\r\n",
+            b"* LIST () \"/\" Segreto\r\n* LIST () \"/\" INBOX\r\nc3 OK done\r\n",
+            b"+ idling\r\n* 3 EXPUNGE\r\nc4 OK idle done\r\n",
+            b"* STATUS Segreto (MESSAGES 1)\r\n* BYE bye\r\n",
+            b"c2 NO [TRYCREATE] no\r\nc9 OK stray\r\n",
+        ],
+        5_000,
+        2048,
+        |input| {
+            let mut r = rig(&["INBOX", "Sent"], ALL);
+            r.client_sends(b"a SELECT INBOX\r\nb UID FETCH 1:* FLAGS\r\nc LIST \"\" *\r\n");
+            // Rename the seed's c1..c9 to the tags really in flight.
+            let sent = r.take_upstream();
+            let tags: Vec<String> = sent
+                .iter()
+                .filter_map(|l| l.split(' ').next().map(str::to_owned))
+                .collect();
+            let mut text = input.to_vec();
+            for (i, tag) in tags.iter().enumerate() {
+                let seed_tag = format!("c{} ", i + 1);
+                text = replace_all(&text, seed_tag.as_bytes(), format!("{tag} ").as_bytes());
+            }
+            let mut lines = 0u64;
+            for line in text.split_inclusive(|&b| b == b'\n') {
+                if r.ended.is_some() {
+                    break;
+                }
+                r.provider_sends_bytes(line);
+                lines += 1;
+            }
+            let client = String::from_utf8_lossy(&r.client).into_owned();
+            for line in client.lines().filter(|l| l.starts_with("* LIST")) {
+                assert!(!line.contains("Segreto"), "hidden folder listed: {line:?}");
+            }
+            crate::fuzz::feature(&[lines.min(6), r.ended.is_some() as u64])
+        },
+    );
+}
+
+fn replace_all(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(haystack.len());
+    let mut i = 0;
+    while i < haystack.len() {
+        if haystack[i..].starts_with(from) {
+            out.extend_from_slice(to);
+            i += from.len();
+        } else {
+            out.push(haystack[i]);
+            i += 1;
+        }
+    }
+    out
 }

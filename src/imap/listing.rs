@@ -349,6 +349,7 @@ mod tests {
             permissions: Permission::ALL.iter().copied().collect(),
             delimiter: Some('/'),
             provider_unselect: true,
+            max_message_bytes: 1 << 20,
         }
     }
 

@@ -105,6 +105,12 @@ impl ProviderClient {
         append_head_steps(skeleton, length, self.literal_plus)
     }
 
+    /// Whether the provider owes an answer: a command is in flight and it is not an accepted
+    /// IDLE (where silence is normal).
+    pub fn owes_answer(&self) -> bool {
+        !self.in_flight.is_empty() && self.idling.is_none()
+    }
+
     /// Register that the next `+` answers the literal announcement of `tag` about to be sent.
     pub fn expect_continuation(&mut self, tag: &str) {
         self.awaiting = Some(tag.to_owned());

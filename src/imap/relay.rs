@@ -32,7 +32,7 @@ use crate::imap::command::{UpstreamStep, append_skeleton, parse_command};
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, literal_at_end, tag_of};
 use crate::imap::listing::answer_list;
 use crate::imap::provider_client::{ProviderClient, ProviderEvent};
-use crate::io::{self, BoxStream, CopyError};
+use crate::io::{self, BoxStream, CopyError, ReadWait, Watched};
 use crate::session::SessionContext;
 use crate::upstream::{ProviderConnection, read_unit};
 
@@ -51,6 +51,10 @@ const LOGOUT_GRACE: Duration = Duration::from_secs(10);
 const WRITE_BUFFER: usize = 64 * 1024;
 
 type Writer = tokio::sync::Mutex<BufWriter<WriteHalf<BoxStream>>>;
+/// The provider's halves measure how long pecgate has waited for it since it last sent it
+/// something, for the stall watchdog.
+type ProviderReader = Watched<ReadHalf<BoxStream>>;
+type ProviderWriter = BufWriter<Watched<WriteHalf<BoxStream>>>;
 
 /// How a session ended (for the log and the audit trail).
 #[derive(Debug)]
@@ -63,6 +67,8 @@ pub enum SessionEnd {
     UpstreamClosed,
     /// The provider sent something pecgate could not attribute.
     ProviderViolation(String),
+    /// The provider owed an answer and moved no byte for this long.
+    ProviderStalled(Duration),
     Error(String),
 }
 
@@ -77,9 +83,14 @@ struct Shared<'a> {
     ctx: &'a SessionContext,
     core: Mutex<Core>,
     client: Writer,
-    provider: Writer,
+    provider: tokio::sync::Mutex<ProviderWriter>,
     /// Signalled after every completion: a command waiting to run alone may go.
     completed: Notify,
+    /// An APPEND message is being streamed from the client: the provider waits for it.
+    uploading: std::sync::atomic::AtomicBool,
+    /// The provider has part of an APPEND and no end yet: only closing can end it cleanly
+    /// (it then discards the message).
+    mid_command: std::sync::atomic::AtomicBool,
     /// The upward loop waiting for the provider's `+` to a literal of this tag.
     literal_wait: Mutex<Option<(String, oneshot::Sender<bool>)>>,
 }
@@ -104,11 +115,14 @@ pub async fn run(
 ) -> SessionEnd {
     let literal_plus = provider.literal_plus();
     let ProviderConnection {
-        reader: mut provider_reader,
+        reader: provider_reader,
         writer: provider_writer,
         buffer: mut provider_buffer,
         ..
     } = provider;
+    let provider_wait = ReadWait::new();
+    let mut provider_reader = Watched::new(provider_reader, provider_wait.clone());
+    let provider_writer = Watched::new(provider_writer, provider_wait.clone());
     let (mut client_reader, client_writer) = tokio::io::split(client);
     let shared = Shared {
         ctx,
@@ -119,6 +133,8 @@ pub async fn run(
         client: tokio::sync::Mutex::new(BufWriter::with_capacity(WRITE_BUFFER, client_writer)),
         provider: tokio::sync::Mutex::new(BufWriter::with_capacity(WRITE_BUFFER, provider_writer)),
         completed: Notify::new(),
+        uploading: std::sync::atomic::AtomicBool::new(false),
+        mid_command: std::sync::atomic::AtomicBool::new(false),
         literal_wait: Mutex::new(None),
     };
     let limits = CommandLimits {
@@ -133,16 +149,20 @@ pub async fn run(
             &mut provider_buffer,
             shutdown,
         );
-        tokio::pin!(up, down);
+        let watchdog = watch_provider(&shared, &provider_wait, ctx.gateway.provider_timeout);
+        tokio::pin!(up, down, watchdog);
         tokio::select! {
             end = &mut up => match end {
                 // The provider's BYE and tagged OK still have to reach the client.
-                None => tokio::time::timeout(LOGOUT_GRACE, &mut down)
-                    .await
-                    .unwrap_or(SessionEnd::Timeout),
+                None => tokio::select! {
+                    end = &mut down => end,
+                    end = &mut watchdog => end,
+                    () = tokio::time::sleep(LOGOUT_GRACE) => SessionEnd::Timeout,
+                },
                 Some(end) => end,
             },
             end = &mut down => end,
+            end = &mut watchdog => end,
         }
     };
     // Commands the provider never completed are still recorded, as errors.
@@ -152,8 +172,14 @@ pub async fn run(
     }
     if !matches!(
         end,
-        SessionEnd::Logout | SessionEnd::UpstreamClosed | SessionEnd::ProviderViolation(_)
-    ) {
+        SessionEnd::Logout
+            | SessionEnd::UpstreamClosed
+            | SessionEnd::ProviderViolation(_)
+            | SessionEnd::ProviderStalled(_)
+    ) && !shared
+        .mid_command
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
         // A polite goodbye; an IDLE is ended first, since an idling provider reads any other
         // line as the end of IDLE.
         let done = shared.core().provider.done();
@@ -170,6 +196,59 @@ pub async fn run(
     let mut client_writer = shared.client.into_inner();
     let _ = tokio::time::timeout(Duration::from_secs(3), client_writer.shutdown()).await;
     end
+}
+
+/// A flag raised for as long as this value lives.
+struct Raised<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> Raised<'a> {
+    fn new(flag: &'a std::sync::atomic::AtomicBool) -> Raised<'a> {
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        Raised(flag)
+    }
+}
+
+impl Drop for Raised<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Ends the session when the provider owes an answer (a whole command sent, IDLE excepted)
+/// and pecgate has been waiting for its next byte for `timeout`: a stopped or unreachable
+/// provider must not leave a client waiting longer than its own patience (Thunderbird gives
+/// up at 100 s). A client slow to read or to send its APPEND is not the provider's fault and
+/// does not count (the read is not waiting, or the command is not whole yet).
+async fn watch_provider(shared: &Shared<'_>, wait: &ReadWait, timeout: Duration) -> SessionEnd {
+    let tick = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(tick).await;
+        let quiet = wait.waiting_for();
+        if quiet < timeout
+            || shared.uploading.load(std::sync::atomic::Ordering::Relaxed)
+            || !shared.core().provider.owes_answer()
+        {
+            continue;
+        }
+        tracing::warn!(
+            seconds = quiet.as_secs(),
+            "the provider stopped answering: ending the session"
+        );
+        // Only between response units: a BYE inside a literal would corrupt the stream, and
+        // a client mid-literal is better served by the connection closing.
+        if let Ok(mut client) = shared.client.try_lock() {
+            let bye = format!(
+                "* BYE [UNAVAILABLE] The PEC provider has not answered for {} seconds\r\n",
+                quiet.as_secs()
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(3), async {
+                client.write_all(bye.as_bytes()).await?;
+                client.flush().await
+            })
+            .await;
+        }
+        return SessionEnd::ProviderStalled(quiet);
+    }
 }
 
 async fn record_event(ctx: &SessionContext, record: AuditRecord) -> Result<(), SessionEnd> {
@@ -368,6 +447,12 @@ async fn perform_upward(
                 }
                 return Ok(());
             }
+            // From here the provider waits for the client's bytes, however slow they are, and
+            // is mid-command until pecgate's CRLF: no goodbye may be sent into it.
+            let _uploading = Raised::new(&shared.uploading);
+            shared
+                .mid_command
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             if client_sync {
                 answer(&shared.client, b"+ Ready for literal data\r\n").await?;
             }
@@ -398,6 +483,9 @@ async fn perform_upward(
                 .write_all(b"\r\n")
                 .await
                 .map_err(|_| SessionEnd::UpstreamClosed)?;
+            shared
+                .mid_command
+                .store(false, std::sync::atomic::Ordering::Relaxed);
             provider
                 .flush()
                 .await
@@ -426,7 +514,7 @@ async fn send_done(shared: &Shared<'_>) -> Result<(), SessionEnd> {
 /// Returns false if the provider refused a literal (its tagged answer completes the command).
 async fn send_steps(
     shared: &Shared<'_>,
-    provider: &mut BufWriter<WriteHalf<BoxStream>>,
+    provider: &mut ProviderWriter,
     tag: &str,
     steps: &[UpstreamStep],
 ) -> Result<bool, SessionEnd> {
@@ -495,7 +583,7 @@ async fn discard(
 /// Provider → client.
 async fn downward(
     shared: &Shared<'_>,
-    provider: &mut ReadHalf<BoxStream>,
+    provider: &mut ProviderReader,
     buffer: &mut BytesMut,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
@@ -661,7 +749,7 @@ async fn perform_downward(shared: &Shared<'_>, action: Action) -> Result<(), Ses
 /// Relay one untagged response as it comes, streaming its literals; with `rename`, FETCH
 /// item names restored in every line segment.
 async fn pass_through(
-    provider: &mut ReadHalf<BoxStream>,
+    provider: &mut ProviderReader,
     buffer: &mut BytesMut,
     client: &Writer,
     mut line: BytesMut,

@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -14,6 +13,7 @@ use zeroize::Zeroizing;
 
 use crate::audit::{Outcome, Protocol};
 use crate::gateway::Gateway;
+use crate::guard::{AdmissionRefused, Ticket};
 use crate::imap::authorize::SessionPolicy;
 use crate::imap::command;
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, tag_of};
@@ -26,8 +26,6 @@ use crate::policy::FolderPolicy;
 use crate::session::{self, HandshakeFailure, ListenerKind, SessionContext};
 use crate::upstream::{self, ProviderConnection};
 
-/// A client that does not log in within this time is disconnected.
-const PREAUTH_TIMEOUT: Duration = Duration::from_secs(120);
 /// Limits before login: nobody unauthenticated gets to make pecgate buffer much. A line fits
 /// an ID at RFC 2971's limits (30 pairs of 30-octet names and 1024-octet values).
 const PREAUTH_LIMITS: CommandLimits = CommandLimits {
@@ -46,8 +44,10 @@ impl From<HandshakeFailure> for SessionEnd {
 }
 
 /// Serve one accepted connection to the end.
+/// `ticket` is the connection's place (pre-login, a session once logged in), held to the end.
 pub async fn serve(
     gateway: Arc<Gateway>,
+    mut ticket: Ticket,
     tcp: TcpStream,
     peer: SocketAddr,
     kind: ListenerKind,
@@ -55,11 +55,12 @@ pub async fn serve(
 ) {
     let mut ctx = SessionContext::new(gateway, Protocol::Imap, peer);
     let span = ctx.span();
-    session::run_in_span(span, kind, run(&mut ctx, tcp, kind, &shutdown)).await
+    session::run_in_span(span, kind, run(&mut ctx, &mut ticket, tcp, kind, &shutdown)).await
 }
 
 async fn run(
     ctx: &mut SessionContext,
+    ticket: &mut Ticket,
     tcp: TcpStream,
     kind: ListenerKind,
     shutdown: &CancellationToken,
@@ -75,7 +76,7 @@ async fn run(
         ListenerKind::StartTls => (Box::new(tcp) as BoxStream, false),
     };
     let (stream, buffer, provider, capabilities) =
-        match not_authenticated(ctx, stream, tls, shutdown).await {
+        match not_authenticated(ctx, ticket, stream, tls, shutdown).await {
             PreAuthEnd::LoggedIn {
                 stream,
                 buffer,
@@ -93,6 +94,7 @@ async fn run(
         folders: FolderPolicy::new(&config.folder_patterns(&user, &mailbox)),
         permissions: config.permissions(&user, &mailbox),
         delimiter: provider.delimiter,
+        max_message_bytes: config.mailboxes[&mailbox].max_message_bytes,
         provider_unselect: provider
             .capabilities
             .iter()
@@ -110,9 +112,9 @@ async fn run(
     .await;
     let (command, outcome) = match &end {
         SessionEnd::Logout => ("logout", Outcome::Ok),
-        SessionEnd::UpstreamClosed | SessionEnd::ProviderViolation(_) => {
-            ("upstream-error", Outcome::Error)
-        }
+        SessionEnd::UpstreamClosed
+        | SessionEnd::ProviderViolation(_)
+        | SessionEnd::ProviderStalled(_) => ("upstream-error", Outcome::Error),
         SessionEnd::AuditFailed => ("disconnect", Outcome::Error),
         _ => ("disconnect", Outcome::Ok),
     };
@@ -146,6 +148,7 @@ async fn send(stream: &mut BoxStream, bytes: &[u8]) -> Result<(), SessionEnd> {
 /// pre-login summary row.
 async fn not_authenticated(
     ctx: &mut SessionContext,
+    ticket: &mut Ticket,
     stream: BoxStream,
     tls: bool,
     shutdown: &CancellationToken,
@@ -154,7 +157,7 @@ async fn not_authenticated(
         tls,
         ..Default::default()
     };
-    let end = serve_preauth(ctx, stream, &mut tally, shutdown).await;
+    let end = serve_preauth(ctx, ticket, stream, &mut tally, shutdown).await;
     let ended = match &end {
         PreAuthEnd::LoggedIn { .. } => "login".to_owned(),
         PreAuthEnd::Closed(SessionEnd::Error(text)) => crate::text::printable(text.as_bytes(), 120),
@@ -172,6 +175,7 @@ async fn not_authenticated(
 
 async fn serve_preauth(
     ctx: &mut SessionContext,
+    ticket: &mut Ticket,
     mut stream: BoxStream,
     tally: &mut preauth::Tally,
     shutdown: &CancellationToken,
@@ -201,7 +205,7 @@ async fn serve_preauth(
     send_or_close!(preauth::greeting(tls).as_bytes());
     let mut buffer = BytesMut::with_capacity(1024);
     let mut assembler = CommandAssembler::new(PREAUTH_LIMITS);
-    let deadline = tokio::time::Instant::now() + PREAUTH_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + ctx.gateway.config.gateway.login_timeout;
     loop {
         let mut step = match assembler.poll(&mut buffer, |_, _| false) {
             Assembled::NeedMore => {
@@ -281,7 +285,7 @@ async fn serve_preauth(
                 command,
                 login,
                 secret,
-            } => match log_in(ctx, &tag, command, &login, secret).await {
+            } => match log_in(ctx, ticket, &tag, command, &login, secret).await {
                 LoginResult::Success {
                     provider,
                     capabilities,
@@ -320,6 +324,7 @@ enum LoginResult {
 /// Check personal credentials, then open the provider session.
 async fn log_in(
     ctx: &mut SessionContext,
+    ticket: &mut Ticket,
     tag: &str,
     command: &str,
     login: &str,
@@ -328,7 +333,9 @@ async fn log_in(
     let gateway = ctx.gateway.clone();
     let target = match login::check_credentials(
         &gateway.config,
-        &gateway.password_checks,
+        &gateway.logins,
+        ticket,
+        ctx.peer.ip(),
         login,
         secret,
     )
@@ -337,9 +344,19 @@ async fn log_in(
         Ok(target) => target,
         Err(failure) => {
             let reply = match &failure.refusal {
-                LoginRefusal::BadCredentials { .. } => {
+                LoginRefusal::BadCredentials { .. } | LoginRefusal::Locked(_) => {
                     format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed\r\n")
                 }
+                LoginRefusal::Busy => format!(
+                    "{tag} NO [UNAVAILABLE] Too many logins at once; try again in a moment\r\n"
+                ),
+                LoginRefusal::TooManySessions(AdmissionRefused::UserFull) => format!(
+                    "{tag} NO [LIMIT] Too many sessions open for {} (at most {}); close one\r\n",
+                    failure.user_name, gateway.config.gateway.max_sessions_per_user
+                ),
+                LoginRefusal::TooManySessions(_) => format!(
+                    "{tag} NO [UNAVAILABLE] pecgate is serving as many sessions as it may; try again later\r\n"
+                ),
                 LoginRefusal::NoMailboxChosen { choices } => format!(
                     "{tag} NO [AUTHENTICATIONFAILED] Choose a mailbox: log in as {}/MAILBOX (one of: {})\r\n",
                     failure.user_name,
@@ -365,6 +382,19 @@ async fn log_in(
         }
     };
     ctx.logged_in(&target);
+    if !gateway.audit.is_healthy() {
+        // Not even the provider login happens unrecorded (the row is kept for later).
+        tracing::error!("audit log unavailable: login refused before contacting the provider");
+        let _ = ctx
+            .audit(
+                command,
+                None,
+                format!("login={login:?} reason=audit log unavailable"),
+                Outcome::No,
+            )
+            .await;
+        return LoginResult::AuditFailed;
+    }
 
     let unavailable = |text: String| format!("{tag} NO [UNAVAILABLE] {text}\r\n");
     let mailbox = &gateway.mailboxes[&target.mailbox];

@@ -134,6 +134,11 @@ pub fn data_problem_reply(problem: DataProblem, size: u64, recipients: usize, li
             Enhanced(5, 6, 0),
             "The message header is too large to be checked",
         ),
+        DataProblem::NulByte => Reply::new(
+            554,
+            Enhanced(5, 6, 0),
+            "The message contains NUL bytes; your mail program sent a malformed message",
+        ),
     }
 }
 

@@ -1,9 +1,13 @@
 //! The message bytes: receiving DATA from the client (end detection and dot-unstuffing by
-//! smtp-proto's smuggling-hardened receiver, plus size and line-ending checks and capture of
-//! the header section), and dot-stuffing on the way to the provider. Pure state machines: the
+//! pecgate's own strict receiver, plus size, line-ending and NUL checks and capture of the
+//! header section), and dot-stuffing on the way to the provider. Pure state machines: the
 //! session feeds them bytes and writes what they return.
-
-use smtp_proto::request::receiver::DataReceiver;
+//!
+//! The end of data is `CRLF . CRLF` and nothing else: no bare LF, no bare CR, no `CR CR LF`
+//! (smtp-proto's receiver accepts `.` followed by any CRs and an LF, which is how
+//! `\r\n.\r\r\n` ended a message early). Every other would-be terminator is message data,
+//! and a message holding a bare CR or LF or a NUL is refused once it has been read to its
+//! real end, so no server behind pecgate can see a different end of data than pecgate did.
 
 /// Largest header section pecgate parses (the body is never held in memory).
 pub const MAX_HEADER_BYTES: usize = 256 * 1024;
@@ -19,13 +23,28 @@ pub enum DataProblem {
     BareLineEnding,
     /// The header section is larger than [`MAX_HEADER_BYTES`].
     HeaderTooBig,
+    /// A NUL byte: some servers drop them, which turns `CRLF NUL . CRLF` into an end of data.
+    NulByte,
+}
+
+/// Where the receiver is within the current line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Position {
+    /// At the start of a line (DATA starts there).
+    LineStart,
+    /// Inside a line.
+    InLine,
+    /// A line that starts with `.`: the dot is not message data.
+    Dot,
+    /// `.` then CR at the start of a line: LF ends the data; anything else is message data.
+    DotCr,
 }
 
 /// Receives one DATA transfer.
 pub struct DataIntake {
-    receiver: DataReceiver,
-    /// Output of the receiver not yet handed out (at most one byte between calls).
-    work: Vec<u8>,
+    position: Position,
+    /// The last message byte received (LF before the first: DATA starts a line).
+    last: u8,
     limit: u64,
     size: u64,
     previous: u8,
@@ -37,17 +56,9 @@ pub struct DataIntake {
 impl DataIntake {
     /// `limit`: the largest message accepted, in bytes (as received, unstuffed).
     pub fn new(limit: u64) -> DataIntake {
-        let mut receiver = DataReceiver::new();
-        // smtp-proto's receiver recognises `.` only after a CRLF; DATA starts at a line
-        // boundary, so feed it one (and drop it from the output) so that a first line
-        // beginning with a dot is unstuffed and an immediate `.` ends the (empty) message.
-        // That CRLF goes to a scratch buffer, not into the message.
-        let mut scratch = Vec::new();
-        let done = receiver.ingest(&mut b"\r\n".iter(), &mut scratch);
-        debug_assert!(!done && scratch == b"\r\n");
         DataIntake {
-            receiver,
-            work: Vec::with_capacity(crate::io::READ_CHUNK + 1),
+            position: Position::LineStart,
+            last: b'\n',
             limit,
             size: 0,
             previous: b'\n',
@@ -62,26 +73,35 @@ impl DataIntake {
     /// `CRLF.CRLF` has been seen; what follows it stays in `input`.
     pub fn ingest(&mut self, input: &mut &[u8], out: &mut Vec<u8>) -> bool {
         let start = out.len();
-        let mut iter = input.iter();
-        // When the terminator is recognised the receiver takes back the CR it had already
-        // emitted; that CR may come from an earlier call, so the last byte is always held
-        // back until the next call (or the end).
-        let done = self.receiver.ingest(&mut iter, &mut self.work);
-        *input = iter.as_slice();
-        let emit = if done {
-            self.work.len()
-        } else {
-            self.work.len().saturating_sub(1)
-        };
-        out.extend_from_slice(&self.work[..emit]);
-        self.work.drain(..emit);
+        let mut done = false;
+        let mut consumed = 0;
+        for &b in input.iter() {
+            consumed += 1;
+            match (self.position, b) {
+                (Position::LineStart, b'.') => self.position = Position::Dot,
+                (Position::Dot, b'\r') => self.position = Position::DotCr,
+                (Position::DotCr, b'\n') => {
+                    done = true;
+                    break;
+                }
+                (Position::DotCr, _) => {
+                    // `.` CR and more at the start of a line: the dot goes (RFC 5321 §4.5.2),
+                    // the CR is data (a bare one, refused later), and so is this byte.
+                    self.emit(b'\r', out);
+                    self.emit(b, out);
+                }
+                // `..` is one dot; `.x` loses its dot (RFC 5321 §4.5.2).
+                _ => self.emit(b, out),
+            }
+        }
+        *input = &input[consumed..];
         let new = &out[start..];
         self.size += new.len() as u64;
         if self.problem.is_none() {
             if self.size > self.limit {
                 self.problem = Some(DataProblem::TooBig);
-            } else if !self.check_line_endings(start, out) {
-                self.problem = Some(DataProblem::BareLineEnding);
+            } else if let Some(problem) = self.check_bytes(start, out) {
+                self.problem = Some(problem);
             } else {
                 self.capture_header(start, out);
             }
@@ -92,16 +112,32 @@ impl DataIntake {
         done
     }
 
-    fn check_line_endings(&mut self, start: usize, out: &[u8]) -> bool {
+    /// One message byte: a line starts after CR LF and nothing else.
+    fn emit(&mut self, b: u8, out: &mut Vec<u8>) {
+        self.position = if self.last == b'\r' && b == b'\n' {
+            Position::LineStart
+        } else {
+            Position::InLine
+        };
+        self.last = b;
+        out.push(b);
+    }
+
+    /// The first malformed byte of the new output, in order (so the problem reported does not
+    /// depend on how the input was split).
+    fn check_bytes(&mut self, start: usize, out: &[u8]) -> Option<DataProblem> {
         for &b in &out[start..] {
-            let bad =
+            let bare =
                 (b == b'\n' && self.previous != b'\r') || (self.previous == b'\r' && b != b'\n');
-            if bad {
-                return false;
+            if bare {
+                return Some(DataProblem::BareLineEnding);
+            }
+            if b == 0 {
+                return Some(DataProblem::NulByte);
             }
             self.previous = b;
         }
-        true
+        None
     }
 
     fn capture_header(&mut self, start: usize, out: &[u8]) {
@@ -245,6 +281,88 @@ mod tests {
             assert!(rest.is_empty());
             assert!(out.len() < attempt.len());
         }
+    }
+
+    /// Every bare-CR/LF or NUL "end of data" some server has accepted (SMTP smuggling).
+    const SMUGGLING: &[&[u8]] = &[
+        b"\n.\n",
+        b"\r\n.\n",
+        b"\n.\r\n",
+        b"\r.\r\n",
+        b"\r\n.\r",
+        b"\r.\r",
+        b"\n.\r",
+        b"\r.\n",
+        b"\r\n.\r\r\n",
+        b"\r\n.\r\r\r\n",
+        b"\r\n.\n\r\n",
+        b"\r\n\0.\r\n",
+        b"\r\n.\0\r\n",
+        b"\r\0\n.\r\n",
+        b"\r\n.\r\0\n",
+        b"\r\0\n\0.\0\r\0\n",
+    ];
+
+    /// A message, `fake`, a smuggled transaction, the real end and a command; and where
+    /// `fake` starts.
+    fn smuggling_wire(fake: &[u8]) -> (Vec<u8>, usize) {
+        let head: &[u8] = b"From: a@b\r\nTo: c@d\r\n\r\nciao";
+        let smuggled: &[u8] =
+            b"MAIL FROM:<a@b>\r\nRCPT TO:<e@f>\r\nDATA\r\nFrom: a@b\r\nTo: e@f\r\n\r\nsmuggled\r\n";
+        (
+            [head, fake, smuggled, b".\r\nQUIT\r\n"].concat(),
+            head.len(),
+        )
+    }
+
+    /// `wire` cut at the increasing offsets `cuts`.
+    fn cut<'a>(wire: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+        let mut bounds = vec![0];
+        bounds.extend(cuts.iter().copied().filter(|&c| c > 0 && c < wire.len()));
+        bounds.push(wire.len());
+        bounds.windows(2).map(|w| &wire[w[0]..w[1]]).collect()
+    }
+
+    #[test]
+    fn smuggling_table_in_any_chunking() {
+        for &fake in SMUGGLING {
+            let (wire, start) = smuggling_wire(fake);
+            let around: Vec<usize> = (start - 1..=start + fake.len() + 1).collect();
+            let mut plans: Vec<Vec<usize>> = vec![Vec::new(), around.clone()];
+            plans.extend(around.iter().map(|&k| vec![k]));
+            plans.extend((1..=4).map(|n| (n..wire.len()).step_by(n).collect::<Vec<_>>()));
+            for cuts in &plans {
+                let (r, out, rest) = run(&cut(&wire, cuts), 10_000);
+                let what = format!("{} cut at {cuts:?}", fake.escape_ascii());
+                // The fake end is message data: only the real CRLF.CRLF ends it.
+                assert_eq!(rest, b"QUIT\r\n", "{what}: the data ended early");
+                assert!(
+                    r.is_err(),
+                    "{what}: relayable: {:?}",
+                    String::from_utf8_lossy(&out)
+                );
+                let expected = if fake.contains(&0) {
+                    [DataProblem::NulByte, DataProblem::BareLineEnding]
+                } else {
+                    [DataProblem::BareLineEnding; 2]
+                };
+                assert!(expected.contains(&r.unwrap_err()), "{what}");
+            }
+        }
+    }
+
+    /// Found by the fuzzer: with a NUL and a bare LF in different reads, which problem was
+    /// reported depended on the read boundaries. The first in the message decides.
+    #[test]
+    fn the_first_malformed_byte_decides_whatever_the_split() {
+        let wire: &[u8] = b"\n\xff\0a\r\n.\r\n";
+        for split in 1..wire.len() {
+            let (r, _, rest) = run(&[&wire[..split], &wire[split..]], 1000);
+            assert_eq!(r, Err(DataProblem::BareLineEnding), "split at {split}");
+            assert!(rest.is_empty());
+        }
+        let (r, _, _) = run(&[b"a\0\n\r\n.\r\n"], 1000);
+        assert_eq!(r, Err(DataProblem::NulByte));
     }
 
     #[test]

@@ -25,8 +25,6 @@ use super::spool::SpoolFile;
 
 /// Largest reply accepted from the provider.
 const MAX_REPLY: usize = 64 * 1024;
-/// How long the provider gets for its final answer to the message (RFC 5321 §4.5.3.2.6).
-const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long one write of message data may take (RFC 5321 §4.5.3.2.5: 3 minutes per block).
 const DATA_BLOCK_TIMEOUT: Duration = Duration::from_secs(180);
 /// Size of the chunks read from the spool.
@@ -54,6 +52,10 @@ pub enum ProviderError {
     Protocol { endpoint: String, reason: String },
     #[error("reading the spooled message: {0}")]
     Spool(std::io::Error),
+    /// The end of the message went out and no answer came back: the provider may have
+    /// accepted it (and may send it) or not. Never to be reported as "nothing was sent".
+    #[error("{endpoint}: no answer after the end of the message ({reason}): it may have been sent")]
+    OutcomeUnknown { endpoint: String, reason: String },
 }
 
 impl ProviderError {
@@ -64,6 +66,11 @@ impl ProviderError {
             self,
             ProviderError::LoginRejected { .. } | ProviderError::NoAuth { .. }
         )
+    }
+
+    /// Whether the message may have been sent in spite of the error.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, ProviderError::OutcomeUnknown { .. })
     }
 }
 
@@ -325,8 +332,17 @@ async fn transaction(
         return Err(conn.protocol(format!("unexpected answer to DATA: {}", reply.summary())));
     }
     send_message(conn, envelope).await?;
-    let (_, reply) = conn.reply_within(DATA_END_TIMEOUT).await?;
-    Ok(reply)
+    // RFC 5321 §4.5.3.2.6 suggests waiting 10 minutes for this answer; clients give up long
+    // before (Thunderbird: 100 s) and would retry a message that may have left. pecgate waits
+    // the provider timeout and then says honestly that the outcome is unknown.
+    let timeout = conn.timeout;
+    match conn.reply_within(timeout).await {
+        Ok((_, reply)) => Ok(reply),
+        Err(error) => Err(ProviderError::OutcomeUnknown {
+            endpoint: conn.endpoint.to_owned(),
+            reason: error.to_string(),
+        }),
+    }
 }
 
 /// Stream prefix + spool, dot-stuffed, then the end-of-data line. Memory: one chunk.
@@ -349,7 +365,13 @@ async fn send_message(
         out.clear();
     }
     out.extend_from_slice(stuffer.finish());
-    write_block(conn, &out).await
+    // Once any of the end-of-data line may have gone out, the outcome is no longer known.
+    write_block(conn, &out)
+        .await
+        .map_err(|error| ProviderError::OutcomeUnknown {
+            endpoint: conn.endpoint.to_owned(),
+            reason: error.to_string(),
+        })
 }
 
 async fn write_block(conn: &mut Connection<'_>, bytes: &[u8]) -> Result<(), ProviderError> {

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -14,9 +14,10 @@ use zeroize::Zeroizing;
 use crate::audit::{Outcome, Protocol};
 use crate::config::LoginTarget;
 use crate::gateway::Gateway;
+use crate::guard::{AdmissionRefused, Ticket};
 use crate::io::{self, BoxStream};
-use crate::ledger::{NewEntry, Status};
-use crate::login::{self, LoginRefusal};
+use crate::ledger::{Begun, NewEntry, Status};
+use crate::login::{self, LoginFailure, LoginRefusal};
 use crate::session::{self, HandshakeFailure, ListenerKind, SessionContext};
 
 use super::checks::{self, MailboxRules, RateSlot};
@@ -27,8 +28,6 @@ use super::provider::{self, Envelope, SmtpTarget};
 use super::reply::{Enhanced, Reply};
 use super::spool::SpoolFile;
 
-/// A client must authenticate within this time of connecting.
-const PREAUTH_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest SASL response line (RFC 4954 §4: at least 12288 octets).
 const MAX_SASL_LINE: usize = 16 * 1024;
 /// Recipients per message.
@@ -68,6 +67,8 @@ struct Transaction {
 
 struct Session<'a> {
     ctx: SessionContext,
+    /// The connection's place: pre-login, a session once authenticated.
+    ticket: Ticket,
     stream: BoxStream,
     buffer: BytesMut,
     tls: bool,
@@ -84,6 +85,7 @@ struct Session<'a> {
 /// Serve one accepted connection to the end.
 pub async fn serve(
     gateway: Arc<Gateway>,
+    ticket: Ticket,
     tcp: TcpStream,
     peer: SocketAddr,
     kind: ListenerKind,
@@ -91,11 +93,12 @@ pub async fn serve(
 ) {
     let ctx = SessionContext::new(gateway, Protocol::Smtp, peer);
     let span = ctx.span();
-    session::run_in_span(span, kind, run(ctx, tcp, kind, &shutdown)).await
+    session::run_in_span(span, kind, run(ctx, ticket, tcp, kind, &shutdown)).await
 }
 
 async fn run(
     ctx: SessionContext,
+    ticket: Ticket,
     tcp: TcpStream,
     kind: ListenerKind,
     shutdown: &CancellationToken,
@@ -105,6 +108,7 @@ async fn run(
     }
     let mut session = Session {
         ctx,
+        ticket,
         stream: Box::new(tcp),
         buffer: BytesMut::with_capacity(4096),
         tls: false,
@@ -203,7 +207,7 @@ impl Session<'_> {
         let deadline = if self.auth.is_some() {
             Instant::now() + self.gateway().config.gateway.idle_timeout
         } else {
-            self.connected + PREAUTH_TIMEOUT
+            self.connected + self.gateway().config.gateway.login_timeout
         };
         deadline.into()
     }
@@ -455,8 +459,16 @@ impl Session<'_> {
             }
         };
         let gateway = self.ctx.gateway.clone();
-        match login::check_credentials(&gateway.config, &gateway.password_checks, &login, secret)
-            .await
+        let peer = self.ctx.peer.ip();
+        match login::check_credentials(
+            &gateway.config,
+            &gateway.logins,
+            &mut self.ticket,
+            peer,
+            &login,
+            secret,
+        )
+        .await
         {
             Ok(target) => {
                 self.ctx.logged_in(&target);
@@ -479,9 +491,35 @@ impl Session<'_> {
                 .await
             }
             Err(failure) => {
+                // RFC 4954: 454 for a temporary failure, 535 when the credentials are refused.
+                let temporary = |text: String| Reply::new(454, Enhanced(4, 7, 0), text);
                 let text = match &failure.refusal {
-                    LoginRefusal::BadCredentials { .. } => {
+                    LoginRefusal::BadCredentials { .. } | LoginRefusal::Locked(_) => {
                         "Authentication failed: wrong user name or password".to_owned()
+                    }
+                    LoginRefusal::Busy => {
+                        return self
+                            .auth_refused(
+                                &failure,
+                                &login,
+                                &detail,
+                                temporary("Too many logins at once; try again in a moment".into()),
+                            )
+                            .await;
+                    }
+                    LoginRefusal::TooManySessions(refused) => {
+                        let text = if *refused == AdmissionRefused::UserFull {
+                            format!(
+                                "Too many sessions open for {} (at most {})",
+                                failure.user_name, gateway.config.gateway.max_sessions_per_user
+                            )
+                        } else {
+                            "pecgate is serving as many sessions as it may; try again later"
+                                .to_owned()
+                        };
+                        return self
+                            .auth_refused(&failure, &login, &detail, temporary(text))
+                            .await;
                     }
                     LoginRefusal::NoMailboxChosen { choices } => format!(
                         "Choose a mailbox: log in as {}/MAILBOX (one of: {})",
@@ -493,17 +531,7 @@ impl Session<'_> {
                     }
                 };
                 let reply = Reply::new(535, Enhanced(5, 7, 8), text);
-                let event_user = std::mem::replace(&mut self.ctx.user, failure.user.clone());
-                let result = self
-                    .respond(
-                        "AUTH",
-                        format!("{} {detail}", failure.audit_detail(&login)),
-                        Outcome::No,
-                        &reply,
-                    )
-                    .await;
-                self.ctx.user = event_user;
-                result?;
+                self.auth_refused(&failure, &login, &detail, reply).await?;
                 self.auth_failures += 1;
                 self.close_after(
                     self.auth_failures,
@@ -513,6 +541,27 @@ impl Session<'_> {
                 .await
             }
         }
+    }
+
+    /// Audit a refused AUTH under the user it named (when that user exists), then answer.
+    async fn auth_refused(
+        &mut self,
+        failure: &LoginFailure,
+        login: &str,
+        detail: &str,
+        reply: Reply,
+    ) -> Result<(), SessionEnd> {
+        let event_user = std::mem::replace(&mut self.ctx.user, failure.user.clone());
+        let result = self
+            .respond(
+                "AUTH",
+                format!("{} {detail}", failure.audit_detail(login)),
+                Outcome::No,
+                &reply,
+            )
+            .await;
+        self.ctx.user = event_user;
+        result
     }
 
     async fn auth_cancelled(&mut self, detail: String) -> Result<(), SessionEnd> {
@@ -861,7 +910,32 @@ impl Session<'_> {
             size,
         };
         let row = match ledger.begin(entry).await {
-            Ok(row) => row,
+            Ok(Begun::Row(row)) => row,
+            Ok(Begun::AlreadySent {
+                status,
+                submitted_at,
+            }) => {
+                // The same message again (a client retrying after a timeout or an unclear
+                // answer): it did or may have reached the provider, and a PEC sent twice is
+                // two legal sendings. Refused permanently, so the user sees why instead of a
+                // silent second send.
+                release(slot);
+                let reply = Reply::new(
+                    554,
+                    Enhanced(5, 7, 1),
+                    format!(
+                        "This message (Message-ID {message_id}) was already handed to the PEC provider at {submitted_at} (status {status}); it is not sent again. Check its receipts; to send it anyway, send it as a new message"
+                    ),
+                );
+                return self
+                    .respond(
+                        "DATA",
+                        format!("{base_detail} refused=duplicate earlier={status}"),
+                        Outcome::Denied,
+                        &reply,
+                    )
+                    .await;
+            }
             Err(error) => {
                 release(slot);
                 tracing::error!(%error, "cannot write the sent ledger: refusing to send unrecorded");
@@ -915,6 +989,19 @@ impl Session<'_> {
                 };
                 let detail = format!("{base_detail} provider=\"{}\"", reply.summary());
                 (reply, status, outcome, detail)
+            }
+            Err(error) if error.outcome_unknown() => {
+                // The slot stays taken: the message may have left.
+                tracing::error!(%error, %message_id, "the provider did not confirm the message: outcome unknown");
+                let reply = Reply::new(
+                    451,
+                    Enhanced(4, 4, 2),
+                    format!(
+                        "The PEC provider did not confirm the message (Message-ID {message_id}): it may have been sent. Check its receipts before sending it again; pecgate will not send it twice"
+                    ),
+                );
+                let detail = format!("{base_detail} upstream-error=\"{error}\"");
+                (reply, Status::Unknown, Outcome::Error, detail)
             }
             Err(error) => {
                 release(slot);

@@ -72,6 +72,32 @@ def port_is_free(port: int) -> bool:
         return True
 
 
+def read_until_closed(port: int, source: str | None = None, timeout: float = 10.0,
+                      host: str = HOST) -> bytes:
+    """Connect over plain TCP (from the loopback address ``source``, e.g. ``127.0.0.2``: Linux
+    routes all of 127.0.0.0/8 to loopback, so tests can act as several client addresses),
+    send nothing, and return every byte the server sends before it closes the connection.
+    ``TimeoutError`` if it is still open after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    source_address = (source, 0) if source else None
+    with socket.create_connection((host, port), timeout=timeout, source_address=source_address) as s:
+        out = b""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"connection to {port} still open after {timeout}s; got {out[:300]!r}")
+            s.settimeout(remaining)
+            try:
+                chunk = s.recv(4096)
+            except (socket.timeout, TimeoutError):
+                raise TimeoutError(f"connection to {port} still open after {timeout}s; got {out[:300]!r}")
+            except ConnectionResetError:
+                return out
+            if not chunk:
+                return out
+            out += chunk
+
+
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
     """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
     deadline = time.monotonic() + timeout
@@ -89,8 +115,9 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
         time.sleep(interval)
 
 
-def make_cert(directory, cn: str = "localhost"):
-    """Self-signed certificate with SAN DNS:localhost, IP:127.0.0.1."""
+def make_cert(directory, cn: str = "localhost", san: str = "DNS:localhost,IP:127.0.0.1"):
+    """Self-signed certificate (``CN.crt``, ``CN.key`` in ``directory``) valid for the names
+    in ``san`` (openssl's subjectAltName syntax): by default DNS:localhost, IP:127.0.0.1."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cert = directory / f"{cn}.crt"
@@ -99,7 +126,7 @@ def make_cert(directory, cn: str = "localhost"):
         [
             "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
             "-days", "30", "-subj", f"/CN={cn}",
-            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-addext", f"subjectAltName={san}",
             # A leaf, not a CA: rustls (webpki) refuses a CA certificate as a server's
             # end-entity certificate, and so would a careful client.
             "-addext", "basicConstraints=critical,CA:FALSE",
@@ -254,6 +281,44 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def tmpfs_mounted(directory, size: str = "2m"):
+    """A tmpfs of ``size`` (mount's syntax) on ``directory`` while the ``with`` lasts, for tests
+    that fill a disk. Raises HarnessError when it cannot be mounted (not root, or a container
+    without CAP_SYS_ADMIN). Whatever keeps files open there must be stopped before leaving."""
+    directory = Path(directory)
+    try:
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(directory)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        raise HarnessError(f"cannot run mount: {exc}") from exc
+    if res.returncode != 0:
+        raise HarnessError(f"cannot mount a tmpfs on {directory}: {res.stderr.decode(errors='replace').strip()}")
+    try:
+        yield directory
+    finally:
+        if subprocess.run(["umount", str(directory)], stderr=subprocess.DEVNULL).returncode != 0:
+            subprocess.run(["umount", "-l", str(directory)], stderr=subprocess.DEVNULL)
+
+
+def fill_disk(path) -> int:
+    """Write zeros to the new file ``path`` until the filesystem is full (every write fails);
+    returns the bytes written. Remove the file to give the space back."""
+    written = 0
+    with open(path, "wb", buffering=0) as f:
+        for size in (1 << 20, 64 * 1024, 4096, 1):
+            block = bytes(size)
+            while True:
+                try:
+                    n = f.write(block)
+                except OSError:
+                    break
+                if not n:
+                    break
+                written += n
+    return written
+
+
 # ---------------------------------------------------------------------------
 # raw IMAP client
 # ---------------------------------------------------------------------------
@@ -266,15 +331,17 @@ class RawImap:
 
     ``read_line`` returns one complete server response line, literals
     included (``{N}\\r\\n`` followed by N bytes is folded into the line).
-    Every read has a deadline; nothing blocks forever.
+    Every read has a deadline; nothing blocks forever. ``source``: the local address to
+    connect from (any of 127.0.0.0/8 on Linux), to act as another client address.
     """
 
     def __init__(self, port: int, tls: bool = True, cafile=None, host: str = HOST,
-                 timeout: float = 15.0):
+                 timeout: float = 15.0, source: str | None = None):
         self.host = host
         self.timeout = timeout
         self.cafile = cafile
-        sock = socket.create_connection((host, port), timeout=timeout)
+        sock = socket.create_connection((host, port), timeout=timeout,
+                                        source_address=(source, 0) if source else None)
         if tls:
             sock = tls_context(cafile).wrap_socket(sock, server_hostname=host)
         self.sock = sock
@@ -686,6 +753,29 @@ lmtp_add_received_header = no
         except TimeoutError as exc:
             raise HarnessError(f"{exc}: still open {[c.key for c in open_ones()]}") from exc
 
+    def wait_new_connection(self, exclude, users=None, timeout: float = 30) -> "RawlogConnection":
+        """The one connection recorded since ``exclude`` (a ``rawlog_mark``), waiting for it to
+        appear: the provider connection of the pecgate session that has just logged in. Its
+        ``pid`` is the ``imap`` process serving it (see ``signal_imap``)."""
+        conns = wait_until(lambda: self.rawlog_connections(users, exclude), timeout,
+                           "a new provider connection in Dovecot's rawlog")
+        if len(conns) != 1:
+            raise HarnessError(f"expected one new provider connection, got {conns}")
+        return conns[0]
+
+    def signal_imap(self, pid: int, sig: int) -> None:
+        """Send ``sig`` (SIGSTOP, SIGCONT, SIGKILL...) to the ``imap`` process ``pid`` (one per
+        connection), after checking that it is one of this Dovecot's own ``imap`` processes."""
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError as exc:
+            raise ProcessLookupError(f"no process {pid}: {exc}") from exc
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if self.proc is None or ppid != self.proc.pid or comm != "imap":
+            raise HarnessError(f"process {pid} ({comm!r}, parent {ppid}) is not an imap process of this Dovecot")
+        os.kill(pid, sig)
+
     # -- provider-side operations ---------------------------------------
     @property
     def imaps_url(self) -> str:
@@ -828,23 +918,28 @@ FAILING_ADDRESS = f"inesistente@{PEC_DOMAIN}"
 class PecProvider(_Daemon):
     """``tests/support/pec_provider.py`` in a subprocess: SMTP submission (implicit TLS and
     STARTTLS) for Dovecot's users, receipts delivered into Dovecot over LMTP. Every accepted
-    message is kept in ``store/accepted/NNNNN.eml`` (+ ``.json``: envelope and login)."""
+    message is kept in ``store/accepted/NNNNN.eml`` (+ ``.json``: envelope and login).
+    ``faults``: the provider's fault knobs (``pec_provider.FAULTS``), none by default;
+    ``journal()`` is every command it received, connection by connection."""
 
     SCRIPT = Path(__file__).resolve().parent / "pec_provider.py"
 
     def __init__(self, dovecot: Dovecot, base_dir=None, *, fail=(FAILING_ADDRESS,),
                  max_total_bytes: int = 100 * 1024 * 1024, rate: tuple[int, int] | None = None,
-                 tls_port: int | None = None, starttls_port: int | None = None):
+                 tls_port: int | None = None, starttls_port: int | None = None,
+                 faults: dict | None = None):
         self.dir, self._own_dir = _work_dir(base_dir, "pecgate-provider-")
         self.dovecot = dovecot
-        self.tls_port = tls_port or free_port()
-        self.starttls_port = starttls_port or free_port()
+        # 0: the provider binds a free port and reports it (read back by start()).
+        self.tls_port = tls_port or 0
+        self.starttls_port = starttls_port or 0
         self.store = self.dir / "store"
         self.conf_path = self.dir / "provider.json"
         self.log_path = self.dir / "provider.log"
         self.fail = list(fail)
         self.max_total_bytes = max_total_bytes
         self.rate = rate
+        self.faults = dict(faults or {})
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -871,6 +966,7 @@ class PecProvider(_Daemon):
             "fail": self.fail,
             "max_total_bytes": self.max_total_bytes,
             "rate": list(self.rate) if self.rate else None,
+            "faults": self.faults,
         }
 
     def start(self, timeout: float = 20.0):
@@ -878,6 +974,7 @@ class PecProvider(_Daemon):
             raise HarnessError("already started")
         self.conf_path.write_text(json.dumps(self.config(), indent=1))
         self._log = open(self.log_path, "ab")
+        log_start = self._log.tell()
         self.proc = subprocess.Popen(
             [sys.executable, str(self.SCRIPT), "--config", str(self.conf_path)],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, start_new_session=True,
@@ -886,12 +983,13 @@ class PecProvider(_Daemon):
         def ready():
             if self.proc.poll() is not None:
                 raise HarnessError(f"pec_provider exited with {self.proc.returncode}:\n{self.log_text()}")
-            for port in (self.tls_port, self.starttls_port):
-                socket.create_connection((HOST, port), timeout=1).close()
-            return True
+            # This run's line only (the log is appended across restarts).
+            found = re.search(r"listening tls=(\d+) starttls=(\d+)",
+                              self.log_path.read_bytes()[log_start:].decode(errors="replace"))
+            return found and (int(found.group(1)), int(found.group(2)))
 
         try:
-            wait_until(ready, timeout, "the sandbox PEC provider to listen")
+            self.tls_port, self.starttls_port = wait_until(ready, timeout, "the sandbox PEC provider to listen")
         except Exception:
             self.stop()
             raise
@@ -923,6 +1021,29 @@ class PecProvider(_Daemon):
     def accepted_count(self) -> int:
         folder = self.store / "accepted"
         return len(list(folder.glob("*.json"))) if folder.is_dir() else 0
+
+    def journal(self) -> list[dict]:
+        """What clients sent, oldest first: ``{"conn": N, "event": "connect", "port": ...}``,
+        ``{"conn": N, "cmd": "MAIL FROM:<...>", "tls": bool}`` (AUTH arguments and SASL lines
+        redacted), ``{"conn": N, "data_end": true, "mail_from", "rcpts", "size", "sha256"}``,
+        ``{"conn": N, "event": "stalled" | "dropped" | "closed"}``."""
+        path = self.store / "journal.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+    def sessions(self, since: int = 0) -> dict[int, list[dict]]:
+        """The journal grouped by connection, for connections numbered above ``since`` that
+        sent at least one command (readiness probes are left out)."""
+        out: dict[int, list[dict]] = {}
+        for e in self.journal():
+            if e["conn"] > since:
+                out.setdefault(e["conn"], []).append(e)
+        return {c: es for c, es in out.items() if any("cmd" in e for e in es)}
+
+    def last_connection(self) -> int:
+        """The number of the latest connection so far (0 if none): a mark for ``sessions``."""
+        return max((e["conn"] for e in self.journal()), default=0)
 
 
 def strip_trace_headers(raw: bytes) -> bytes:
@@ -1033,22 +1154,27 @@ class Pecgate:
                  tls_port: int | None = None, starttls_port: int | None = None,
                  env: dict | None = None, smtp_url: str | None = None,
                  mailbox_options: dict | None = None, smtp_tls_port: int | None = None,
-                 smtp_starttls_port: int | None = None):
+                 smtp_starttls_port: int | None = None, gateway_options: dict | None = None):
         """``smtp_url``: the mailbox's provider SMTP URL (``PecProvider.smtps_url``);
         ``mailbox_options``: extra keys of the mailbox table (``max_message_bytes``,
-        ``send_rate``...). SMTP listeners are always configured."""
+        ``send_rate``...); ``gateway_options``: extra keys of ``[gateway]``
+        (``lockout_address_failures``, ``provider_timeout_secs``...). SMTP listeners are
+        always configured."""
         self.bin = Path(binary or pecgate_bin())
         self.dir, self._own_dir = _work_dir(base_dir, "pecgate-gw-")
         self.state_dir = self.dir / "state"
         self.state_dir.mkdir(exist_ok=True)
         self.conf_path = self.dir / "pecgate.toml"
         self.log_path = self.dir / "pecgate.log"
-        self.tls_port = tls_port or free_port()
-        self.starttls_port = starttls_port or free_port()
-        self.smtp_tls_port = smtp_tls_port or free_port()
-        self.smtp_starttls_port = smtp_starttls_port or free_port()
+        # 0: pecgate binds a free port itself and reports it in its `listening` log line
+        # (read back by start(); no probe-and-release race).
+        self.tls_port = tls_port or 0
+        self.starttls_port = starttls_port or 0
+        self.smtp_tls_port = smtp_tls_port or 0
+        self.smtp_starttls_port = smtp_starttls_port or 0
         self.cert, self.key = make_cert(self.dir / "tls", "localhost")
         self.login_failure_delay_ms = login_failure_delay_ms
+        self.gateway_options = dict(gateway_options or {})
         self.env = env
         self.proc: subprocess.Popen | None = None
 
@@ -1090,6 +1216,7 @@ class Pecgate:
             toml_table("gateway", {
                 "state_dir": str(self.state_dir),
                 "login_failure_delay_ms": self.login_failure_delay_ms,
+                **self.gateway_options,
             }),
             toml_table("tls", {"cert": str(self.cert), "key": str(self.key)}),
             toml_table("imap", {
@@ -1147,11 +1274,13 @@ class Pecgate:
         if not self.conf_path.exists():
             self.setup()
         self._log = open(self.log_path, "ab")
+        log_start = self._log.tell()
         self.proc = subprocess.Popen(
             [str(self.bin), "serve", "-c", str(self.conf_path)],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
             start_new_session=True, env=self._env(),
         )
+        self._learn_ports(log_start, timeout)
 
         def listening(port):
             def probe():
@@ -1172,6 +1301,36 @@ class Pecgate:
             self.kill()
             raise HarnessError(f"{exc}\n--- pecgate log ---\n{self.log_text()}") from exc
         return self
+
+    _LISTENING = re.compile(r'listening address=\S+:(\d+) listener="?([a-z_.]+)')
+    _PORT_ATTRS = {
+        "imap.listen_tls": "tls_port",
+        "imap.listen_starttls": "starttls_port",
+        "smtp.listen_tls": "smtp_tls_port",
+        "smtp.listen_starttls": "smtp_starttls_port",
+    }
+
+    def _learn_ports(self, log_start: int, timeout: float):
+        """Read this run's `listening` lines: the real ports where 0 was configured."""
+        def ready():
+            if self.proc.poll() is not None:
+                return "exited"
+            with open(self.log_path, "rb") as f:
+                f.seek(log_start)
+                text = f.read().decode(errors="replace")
+            return "pecgate ready" in text and text
+        try:
+            text = wait_until(ready, timeout, "pecgate to report its listeners")
+        except TimeoutError as exc:
+            self.kill()
+            raise HarnessError(f"{exc}\n--- pecgate log ---\n{self.log_text()}") from exc
+        if text == "exited":
+            code, self.proc = self.proc.returncode, None
+            raise HarnessError(f"pecgate exited with {code} during startup:\n{self.log_text()}")
+        for port, key in self._LISTENING.findall(text):
+            attr = self._PORT_ATTRS.get(key)
+            if attr is not None:
+                setattr(self, attr, int(port))
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -1197,6 +1356,33 @@ class Pecgate:
         if self.proc is not None:
             _kill_group(self.proc, 1.0)
             self.proc = None
+
+    def crash(self) -> int:
+        """SIGKILL pecgate, with no chance to clean up (a power cut, the OOM killer); returns
+        its exit code. ``start()`` runs it again on the same config and state_dir."""
+        if self.proc is None:
+            raise HarnessError("pecgate is not running")
+        proc = self.proc
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        self.proc = None
+        with contextlib.suppress(Exception):
+            self._log.close()
+        return proc.returncode
+
+    def log_mark(self) -> int:
+        """The log's current size: pass to ``wait_log`` to look only at what comes after."""
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def wait_log(self, needle: str, since: int = 0, timeout: float = 30) -> str:
+        """Wait until the log (from byte ``since``) has a line containing ``needle``; returns it."""
+
+        def found():
+            data = self.log_path.read_bytes()[since:] if self.log_path.exists() else b""
+            return next((l for l in data.decode(errors="replace").splitlines() if needle in l), None)
+
+        return wait_until(found, timeout, f"{needle!r} in pecgate's log")
 
     def cleanup(self):
         with contextlib.suppress(Exception):
@@ -1252,23 +1438,27 @@ class Pecgate:
             raise
         return c
 
-    def raw(self, tls=True, timeout: float = 15) -> RawImap:
+    def raw(self, tls=True, timeout: float = 15, source: str | None = None) -> RawImap:
+        """A RawImap client (``tls`` as for ``connect``), from the address ``source``."""
         if tls is True:
-            return RawImap(self.tls_port, tls=True, cafile=self.cert, timeout=timeout)
-        r = RawImap(self.starttls_port, tls=False, cafile=self.cert, timeout=timeout)
+            return RawImap(self.tls_port, tls=True, cafile=self.cert, timeout=timeout, source=source)
+        r = RawImap(self.starttls_port, tls=False, cafile=self.cert, timeout=timeout, source=source)
         if tls == "starttls":
             r.starttls()
         return r
 
     def smtp(self, login: str | None = None, password: str | None = None, tls=True,
-             timeout: float = 60) -> smtplib.SMTP:
+             timeout: float = 60, source: str | None = None) -> smtplib.SMTP:
         """An smtplib client (tls=True: implicit TLS; tls='starttls': submission port after
-        STARTTLS; tls=False: submission port in clear), logged in when ``login`` is given."""
+        STARTTLS; tls=False: submission port in clear), logged in when ``login`` is given;
+        connected from the address ``source`` when given."""
         ctx = tls_context(self.cert)
+        source_address = (source, 0) if source else None
         if tls is True:
-            c = smtplib.SMTP_SSL(HOST, self.smtp_tls_port, context=ctx, timeout=timeout)
+            c = smtplib.SMTP_SSL(HOST, self.smtp_tls_port, context=ctx, timeout=timeout,
+                                 source_address=source_address)
         else:
-            c = smtplib.SMTP(HOST, self.smtp_starttls_port, timeout=timeout)
+            c = smtplib.SMTP(HOST, self.smtp_starttls_port, timeout=timeout, source_address=source_address)
             if tls == "starttls":
                 c.starttls(context=ctx)
             elif tls is not False:

@@ -21,6 +21,12 @@ The signature is a DUMMY blob that says so: nothing here is really signed.
 Run: ``python3 pec_provider.py --config provider.json`` (see ``ProviderConfig``). The
 receipt builders are pure functions, unit-tested in ``tests/e2e/test_pec_receipts.py``.
 Python 3.11 standard library only.
+
+Every command a client sends (AUTH arguments and SASL lines redacted, message data left out)
+and every end of data is appended to ``store/journal.jsonl``, one JSON object per line with
+the connection number (``conn``), so tests can tell what a client really sent. Fault knobs for
+tests (``ProviderConfig.faults``, all off by default) make it misbehave the way real servers
+and networks do; see ``FAULTS``.
 """
 
 from __future__ import annotations
@@ -64,6 +70,36 @@ KINDS = {
 }
 
 CRLF = b"\r\n"
+
+# Fault knobs (``ProviderConfig.faults``); an absent key means the normal behaviour.
+FAULTS = {
+    # "stall": accept the TCP connection and never send the greeting.
+    "greeting",
+    # On the plain (STARTTLS) port: "hide" offers no STARTTLS but AUTH in clear text (a
+    # stripped or downgraded server); "refuse" offers STARTTLS and answers it 454.
+    "starttls",
+    # {address (lowercase): "CODE text"}: RCPT TO for that address is answered so.
+    "rcpt",
+    # "stall": DATA is never answered (no 354).
+    "data_cmd",
+    # After the final dot: "CODE text" (or a list of lines: a multi-line reply) is answered
+    # instead of accepting; "close" keeps the message (it has left) and drops the connection
+    # without a reply; "stall" keeps it and never replies.
+    "data_end",
+    # True: end of data is also a bare CR or LF, a dot, and a bare CR or LF (\n.\n, \r.\r,
+    # \n.\r\n, ...), as the servers of the SMTP smuggling research did.
+    "lenient_data",
+    # True: NUL bytes in message data are dropped before the end of data is looked for.
+    "strip_nul",
+    # N: the faults apply to the first N connections that send EHLO (or HELO) only; later
+    # ones are served normally (the greeting fault, decided before any command, always
+    # applies).
+    "connections",
+}
+
+# A bare or CRLF line break, a dot, a line break: any "end of data" some server accepted.
+_LENIENT_END = re.compile(rb"(\r\n|\r|\n)\.(\r\n|\r|\n)")
+_LENIENT_STUFFED = re.compile(rb"(\A|\r\n|\r|\n)\.")
 
 
 # ---------------------------------------------------------------------------
@@ -397,6 +433,7 @@ class ProviderConfig:
     fail: list = field(default_factory=list)
     max_total_bytes: int = 100 * 1024 * 1024
     rate: tuple[int, int] | None = None  # (messages, seconds)
+    faults: dict = field(default_factory=dict)  # see FAULTS
 
     @classmethod
     def load(cls, path) -> "ProviderConfig":
@@ -405,6 +442,10 @@ class ProviderConfig:
         data["lmtp"] = tuple(data["lmtp"]) if data.get("lmtp") else None
         data["rate"] = tuple(data["rate"]) if data.get("rate") else None
         data["local"] = {k.lower(): v for k, v in data.get("local", {}).items()}
+        unknown = set(data.get("faults") or {}) - FAULTS
+        if unknown:
+            raise ValueError(f"unknown fault knobs: {sorted(unknown)}")
+        data["faults"] = dict(data.get("faults") or {})
         return cls(**data)
 
 
@@ -418,6 +459,24 @@ class Provider:
         self.lock = threading.Lock()
         self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.tls.load_cert_chain(config.cert, config.key)
+        self.connections = 0
+        self.greeted_connections = 0
+        self.journal_path = config.store / "journal.jsonl"
+
+    def journal(self, conn: int, **event):
+        with self.lock:
+            with open(self.journal_path, "a") as f:
+                f.write(json.dumps({"conn": conn, **event}) + "\n")
+
+    def faults_after_ehlo(self) -> dict:
+        """The faults of a connection that has just greeted for the first time."""
+        faults = self.c.faults
+        limit = faults.get("connections")
+        if limit is None:
+            return faults
+        with self.lock:
+            self.greeted_connections += 1
+            return faults if self.greeted_connections <= limit else {}
 
     def log(self, text: str):
         print(f"pec_provider: {text}", file=sys.stderr, flush=True)
@@ -464,7 +523,11 @@ class Provider:
 
     # -- one connection ----------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, implicit: bool):
-        session = _Session(self, reader, writer, tls=implicit)
+        with self.lock:
+            self.connections += 1
+            conn = self.connections
+        session = _Session(self, reader, writer, tls=implicit, conn=conn)
+        self.journal(conn, event="connect", port="tls" if implicit else "starttls")
         try:
             await session.run()
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, asyncio.LimitOverrunError):
@@ -472,6 +535,7 @@ class Provider:
         except Exception as exc:  # noqa: BLE001
             self.log(f"session error: {exc!r}")
         finally:
+            self.journal(conn, event="closed")
             try:
                 writer.close()
             except Exception:  # noqa: BLE001
@@ -480,24 +544,36 @@ class Provider:
     async def serve(self, stop: asyncio.Event):
         servers = []
         limit = 1024 * 1024
-        if self.c.listen_tls:
-            servers.append(await asyncio.start_server(
-                lambda r, w: self.handle(r, w, True), self.c.host, self.c.listen_tls, ssl=self.tls, limit=limit))
-        if self.c.listen_starttls:
-            servers.append(await asyncio.start_server(
-                lambda r, w: self.handle(r, w, False), self.c.host, self.c.listen_starttls, limit=limit))
-        self.log(f"listening (tls={self.c.listen_tls}, starttls={self.c.listen_starttls})")
+        # Port 0: the system picks one; the real ports are in the "listening" line (read by the
+        # harness: no probe-and-release race).
+        ports = {"tls": None, "starttls": None}
+        if self.c.listen_tls is not None:
+            server = await asyncio.start_server(
+                lambda r, w: self.handle(r, w, True), self.c.host, self.c.listen_tls, ssl=self.tls, limit=limit)
+            servers.append(server)
+            ports["tls"] = server.sockets[0].getsockname()[1]
+        if self.c.listen_starttls is not None:
+            server = await asyncio.start_server(
+                lambda r, w: self.handle(r, w, False), self.c.host, self.c.listen_starttls, limit=limit)
+            servers.append(server)
+            ports["starttls"] = server.sockets[0].getsockname()[1]
+        self.log(f"listening tls={ports['tls']} starttls={ports['starttls']}")
         await stop.wait()
         for s in servers:
             s.close()
 
 
 class _Session:
-    def __init__(self, provider: Provider, reader, writer, tls: bool):
+    def __init__(self, provider: Provider, reader, writer, tls: bool, conn: int = 0):
         self.p = provider
         self.reader = reader
         self.writer = writer
         self.tls = tls
+        self.conn = conn
+        self.faults = provider.c.faults
+        self.greeted = False
+        # Bytes read past a lenient end of data: the next commands.
+        self.pending = b""
         self.login: str | None = None
         self.reset()
 
@@ -509,27 +585,55 @@ class _Session:
         self.writer.write(text.encode() + CRLF)
         await self.writer.drain()
 
+    async def raw_line(self) -> bytes:
+        if self.pending:
+            i = self.pending.find(b"\n")
+            if i >= 0:
+                data, self.pending = self.pending[: i + 1], self.pending[i + 1:]
+                return data
+            data, self.pending = self.pending, b""
+            return data + await self.reader.readuntil(b"\n")
+        return await self.reader.readuntil(b"\n")
+
     async def line(self) -> bytes:
-        data = await self.reader.readuntil(b"\n")
+        data = await self.raw_line()
         return data.rstrip(b"\r\n")
 
+    async def stall(self):
+        """Never answer again: read and drop whatever comes until the client goes away."""
+        self.p.journal(self.conn, event="stalled")
+        while await self.reader.read(65536):
+            pass
+
     async def run(self):
+        if self.faults.get("greeting") == "stall":
+            return await self.stall()
         await self.reply(f"220 {self.p.c.domain} ESMTP sandbox PEC provider")
         while True:
             raw = await self.line()
             text = raw.decode("utf-8", "replace")
             verb, _, arg = text.partition(" ")
             verb = verb.upper()
+            self.p.journal(self.conn, cmd=f"{verb} <redacted>" if verb == "AUTH" else text, tls=self.tls)
             if verb in ("EHLO", "HELO"):
+                if not self.greeted:
+                    self.greeted = True
+                    self.faults = self.p.faults_after_ehlo()
                 self.reset()
                 caps = ["PIPELINING", f"SIZE {self.p.c.max_total_bytes}", "8BITMIME", "ENHANCEDSTATUSCODES"]
-                caps.append("AUTH PLAIN LOGIN" if self.tls else "STARTTLS")
+                if self.tls or self.faults.get("starttls") == "hide":
+                    caps.append("AUTH PLAIN LOGIN")
+                else:
+                    caps.append("STARTTLS")
                 lines = [f"{self.p.c.domain}"] + caps
                 out = "".join(f"250-{l}\r\n" for l in lines[:-1]) + f"250 {lines[-1]}"
                 await self.reply(out)
             elif verb == "STARTTLS":
-                if self.tls or not self.p.c.listen_starttls:
+                if self.tls or self.p.c.listen_starttls is None:
                     await self.reply("503 5.5.1 TLS already active")
+                    continue
+                if self.faults.get("starttls") == "refuse":
+                    await self.reply("454 4.7.0 TLS not available due to temporary reason")
                     continue
                 await self.reply("220 2.0.0 Ready to start TLS")
                 await self.writer.start_tls(self.p.tls)
@@ -545,6 +649,8 @@ class _Session:
                     await self.reply("503 5.5.1 Error: need MAIL command")
                 elif not m:
                     await self.reply("501 5.5.4 Syntax: RCPT TO:<address>")
+                elif m.group(1).lower() in self.faults.get("rcpt", {}):
+                    await self.reply(self.faults["rcpt"][m.group(1).lower()])
                 else:
                     self.rcpts.append(m.group(1))
                     await self.reply("250 2.1.5 Ok")
@@ -562,7 +668,7 @@ class _Session:
                 await self.reply("502 5.5.2 Error: command not recognized")
 
     async def auth(self, arg: str):
-        if not self.tls:
+        if not self.tls and self.faults.get("starttls") != "hide":
             await self.reply("530 5.7.0 Must issue a STARTTLS command first")
             return
         mech, _, initial = arg.partition(" ")
@@ -571,13 +677,16 @@ class _Session:
                 if not initial:
                     await self.reply("334 ")
                     initial = (await self.line()).decode()
+                    self.p.journal(self.conn, sasl="<redacted>", tls=self.tls)
                 parts = base64.b64decode(initial, validate=True).split(b"\0")
                 user, password = parts[1].decode(), parts[2].decode()
             elif mech.upper() == "LOGIN":
                 await self.reply("334 VXNlcm5hbWU6")
                 user = base64.b64decode(await self.line(), validate=True).decode()
+                self.p.journal(self.conn, sasl="<redacted>", tls=self.tls)
                 await self.reply("334 UGFzc3dvcmQ6")
                 password = base64.b64decode(await self.line(), validate=True).decode()
+                self.p.journal(self.conn, sasl="<redacted>", tls=self.tls)
             else:
                 await self.reply("504 5.5.4 Unrecognized authentication type")
                 return
@@ -611,18 +720,32 @@ class _Session:
         if self.mail_from is None or not self.rcpts:
             await self.reply("503 5.5.1 Error: need RCPT command")
             return
+        if self.faults.get("data_cmd") == "stall":
+            return await self.stall()
         await self.reply("354 End data with <CR><LF>.<CR><LF>")
-        chunks = []
-        while True:
-            line = await self.reader.readuntil(b"\n")
-            if line == b".\r\n":
-                break
-            if line.startswith(b"."):
-                line = line[1:]
-            chunks.append(line)
-        raw = b"".join(chunks)
+        nul_dropped = 0
+        if self.faults.get("lenient_data") or self.faults.get("strip_nul"):
+            raw, nul_dropped = await self.lenient_data()
+        else:
+            chunks = []
+            while True:
+                line = await self.raw_line()
+                if line == b".\r\n":
+                    break
+                if line.startswith(b"."):
+                    line = line[1:]
+                chunks.append(line)
+            raw = b"".join(chunks)
         sender, rcpts = self.mail_from, list(self.rcpts)
         self.reset()
+        self.p.journal(self.conn, data_end=True, mail_from=sender, rcpts=rcpts, size=len(raw),
+                       sha256=hashlib.sha256(raw).hexdigest(), nul_dropped=nul_dropped)
+        data_end = self.faults.get("data_end")
+        if isinstance(data_end, (str, list)) and data_end not in ("close", "stall"):
+            lines = [data_end] if isinstance(data_end, str) else data_end
+            await self.reply("\r\n".join(f"{l[:3]}-{l[4:]}" for l in lines[:-1]) +
+                             ("\r\n" if len(lines) > 1 else "") + lines[-1])
+            return
         problem = check_message(raw, sender, rcpts, self.p.c.max_total_bytes)
         if problem:
             code, text = problem
@@ -635,9 +758,47 @@ class _Session:
                 "msgid": sub.msgid, "size": len(raw)}
         await asyncio.to_thread(self.p.store, raw, meta)
         self.p.note_sent(self.login)
-        await self.reply(f"250 2.0.0 Ok: queued as {ident}")
         mailbox = self.p.c.users[self.login].get("mailbox", self.login)
+        if data_end in ("close", "stall"):
+            # The message has left (receipts will come); the client never hears so.
+            threading.Thread(target=self.p.deliver_receipts, args=(sub, mailbox), daemon=True).start()
+            if data_end == "stall":
+                await self.stall()
+            else:
+                self.p.journal(self.conn, event="dropped")
+                self.writer.transport.abort()
+            raise ConnectionResetError("fault: no reply after the final dot")
+        await self.reply(f"250 2.0.0 Ok: queued as {ident}")
         threading.Thread(target=self.p.deliver_receipts, args=(sub, mailbox), daemon=True).start()
+
+    async def lenient_data(self) -> tuple[bytes, int]:
+        """Message data up to the first "end of data" a lenient server would see (see
+        ``_LENIENT_END``), NUL bytes dropped first if ``strip_nul``; what follows it is kept
+        for the command reader. Returns the message and how many NUL bytes were dropped
+        while reading it (those read past its end included)."""
+        strip = bool(self.faults.get("strip_nul"))
+        lenient = bool(self.faults.get("lenient_data"))
+        end = _LENIENT_END if lenient else re.compile(rb"(\r\n)\.(\r\n)")
+        dropped = self.pending.count(b"\0") if strip else 0
+        # The line break before DATA's first line, so a lone "." there ends the message.
+        buf = b"\r\n" + (self.pending.replace(b"\0", b"") if strip else self.pending)
+        self.pending = b""
+        while True:
+            m = end.search(buf)
+            # A final bare CR may still be the start of a CRLF: wait for the next byte.
+            if m and not (m.group(2) == b"\r" and m.end() == len(buf)):
+                break
+            chunk = await self.reader.read(65536)
+            if not chunk:
+                raise asyncio.IncompleteReadError(buf, None)
+            if strip:
+                dropped += chunk.count(b"\0")
+                chunk = chunk.replace(b"\0", b"")
+            buf += chunk
+        self.pending = buf[m.end():]
+        body = buf[: m.start(2) - 1]
+        stuffed = _LENIENT_STUFFED if lenient else re.compile(rb"(\A|\r\n)\.")
+        return stuffed.sub(rb"\1", body)[2:], dropped
 
 
 def main(argv=None) -> int:
