@@ -369,8 +369,7 @@ mod targets {
             Decision::DenyName(_) => 3,
             Decision::DenySubtree(_) => 4,
             Decision::CloseAsUnselect => 5,
-            Decision::Nonexistent(_) => 6,
-            Decision::BadName(_) => 7,
+            Decision::BadName(_) => 6,
         }
     }
 

@@ -337,6 +337,30 @@ disabled = true
     }
 
     #[tokio::test]
+    async fn waiting_for_a_password_check_is_bounded() {
+        let c = config();
+        let gate = LoginGate::new(ThrottleSettings::from_config(&c.gateway), 1);
+        let _busy = gate.checks.clone().try_acquire_owned().unwrap();
+        // A full queue: told at once.
+        gate.waiting.store(MAX_WAITING_CHECKS, Ordering::SeqCst);
+        assert!(gate.turn().await.is_none());
+        gate.waiting.store(0, Ordering::SeqCst);
+        // A turn that does not come within the deadline: told then, and no longer counted.
+        tokio::time::pause();
+        let started = tokio::time::Instant::now();
+        assert!(gate.turn().await.is_none());
+        assert!(started.elapsed() >= CHECK_QUEUE_DEADLINE);
+        assert_eq!(gate.waiting.load(Ordering::SeqCst), 0);
+        // And the refusal is `Busy`, nothing checked.
+        let admission = admission();
+        let mut ticket = admission.admit(PEER).unwrap();
+        let e = super::check_credentials(&c, &gate, &mut ticket, PEER, "mario", pw("secret"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.refusal, LoginRefusal::Busy);
+    }
+
+    #[tokio::test]
     async fn sessions_per_user_are_enforced_at_login() {
         let c = config();
         let gate = gate(&c);

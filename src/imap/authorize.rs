@@ -51,9 +51,6 @@ pub enum Decision {
     DenySubtree(String),
     /// CLOSE without `delete`: rewritten to UNSELECT so nothing is expunged.
     CloseAsUnselect,
-    /// A hidden name in SUBSCRIBE/UNSUBSCRIBE: answered locally as the provider answers for a
-    /// folder that does not exist, nothing sent.
-    Nonexistent(String),
     /// A name pecgate will not send anywhere (control characters, raw or mUTF-7 encoded):
     /// refused with `BAD` and this text.
     BadName(&'static str),
@@ -101,7 +98,6 @@ pub fn authorize(command: &mut Command<'static>, policy: &SessionPolicy) -> Deci
             .filter(|segments| policy.folders.grants(segments));
         match (usage, granted) {
             (NameUse::Create, None) => return Decision::DenyName(shown),
-            (NameUse::Subscription, None) => return Decision::Nonexistent(shown),
             (NameUse::Subtree, Some(segments)) if !subtree_granted(&policy.folders, &segments) => {
                 return Decision::DenySubtree(shown);
             }
@@ -395,6 +391,8 @@ mod tests {
             "a STATUS Riservata (MESSAGES)",
             "a COPY 1 Riservata",
             "a UID MOVE 1 Riservata",
+            "a SUBSCRIBE Riservata",
+            "a UNSUBSCRIBE Riservata",
             "a APPEND Riservata {1+}\r\nx",
             "a SELECT sent",
             "a SELECT Sent/",

@@ -43,9 +43,6 @@ pub enum NameUse {
     Create,
     /// Acts on the folder and everything below it (DELETE, RENAME's source).
     Subtree,
-    /// SUBSCRIBE/UNSUBSCRIBE: a provider may record a subscription even for a name that does
-    /// not exist, so a hidden one is never sent, not even as a placeholder.
-    Subscription,
 }
 
 /// What a successful completion does to the selected folder.
@@ -176,7 +173,7 @@ pub fn classify(body: &CommandBody<'_>) -> CommandClass {
             .changing(),
         CommandBody::Subscribe { .. } | CommandBody::Unsubscribe { .. } => {
             CommandClass::relay(&[ManageFolders])
-                .names(&[Subscription])
+                .names(EXISTING)
                 .changing()
         }
         CommandBody::StartTLS | CommandBody::Login { .. } | CommandBody::Authenticate { .. } => {

@@ -24,8 +24,9 @@
 
 use std::sync::Arc;
 
-use imap_codec::imap_types::command::Command;
+use imap_codec::imap_types::command::{Command, CommandBody};
 use imap_codec::imap_types::core::Tag;
+use imap_codec::imap_types::mailbox::Mailbox;
 
 use crate::audit::Outcome;
 use crate::config::Permission;
@@ -137,6 +138,8 @@ struct InFlight {
     /// so every FETCH line while it is in flight answers it).
     renames: bool,
     list: Option<ListRequest>,
+    /// pecgate's own command, not the client's: its answer is audited, never relayed.
+    internal: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -354,6 +357,12 @@ impl ClientSession {
             _ => {}
         }
         self.listing.clear();
+        // A SUBSCRIBE of a hidden folder goes up with its placeholder, so the client gets the
+        // provider's own answer for a missing folder; a provider that records subscriptions
+        // to names that do not exist would keep the placeholder, so pecgate's own UNSUBSCRIBE
+        // of it follows in the same write (harmless when the SUBSCRIBE was refused).
+        let undo = command_for_undo(&request, &substitutions)
+            .map(|mailbox| self.internal_unsubscribe(mailbox, &summary, &substitutions));
         self.in_flight.push(InFlight {
             upstream_tag,
             client_tag,
@@ -364,9 +373,55 @@ impl ClientSession {
             runs_alone,
             renames,
             list,
+            internal: false,
         });
         actions.push(Action::Provider(request));
+        if let Some(undo) = undo {
+            actions.extend(undo);
+        }
         Submit::Ready(actions)
+    }
+
+    /// pecgate's own `UNSUBSCRIBE mailbox`, in flight, recorded durably before it leaves.
+    fn internal_unsubscribe(
+        &mut self,
+        mailbox: Mailbox<'static>,
+        cause: &CommandSummary,
+        substitutions: &[(String, String)],
+    ) -> Vec<Action> {
+        let upstream_tag = next_tag();
+        let command = Command {
+            tag: Tag::try_from(upstream_tag.clone()).expect("c<digits> is a valid tag"),
+            body: CommandBody::Unsubscribe { mailbox },
+        };
+        let summary = CommandSummary {
+            name: "UNSUBSCRIBE".to_owned(),
+            folder: cause.folder.clone(),
+            detail: "by pecgate: undoes a placeholder subscription the provider may have kept"
+                .to_owned(),
+        };
+        let class = classify(&command.body);
+        let actions = vec![
+            Action::Audit(AuditRecord {
+                durable: true,
+                ..relayed(&summary, &upstream_tag, Outcome::Sent, None)
+            }),
+            Action::Provider(Request::Command(command)),
+        ];
+        self.in_flight.push(InFlight {
+            upstream_tag,
+            client_tag: String::new(),
+            summary,
+            class,
+            // Like every command carrying a placeholder, its outcome is recorded as `denied`.
+            substitutions: substitutions.to_vec(),
+            select_target: None,
+            runs_alone: false,
+            renames: false,
+            list: None,
+            internal: true,
+        });
+        actions
     }
 
     fn refuse(&self, tag: &str, summary: &CommandSummary, text: &str) -> Submit {
@@ -468,6 +523,10 @@ impl ClientSession {
             );
         }
         let mut actions = vec![Action::Audit(relayed(&summary, tag, outcome, None))];
+        if done.internal {
+            // pecgate's own command: the client never sent it and hears nothing of it.
+            return actions;
+        }
         if let Some(request) = done.list
             && status == Status::Ok
         {
@@ -592,6 +651,20 @@ fn join_detail(a: &str, b: &str) -> String {
 
 /// The event of a relayed command: its detail always ends with `upstream=<tag>`, the tag the
 /// provider saw (auditors match it with the provider's own logs).
+/// The placeholder name of a SUBSCRIBE of a hidden folder, which must be undone.
+fn command_for_undo(
+    request: &Request,
+    substitutions: &[(String, String)],
+) -> Option<Mailbox<'static>> {
+    match request {
+        Request::Command(Command {
+            body: CommandBody::Subscribe { mailbox },
+            ..
+        }) if !substitutions.is_empty() => Some(mailbox.clone()),
+        _ => None,
+    }
+}
+
 fn relayed(
     summary: &CommandSummary,
     upstream_tag: &str,
@@ -624,32 +697,6 @@ fn violation_end(reason: &str) -> Action {
 
 /// The refusal of a command by the folder and permission policy.
 fn deny(tag: &str, summary: &CommandSummary, decision: &Decision) -> Vec<Action> {
-    if let Decision::Nonexistent(name) = decision {
-        // Answered as Dovecot answers for a folder that does not exist, so a hidden folder
-        // looks like any missing one: SUBSCRIBE is refused, UNSUBSCRIBE succeeds (there is
-        // nothing to remove from this user's point of view).
-        let (reply, outcome) = if summary.name.eq_ignore_ascii_case("UNSUBSCRIBE") {
-            (format!("{tag} OK Unsubscribe completed.\r\n"), Outcome::Ok)
-        } else {
-            let name = crate::text::escape(name, false);
-            (
-                format!("{tag} NO Mailbox doesn't exist: {name}\r\n"),
-                Outcome::No,
-            )
-        };
-        return vec![
-            audit(
-                &summary.name,
-                summary.folder.clone(),
-                format!(
-                    "{} (hidden folder: answered as nonexistent, nothing sent)",
-                    summary.detail
-                ),
-                outcome,
-            ),
-            Action::Client(reply.into_bytes()),
-        ];
-    }
     let text = match decision {
         Decision::DenyPermission(permission) => {
             format!("Permission denied: your roles do not grant \"{permission}\" on this mailbox")

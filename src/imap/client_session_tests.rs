@@ -472,20 +472,38 @@ fn names_with_control_characters_never_leave() {
 }
 
 #[test]
-fn subscriptions_of_hidden_folders_never_reach_the_provider() {
+fn a_subscription_to_a_hidden_folder_never_stays_with_the_provider() {
     let mut r = rig(&["INBOX", "Sent"], ALL);
-    r.client_sends(b"a SUBSCRIBE Riservata\r\nb UNSUBSCRIBE Riservata/Sub\r\n");
-    assert!(r.take_upstream().is_empty());
-    // As Dovecot answers for a folder that does not exist.
-    assert_eq!(
-        r.take_client(),
-        "a NO Mailbox doesn't exist: Riservata\r\nb OK Unsubscribe completed.\r\n"
+    // The provider's own answer (here: it accepts names that do not exist) reaches the
+    // client, and pecgate's UNSUBSCRIBE of the placeholder follows in the same write.
+    r.client_sends(b"a SUBSCRIBE Riservata\r\n");
+    let up = r.take_upstream();
+    assert_eq!(up.len(), 2, "{up:?}");
+    let (subscribe, undo) = (&up[0], &up[1]);
+    let placeholder = subscribe.split(' ').nth(2).unwrap().trim_end().to_owned();
+    assert!(placeholder.starts_with("pecgate-none-"), "{subscribe}");
+    assert!(
+        undo.ends_with(&format!(" UNSUBSCRIBE {placeholder}\r\n")),
+        "{undo}"
     );
-    assert_eq!(r.audits[0].outcome, Outcome::No);
-    assert!(r.audits[0].detail.contains("answered as nonexistent"));
-    // A visible folder is relayed as before.
-    r.client_sends(b"c SUBSCRIBE Sent\r\n");
-    assert!(r.take_upstream()[0].ends_with(" SUBSCRIBE Sent\r\n"));
+    let tag = |line: &str| line.split(' ').next().unwrap().to_owned();
+    r.provider_sends(&format!("{} OK Subscribe completed.\r\n", tag(subscribe)));
+    r.provider_sends(&format!("{} OK Unsubscribe completed.\r\n", tag(undo)));
+    // The client hears only about its own command.
+    assert_eq!(r.take_client(), "a OK Subscribe completed.\r\n");
+    let undo_rows: Vec<_> = r
+        .audits
+        .iter()
+        .filter(|a| a.command == "UNSUBSCRIBE")
+        .collect();
+    assert_eq!(undo_rows.len(), 2, "sent, then its outcome");
+    assert!(undo_rows.iter().all(|a| a.detail.contains("by pecgate")));
+    // A visible folder is relayed alone; an UNSUBSCRIBE of a hidden one needs no undo.
+    r.client_sends(b"c SUBSCRIBE Sent\r\nd UNSUBSCRIBE Riservata\r\n");
+    let up = r.take_upstream();
+    assert_eq!(up.len(), 2, "{up:?}");
+    assert!(up[0].ends_with(" SUBSCRIBE Sent\r\n"));
+    assert!(up[1].contains(" UNSUBSCRIBE pecgate-none-"));
 }
 
 #[test]

@@ -395,7 +395,11 @@ def provider_subscriptions(d) -> list[bytes]:
     return sorted(untagged)
 
 
-def test_subscribe_of_a_hidden_folder_is_answered_locally(recorded):
+def test_subscribing_to_a_hidden_folder_never_changes_the_providers_subscriptions(recorded):
+    """A hidden name goes up as a placeholder (so the client gets the provider's own answer for
+    a missing folder, see the next test), and pecgate follows every SUBSCRIBE of a placeholder
+    with its own UNSUBSCRIBE of it in the same write: whatever the provider does with names that
+    do not exist, its subscriptions end up as they were, and no hidden name ever reaches it."""
     d, gw = recorded
     before = provider_subscriptions(d)
     assert any(line.endswith(b" Riservata") for line in before), before
@@ -412,10 +416,11 @@ def test_subscribe_of_a_hidden_folder_is_answered_locally(recorded):
             ("s5", "SUBSCRIBE Riservata/Sotto", "Riservata/Sotto"),
         ]:
             untagged, tagged = r.command(tag, command)
-            # As Dovecot answers for a folder that does not exist (see the next test).
-            expected = (f"{tag} OK Unsubscribe completed." if command.startswith("UNSUBSCRIBE")
+            # Dovecot's answers for a folder that does not exist, with the client's name.
+            expected = (f"{tag} OK Unsubscribe completed" if command.startswith("UNSUBSCRIBE")
                         else f"{tag} NO Mailbox doesn't exist: {name}")
-            assert (untagged, tagged) == ([], expected.encode()), (command, untagged, tagged)
+            assert untagged == [] and tagged.startswith(expected.encode()), (command, untagged, tagged)
+            assert b"pecgate-none" not in tagged
         # A visible folder's subscription is relayed (and shows in the provider's log).
         for tag, command in (("v1", "UNSUBSCRIBE Ricevute"), ("v2", "SUBSCRIBE Ricevute")):
             _, tagged = r.command(tag, command)
@@ -427,20 +432,29 @@ def test_subscribe_of_a_hidden_folder_is_answered_locally(recorded):
     assert conns, "pecgate's provider connection was not recorded"
     d.wait_rawlogs_closed(conns)
     received = b"".join(c.received for c in conns)
-    subscriptions = [line for line in received.split(b"\n") if SUBSCRIPTION_RE.match(line)]
-    assert len(subscriptions) == 2 and all(b"Ricevute" in line for line in subscriptions), subscriptions
     assert b"Riservata" not in received and b"Segreta" not in received, received
+    subscriptions = [line.strip() for line in received.split(b"\n") if SUBSCRIPTION_RE.match(line)]
+    visible = [line for line in subscriptions if b"Ricevute" in line]
+    assert len(visible) == 2, subscriptions
+    hidden = [line.split(b" ", 1)[1] for line in subscriptions if b"pecgate-none-" in line]
+    assert len(hidden) == 5 + 3, subscriptions
+    # Every SUBSCRIBE of a placeholder is followed by pecgate's UNSUBSCRIBE of the same name.
+    for i, line in enumerate(hidden):
+        if line.upper().startswith(b"SUBSCRIBE "):
+            assert hidden[i + 1] == b"UNSUBSCRIBE " + line.split(b" ", 1)[1], hidden
     assert provider_subscriptions(d) == before
 
-    def denied():
-        rows = gw.audit_rows("id > ?", (audit_mark,))
-        hidden = [x for x in rows if x["command"] in ("SUBSCRIBE", "UNSUBSCRIBE")
-                  and "hidden folder" in x["detail"]]
-        return len(hidden) == 5 and hidden
-
-    hidden = wait_until(denied, 10, "the audit rows of the hidden subscriptions")
-    assert all("nothing sent" in x["detail"] and "upstream=" not in x["detail"] for x in hidden), hidden
-    assert [x["outcome"] for x in hidden] == ["no", "ok", "ok", "no", "no"], hidden
+    def rows():
+        found = [x for x in gw.audit_rows("id > ?", (audit_mark,))
+                 if x["command"] in ("SUBSCRIBE", "UNSUBSCRIBE")]
+        done = [x for x in found if x["outcome"] != "sent"]
+        return len(done) == 5 + 3 + 2 and found
+    found = wait_until(rows, 10, "the audit rows of the subscriptions")
+    client_rows = [x for x in found if "Ricevute" not in (x["folder"] or "")
+                   and "by pecgate" not in x["detail"] and x["outcome"] != "sent"]
+    assert [x["outcome"] for x in client_rows] == ["denied"] * 5, client_rows
+    undo_rows = [x for x in found if "by pecgate" in x["detail"]]
+    assert sorted(x["outcome"] for x in undo_rows) == ["denied"] * 3 + ["sent"] * 3, undo_rows
 
 
 def test_hidden_subscription_answer_is_the_providers_answer_for_a_missing_folder(recorded):
