@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import resource
+import smtplib
 import secrets
 import shutil
 import socket
@@ -410,7 +411,9 @@ class Bench:
 
         self.gw = Pecgate(
             self.dovecot,
-            users={USER: {"password": self.user_pw, "roles": ["segreteria"]}},
+            users={USER: {"password": self.user_pw, "roles": ["segreteria"]},
+                   # Only the logins section logs in as her: her first login is a cold one.
+                   "anna": {"password": "anna-" + self.user_pw, "roles": ["segreteria"]}},
             max_connections=a.idle_sessions + 100,
             binary=a.binary,
         )
@@ -583,6 +586,64 @@ class Bench:
     def bench_idle(self):
         self.results["idle"] = self._idle()
 
+    def bench_logins(self):
+        """Repeat logins: the first login of a user costs an argon2 check; the same user and
+        password again is checked against pecgate's verified-login cache. Timed from LOGIN
+        sent to its tagged OK, on connections already through TLS; plus a burst of 5 at once
+        (what Thunderbird opens) and the wall time of a run of sequential logins."""
+        a = self.a
+        # A fresh process; its warm-up session logs in as mario, so anna's cache entry is cold.
+        self.restart_gateway()
+        gw = self.gw
+        user = "anna"
+        password = gw.password(user)
+
+        def timed_login() -> float:
+            r = gw.raw(tls=True)
+            try:
+                started = time.perf_counter()
+                r.login(user, password)
+                return time.perf_counter() - started
+            finally:
+                r.close()
+
+        def timed_auth() -> float:
+            # SMTP AUTH opens no provider session: this is the credential check alone.
+            with smtplib.SMTP_SSL(harness.HOST, gw.smtp_tls_port,
+                                  context=harness.tls_context(gw.cert), timeout=30) as c:
+                c.ehlo("bench")
+                started = time.perf_counter()
+                c.login(user, password)
+                return time.perf_counter() - started
+
+        first_auth = timed_auth()
+        auths = [timed_auth() for _ in range(a.logins // 5)]
+        self.restart_gateway()  # cold again for the IMAP figures
+        gw = self.gw
+        first = timed_login()
+        repeats = [timed_login() for _ in range(a.logins)]
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            started = time.perf_counter()
+            burst = list(pool.map(lambda _: timed_login(), range(5)))
+            burst_wall = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(a.logins):
+            timed_login()
+        run_wall = time.perf_counter() - started
+        self.results["logins"] = {
+            "first_auth_ms": first_auth * 1000,
+            "auth_p50_ms": pct(auths, 50) * 1000,
+            "auth_p99_ms": pct(auths, 99) * 1000,
+            "auths": len(auths),
+            "first_ms": first * 1000,
+            "p50_ms": pct(repeats, 50) * 1000,
+            "p99_ms": pct(repeats, 99) * 1000,
+            "burst_ms": max(burst) * 1000,
+            "burst_wall_ms": burst_wall * 1000,
+            "n": a.logins,
+            "run_s": run_wall,
+        }
+
     def _idle(self) -> dict:
         a = self.a
         self.restart_gateway()
@@ -677,6 +738,16 @@ class Bench:
               f"(pecgate RSS, logged in → peak) | — | {mib(s['base'])} → {mib(s['peak'])} "
               f"| +{mib(delta)} ({per:.2f} MiB/session) | ≤ {TARGET_STREAM_MIB_PER_SESSION:.0f} MiB/session, "
               f"flat in message size | {ok(per <= TARGET_STREAM_MIB_PER_SESSION)} |")
+        if "logins" in r:
+            g = r["logins"]
+            p(f"| Credential check alone (SMTP `AUTH PLAIN` → 235), same user and password again, "
+              f"{g['auths']} sequential, p50 / p99 | — | {g['auth_p50_ms']:.2f} / {g['auth_p99_ms']:.2f} ms "
+              f"| first (argon2): {g['first_auth_ms']:.1f} ms | ~1 ms | {ok(g['auth_p50_ms'] <= 1.5)} |")
+            p(f"| IMAP `LOGIN` → OK of a user seen before ({g['n']} sequential; includes opening the "
+              f"provider session), p50 / p99 | — | {g['p50_ms']:.2f} / {g['p99_ms']:.2f} ms "
+              f"| first: {g['first_ms']:.1f} ms | — | |")
+            p(f"| {g['n']} logins in a row (TLS connect, LOGIN, close) / a burst of 5 at once "
+              f"| — | {g['run_s']:.1f} s / {g['burst_wall_ms']:.0f} ms | — | — | |")
         if "idle" in r:
             i = r["idle"]
             per = (i["after"] - i["base"]) / i["n"]
@@ -737,12 +808,15 @@ def main(argv=None) -> int:
     ap.add_argument("--big-mb", type=int, default=None, help="size of the streamed message in MB (default 50)")
     ap.add_argument("--stream-clients", type=int, default=None, help="concurrent streaming clients (default 10)")
     ap.add_argument("--idle-sessions", type=int, default=None, help="idle sessions to open (default 500)")
-    ap.add_argument("--only", default="bulk,mbsync,rtt,stream,idle", help="comma-separated subset of sections")
+    ap.add_argument("--logins", type=int, default=None, help="repeat logins timed (default 500)")
+    ap.add_argument("--only", default="bulk,mbsync,rtt,stream,idle,logins", help="comma-separated subset of sections")
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, few iterations")
     a = ap.parse_args(argv)
-    defaults = dict(messages=3000, runs=3, rtt=2000, big_mb=50, stream_clients=10, idle_sessions=500)
+    defaults = dict(messages=3000, runs=3, rtt=2000, big_mb=50, stream_clients=10, idle_sessions=500,
+                    logins=500)
     if a.quick:
-        defaults = dict(messages=300, runs=1, rtt=300, big_mb=10, stream_clients=4, idle_sessions=50)
+        defaults = dict(messages=300, runs=1, rtt=300, big_mb=10, stream_clients=4, idle_sessions=50,
+                        logins=50)
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -754,7 +828,7 @@ def main(argv=None) -> int:
               "binary) or set PECGATE_BIN", file=sys.stderr)
         return 2
     sections = [s.strip() for s in a.only.split(",") if s.strip()]
-    unknown = set(sections) - {"bulk", "mbsync", "rtt", "stream", "idle"}
+    unknown = set(sections) - {"bulk", "mbsync", "rtt", "stream", "idle", "logins"}
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}")
 

@@ -2,11 +2,18 @@
 # pecgate's test command: debug build, Rust tests, then the end-to-end suite
 # (Dovecot + pecgate + imaplib/smtplib/swaks/mbsync/curl; see tests/e2e and tests/support).
 # Extra arguments are passed to pytest, e.g. scripts/test.sh -k idle -x
-# Needs: cargo, python3 with pytest, dovecot-imapd, dovecot-lmtpd, openssl,
-# isync (mbsync), swaks, curl. Installs nothing (.ci/run does, on a fresh machine).
+# Needs a Rust toolchain (cargo); everything else (dovecot-imapd, dovecot-lmtpd, openssl,
+# isync, swaks, curl, Python's pytest and prometheus_client) is installed when missing by
+# scripts/install-deps.sh (apt as root or with sudo; it only checks when all is there).
 # Set PECGATE_BUILD_LOCK=/path/to/lockfile to serialise builds with flock.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh test || exit 1
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo not found: install a Rust toolchain (https://rustup.rs) and retry" >&2
+    exit 1
+fi
 
 lock=()
 if [[ -n "${PECGATE_BUILD_LOCK:-}" ]]; then

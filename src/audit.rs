@@ -567,6 +567,11 @@ impl AuditLog {
         }
     }
 
+    /// Events queued and not yet taken by the writer.
+    pub fn queue_depth(&self) -> usize {
+        CHANNEL_CAPACITY - self.tx.capacity()
+    }
+
     /// `false` once the store has failed or the writer is stopping.
     pub fn is_healthy(&self) -> bool {
         self.shared.healthy.load(Ordering::Acquire)

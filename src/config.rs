@@ -57,6 +57,7 @@ pub const DEFAULT_KEY_FILE_NAME: &str = "vault.key";
 #[derive(Debug, Clone)]
 pub struct Config {
     pub gateway: GatewayConfig,
+    pub metrics: MetricsConfig,
     pub tls: TlsConfig,
     pub imap: ImapConfig,
     pub smtp: SmtpConfig,
@@ -99,6 +100,12 @@ pub struct LockoutConfig {
     pub user_failures: u32,
     pub window: Duration,
     pub duration: Duration,
+}
+
+/// `[metrics]`: the monitoring endpoint, off unless `listen` is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -609,6 +616,8 @@ struct RawConfig {
     #[serde(default)]
     gateway: RawGateway,
     #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
     tls: RawTls,
     #[serde(default)]
     imap: RawImap,
@@ -641,6 +650,12 @@ struct RawGateway {
     lockout_window_secs: Option<u64>,
     lockout_secs: Option<u64>,
     min_free_space_mb: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1203,8 +1218,23 @@ impl Config {
             );
         }
 
+        let metrics = MetricsConfig {
+            listen: raw.metrics.listen.as_deref().and_then(|text| {
+                match text.trim().parse::<SocketAddr>() {
+                    Ok(address) => Some(address),
+                    Err(_) => {
+                        p.push(
+                            "metrics.listen",
+                            format!("`{text}` is not a socket address (e.g. \"127.0.0.1:9187\")"),
+                        );
+                        None
+                    }
+                }
+            }),
+        };
         Config {
             gateway,
+            metrics,
             tls,
             imap,
             smtp,
@@ -1453,6 +1483,32 @@ impl Config {
             }
         }
         p.0
+    }
+
+    /// Why changing from this configuration to `new` ends a session of `user` on `mailbox`, if it does.
+    pub fn revocation(&self, new: &Config, user: &str, mailbox: &str) -> Option<&'static str> {
+        let old = self;
+        let Some(account) = new.users.get(user) else {
+            return Some("user removed");
+        };
+        if account.disabled {
+            return Some("user disabled");
+        }
+        if old.users.get(user).map(|u| &u.password) != Some(&account.password) {
+            return Some("password changed");
+        }
+        if !new.mailboxes_of(user).contains(&mailbox) {
+            return Some("mailbox no longer granted");
+        }
+        if old.folder_patterns(user, mailbox) != new.folder_patterns(user, mailbox)
+            || old.permissions(user, mailbox) != new.permissions(user, mailbox)
+        {
+            return Some("folders or permissions changed");
+        }
+        if old.mailboxes.get(mailbox) != new.mailboxes.get(mailbox) {
+            return Some("mailbox settings changed");
+        }
+        None
     }
 
     /// A short human-readable overview for `pecgate check`.

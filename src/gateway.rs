@@ -1,17 +1,26 @@
-//! The daemon's shared runtime state: configuration, audit log, TLS, and per-mailbox provider
-//! settings, built once at start-up and shared by every session behind an `Arc`.
+//! The daemon's shared runtime state, in two parts:
+//! - [`Carried`]: what outlives a configuration (audit log, ledger, session registry,
+//!   admission counters, login throttle, provider connection budgets, send-rate windows,
+//!   metrics), created once at start-up;
+//! - [`Gateway`]: one *generation* built from a configuration and the vault (TLS acceptor,
+//!   per-mailbox provider settings and passwords) over the carried state. A reload builds a
+//!   new generation and publishes it in [`Live`]; new connections and logins take the
+//!   current one, sessions already running keep theirs (or are ended when the reload
+//!   changed what they may do).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_rustls::TlsAcceptor;
 
 use crate::audit::AuditLog;
-use crate::config::{Config, MailboxConfig};
+use crate::config::{Config, MailboxConfig, SendRate};
 use crate::guard::{Admission, AdmissionLimits, ThrottleSettings};
 use crate::ledger::Ledger;
 use crate::login::LoginGate;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
 use crate::smtp::checks::RateLimiter;
 use crate::tls::{self, TlsError};
 use crate::upstream::{ConnectionBudget, ProviderTarget};
@@ -52,6 +61,8 @@ pub enum GatewayError {
 /// Shared state of a running gateway.
 pub struct Gateway {
     pub config: Config,
+    /// State carried from generation to generation.
+    pub carried: Arc<Carried>,
     pub audit: AuditLog,
     pub acceptor: TlsAcceptor,
     pub mailboxes: HashMap<String, MailboxRuntime>,
@@ -59,9 +70,12 @@ pub struct Gateway {
     pub provider_timeout: Duration,
     /// Password checks: the brute-force throttle and the bounded argon2 queue (one check per
     /// core: argon2id takes ~19 MiB and tens of milliseconds of CPU each).
-    pub logins: LoginGate,
+    pub logins: Arc<LoginGate>,
     /// Pre-login places and sessions, per address and per user.
     pub admission: Arc<Admission>,
+    /// The logged-in sessions.
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
     /// State of the SMTP side.
     pub smtp: SmtpRuntime,
 }
@@ -75,19 +89,119 @@ pub struct SmtpRuntime {
     /// The sent ledger; without one (see [`Gateway::with_ledger`]) nothing can be sent.
     pub ledger: Option<Ledger>,
     /// Per-mailbox `send_rate` windows (only mailboxes that have one).
-    pub rate: HashMap<String, std::sync::Mutex<RateLimiter>>,
+    pub rate: HashMap<String, Arc<std::sync::Mutex<RateLimiter>>>,
 }
 
-impl Gateway {
-    /// Attach the sent ledger (opened by the caller, off the async runtime).
-    pub fn with_ledger(mut self, ledger: Ledger) -> Gateway {
-        self.smtp.ledger = Some(ledger);
-        self
+/// A mailbox's `send_rate` and its window.
+type KeptRate = (SendRate, Arc<Mutex<RateLimiter>>);
+
+/// What outlives a configuration: kept across reloads.
+pub struct Carried {
+    pub audit: AuditLog,
+    /// The sent ledger (opened by the caller, off the async runtime); without one nothing
+    /// can be sent.
+    pub ledger: Option<Ledger>,
+    pub registry: Arc<Registry>,
+    pub admission: Arc<Admission>,
+    pub logins: Arc<LoginGate>,
+    pub metrics: Arc<Metrics>,
+    /// Provider connection budgets by mailbox name: connections opened under one generation
+    /// count against the next.
+    budgets: Mutex<HashMap<String, ConnectionBudget>>,
+    /// `send_rate` windows by mailbox name: a reload does not reset a sending limit.
+    rates: Mutex<HashMap<String, KeptRate>>,
+}
+
+impl Carried {
+    /// The carried state for a first configuration.
+    pub fn new(config: &Config, audit: AuditLog, ledger: Option<Ledger>) -> Arc<Carried> {
+        Arc::new(Carried {
+            audit,
+            ledger,
+            registry: Registry::new(),
+            admission: Admission::new(AdmissionLimits::from_config(&config.gateway)),
+            logins: Arc::new(LoginGate::new(
+                ThrottleSettings::from_config(&config.gateway),
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
+            metrics: Arc::new(Metrics::new()),
+            budgets: Mutex::new(HashMap::new()),
+            rates: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The budget of `mailbox`: the same one as before unless its limit changed.
+    fn budget(&self, mailbox: &str, limit: u32) -> ConnectionBudget {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        match budgets.get(mailbox) {
+            Some(budget) if budget.limit() == limit => budget.clone(),
+            _ => {
+                // A new limit: connections still open under the old one keep their permits
+                // until they close (the provider may briefly see both).
+                let budget = ConnectionBudget::new(limit);
+                budgets.insert(mailbox.to_owned(), budget.clone());
+                budget
+            }
+        }
+    }
+
+    /// The send-rate window of `mailbox`: the same one unless its rate changed.
+    fn rate(&self, mailbox: &str, rate: SendRate) -> Arc<Mutex<RateLimiter>> {
+        let mut rates = self.rates.lock().unwrap_or_else(|e| e.into_inner());
+        match rates.get(mailbox) {
+            Some((kept, limiter)) if *kept == rate => limiter.clone(),
+            _ => {
+                let limiter = Arc::new(Mutex::new(RateLimiter::new(rate)));
+                rates.insert(mailbox.to_owned(), (rate, limiter.clone()));
+                limiter
+            }
+        }
+    }
+
+    /// Provider connections open per mailbox, for the metrics.
+    pub fn provider_connections(&self) -> Vec<(String, u32)> {
+        let budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        budgets
+            .iter()
+            .map(|(name, budget)| (name.clone(), budget.in_use()))
+            .collect()
+    }
+}
+
+/// The current generation of the gateway, as new connections and logins see it.
+#[derive(Clone)]
+pub struct Live {
+    current: tokio::sync::watch::Receiver<Arc<Gateway>>,
+    publish: Arc<tokio::sync::watch::Sender<Arc<Gateway>>>,
+}
+
+impl Live {
+    pub fn new(first: Arc<Gateway>) -> Live {
+        let (publish, current) = tokio::sync::watch::channel(first);
+        Live {
+            current,
+            publish: Arc::new(publish),
+        }
+    }
+
+    /// The gateway new work should use.
+    pub fn current(&self) -> Arc<Gateway> {
+        self.current.borrow().clone()
+    }
+
+    /// A receiver told of every new generation.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<Arc<Gateway>> {
+        self.current.clone()
+    }
+
+    /// Make `next` the current generation.
+    pub fn publish(&self, next: Arc<Gateway>) {
+        self.publish.send_replace(next);
     }
 }
 
 /// The machine's host name, for SMTP greetings (`localhost` if it cannot be read).
-fn hostname() -> String {
+pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most `len` bytes into the buffer we own.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
@@ -107,7 +221,12 @@ fn hostname() -> String {
 }
 
 impl Gateway {
-    pub fn new(config: Config, audit: AuditLog, vault: &Vault) -> Result<Gateway, GatewayError> {
+    /// A generation built from `config` and the vault over the carried state.
+    pub fn new(
+        config: Config,
+        carried: &Arc<Carried>,
+        vault: &Vault,
+    ) -> Result<Gateway, GatewayError> {
         let server = tls::server_config(&config.tls.cert, &config.tls.key)
             .map_err(GatewayError::ServerTls)?;
         let mut mailboxes = HashMap::new();
@@ -123,7 +242,7 @@ impl Gateway {
             if password.is_none() {
                 tracing::warn!(
                     mailbox = %name,
-                    "no provider password in the vault: logins to this mailbox will fail until `pecgate vault set {name}` is run and pecgate restarted"
+                    "no provider password in the vault: logins to this mailbox will fail until `pecgate vault set {name}` is run and pecgate reloaded"
                 );
             }
             mailboxes.insert(
@@ -132,7 +251,7 @@ impl Gateway {
                     name: name.clone(),
                     config: mailbox.clone(),
                     provider_tls,
-                    budget: ConnectionBudget::new(mailbox.max_connections),
+                    budget: carried.budget(name, mailbox.max_connections),
                     password,
                 },
             );
@@ -140,30 +259,32 @@ impl Gateway {
         let rate = config
             .mailboxes
             .iter()
-            .filter_map(|(name, m)| {
-                m.send_rate
-                    .map(|r| (name.clone(), std::sync::Mutex::new(RateLimiter::new(r))))
-            })
+            .filter_map(|(name, m)| m.send_rate.map(|r| (name.clone(), carried.rate(name, r))))
             .collect();
         let smtp = SmtpRuntime {
             hostname: hostname(),
             spool_dir: config.gateway.state_dir.join("spool"),
-            ledger: None,
+            ledger: carried.ledger.clone(),
             rate,
         };
-        let throttle = ThrottleSettings::from_config(&config.gateway);
-        let admission = Admission::new(AdmissionLimits::from_config(&config.gateway));
+        // The carried limits follow the configuration.
+        carried
+            .admission
+            .set_limits(AdmissionLimits::from_config(&config.gateway));
+        carried
+            .logins
+            .reconfigure(ThrottleSettings::from_config(&config.gateway));
         Ok(Gateway {
             provider_timeout: config.gateway.provider_timeout,
+            audit: carried.audit.clone(),
+            logins: carried.logins.clone(),
+            admission: carried.admission.clone(),
+            registry: carried.registry.clone(),
+            metrics: carried.metrics.clone(),
+            carried: carried.clone(),
             config,
-            audit,
             acceptor: TlsAcceptor::from(server),
             mailboxes,
-            logins: LoginGate::new(
-                throttle,
-                std::thread::available_parallelism().map_or(2, |n| n.get()),
-            ),
-            admission,
             smtp,
         })
     }

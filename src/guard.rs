@@ -100,7 +100,7 @@ struct Counts {
 
 /// Connection and session counters shared by every listener.
 pub struct Admission {
-    limits: AdmissionLimits,
+    limits: Mutex<AdmissionLimits>,
     counts: Mutex<Counts>,
 }
 
@@ -128,7 +128,7 @@ fn decrement<K: Eq + Hash>(map: &mut HashMap<K, usize>, key: &K) {
 impl Admission {
     pub fn new(limits: AdmissionLimits) -> Arc<Admission> {
         Arc::new(Admission {
-            limits,
+            limits: Mutex::new(limits),
             counts: Mutex::new(Counts::default()),
         })
     }
@@ -138,15 +138,21 @@ impl Admission {
         self.counts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// New limits (a reload): places already held are kept; the limits apply to new ones.
+    pub fn set_limits(&self, limits: AdmissionLimits) {
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner()) = limits;
+    }
+
     /// A pre-login place for a new connection from `address`.
     pub fn admit(self: &Arc<Self>, address: IpAddr) -> Result<Ticket, AdmissionRefused> {
         let key = AddressKey::of(address);
+        let limits = self.limits();
         let mut counts = self.counts();
-        if counts.preauth >= self.limits.max_preauth {
+        if counts.preauth >= limits.max_preauth {
             return Err(AdmissionRefused::PreauthFull);
         }
         let from_address = counts.per_address.entry(key).or_insert(0);
-        if *from_address >= self.limits.max_preauth_per_address {
+        if *from_address >= limits.max_preauth_per_address {
             return Err(AdmissionRefused::AddressFull);
         }
         *from_address += 1;
@@ -163,12 +169,13 @@ impl Admission {
         let Place::Preauth(key) = ticket.place else {
             return Ok(());
         };
+        let limits = self.limits();
         let mut counts = self.counts();
-        if counts.sessions >= self.limits.max_sessions {
+        if counts.sessions >= limits.max_sessions {
             return Err(AdmissionRefused::SessionsFull);
         }
         let of_user = counts.per_user.get(user).copied().unwrap_or(0);
-        if of_user >= self.limits.max_sessions_per_user {
+        if of_user >= limits.max_sessions_per_user {
             return Err(AdmissionRefused::UserFull);
         }
         counts.per_user.insert(user.to_owned(), of_user + 1);
@@ -186,7 +193,7 @@ impl Admission {
     }
 
     pub fn limits(&self) -> AdmissionLimits {
-        self.limits
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -446,6 +453,11 @@ impl LoginThrottle {
 
     pub fn settings(&self) -> ThrottleSettings {
         self.settings
+    }
+
+    /// New settings (a reload); the counts so far are kept.
+    pub fn set_settings(&mut self, settings: ThrottleSettings) {
+        self.settings = settings;
     }
 }
 

@@ -5,7 +5,9 @@
 //! the modules and their invariants.
 
 pub mod audit;
+pub mod client_config;
 pub mod config;
+pub mod control;
 pub mod disk;
 #[cfg(test)]
 mod fuzz;
@@ -15,9 +17,14 @@ pub mod imap;
 pub mod io;
 pub mod ledger;
 pub mod login;
+pub mod metrics;
+pub mod monitor;
+pub mod notify;
 pub mod password;
 pub mod policy;
 pub mod provider_io;
+pub mod registry;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod smtp;

@@ -8,7 +8,9 @@
 //!   for a turn is bounded ([`MAX_WAITING_CHECKS`], [`CHECK_QUEUE_DEADLINE`]): past either the
 //!   client is told to come back (`Busy`) instead of piling up behind an attacker;
 //! - unknown users are verified against a dummy hash so timing does not reveal which users
-//!   exist, then [`Config::resolve_login`];
+//!   exist, then [`Config::resolve_login`]; a repeat of a login verified in the last hour
+//!   (same user, same stored hash, same password: a keyed MAC, no password kept) skips
+//!   argon2, so a client opening five connections costs one check;
 //! - on success the connection's pre-login [`Ticket`] becomes a session of that user, which
 //!   enforces `max_sessions` and `max_sessions_per_user`.
 //!
@@ -16,6 +18,7 @@
 //! since the attempt started (`login_failure_delay`, doubling after a few failures). What the
 //! client is told, and what is audited, stays with the protocol.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -65,6 +68,19 @@ pub enum LoginRefusal {
 impl LoginRefusal {
     /// Whether the client is told "wrong user name or password" (every credential failure,
     /// including a lock, looks the same from outside).
+    /// The `outcome` label of `pecgate_logins_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            LoginRefusal::BadCredentials { .. } => "failed",
+            LoginRefusal::Locked(_) => "locked",
+            LoginRefusal::Busy => "busy",
+            LoginRefusal::NoMailboxChosen { .. } | LoginRefusal::MailboxNotGranted(_) => {
+                "not_granted"
+            }
+            LoginRefusal::TooManySessions(_) => "limit",
+        }
+    }
+
     pub fn looks_like_bad_credentials(&self) -> bool {
         matches!(
             self,
@@ -90,11 +106,71 @@ impl LoginFailure {
     }
 }
 
-/// The shared state of password checking: the throttle and the bounded check queue.
+/// Verified logins remembered, so that a repeat login with the same password (Thunderbird
+/// opens five connections at once; clients reconnect all day) skips argon2.
+const CACHE_MAX: usize = 4096;
+/// How long a remembered login stays good.
+const CACHE_AGE: Duration = Duration::from_secs(3600);
+
+/// Logins verified recently, as keyed MACs (HMAC-SHA256 under a key drawn at start-up) of the
+/// user, the stored hash and the password: no password is kept, a changed password (hash)
+/// never matches, and the table is cleared on reload.
+struct VerifiedLogins {
+    key: Zeroizing<[u8; 32]>,
+    entries: HashMap<[u8; 32], Instant>,
+}
+
+impl VerifiedLogins {
+    fn new() -> VerifiedLogins {
+        VerifiedLogins {
+            key: Zeroizing::new(rand::random()),
+            entries: HashMap::new(),
+        }
+    }
+
+    fn mac(&self, user: &str, hash: &str, secret: &[u8]) -> [u8; 32] {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.key[..])
+            .expect("HMAC takes any key length");
+        // Lengths first, so that no two (user, hash, secret) triples share an encoding.
+        for part in [user.as_bytes(), hash.as_bytes(), secret] {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        mac.finalize().into_bytes().into()
+    }
+
+    fn knows(&self, mac: &[u8; 32], now: Instant) -> bool {
+        self.entries
+            .get(mac)
+            .is_some_and(|&at| now.duration_since(at) < CACHE_AGE)
+    }
+
+    fn remember(&mut self, mac: [u8; 32], now: Instant) {
+        if self.entries.len() >= CACHE_MAX {
+            self.entries
+                .retain(|_, at| now.duration_since(*at) < CACHE_AGE);
+            if self.entries.len() >= CACHE_MAX
+                && let Some(oldest) = self
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, at)| **at)
+                    .map(|(k, _)| *k)
+            {
+                self.entries.remove(&oldest);
+            }
+        }
+        self.entries.insert(mac, now);
+    }
+}
+
+/// The shared state of password checking: the throttle, the bounded check queue and the
+/// verified-login cache.
 pub struct LoginGate {
     throttle: Mutex<LoginThrottle>,
     checks: Arc<Semaphore>,
     waiting: AtomicUsize,
+    verified: Mutex<VerifiedLogins>,
 }
 
 impl LoginGate {
@@ -104,7 +180,18 @@ impl LoginGate {
             throttle: Mutex::new(LoginThrottle::new(settings)),
             checks: Arc::new(Semaphore::new(parallel.max(1))),
             waiting: AtomicUsize::new(0),
+            verified: Mutex::new(VerifiedLogins::new()),
         }
+    }
+
+    /// A reload: new throttle settings (counts kept), and every remembered login forgotten.
+    pub fn reconfigure(&self, settings: ThrottleSettings) {
+        self.throttle().set_settings(settings);
+        self.verified().entries.clear();
+    }
+
+    fn verified(&self) -> std::sync::MutexGuard<'_, VerifiedLogins> {
+        self.verified.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn throttle(&self) -> std::sync::MutexGuard<'_, LoginThrottle> {
@@ -158,25 +245,40 @@ pub async fn check_credentials(
         tokio::time::sleep_until((started + MAX_FAILURE_DELAY).into()).await;
         return Err(failure(LoginRefusal::Locked(scope)));
     }
-    // argon2 takes tens of milliseconds of CPU and ~19 MiB: keep it off the async workers,
-    // bounded, with a bounded wait. Unknown users are checked against a dummy hash so both
-    // cases cost the same.
-    let Some(permit) = gate.turn().await else {
-        tracing::warn!(login, "login refused: password checks saturated");
-        return Err(failure(LoginRefusal::Busy));
-    };
-    let verified = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        match hash {
-            Some(hash) => password::verify_password(&hash, &secret),
-            None => {
-                password::verify_against_dummy(&secret);
-                false
+    // A repeat of a login verified recently: no argon2 (only a right password can match).
+    let mac = hash
+        .as_ref()
+        .map(|hash| gate.verified().mac(&user_name, hash, &secret));
+    let remembered = mac
+        .as_ref()
+        .is_some_and(|mac| gate.verified().knows(mac, started));
+    let verified = if remembered {
+        true
+    } else {
+        // argon2 takes tens of milliseconds of CPU and ~19 MiB: keep it off the async
+        // workers, bounded, with a bounded wait. Unknown users are checked against a dummy
+        // hash so both cases cost the same.
+        let Some(permit) = gate.turn().await else {
+            tracing::warn!(login, "login refused: password checks saturated");
+            return Err(failure(LoginRefusal::Busy));
+        };
+        let verified = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            match hash {
+                Some(hash) => password::verify_password(&hash, &secret),
+                None => {
+                    password::verify_against_dummy(&secret);
+                    false
+                }
             }
+        })
+        .await
+        .unwrap_or(false);
+        if verified && let Some(mac) = mac {
+            gate.verified().remember(mac, Instant::now());
         }
-    })
-    .await
-    .unwrap_or(false);
+        verified
+    };
 
     let resolved = if verified {
         config.resolve_login(login)
@@ -355,6 +457,42 @@ disabled = true
         let admission = admission();
         let mut ticket = admission.admit(PEER).unwrap();
         let e = super::check_credentials(&c, &gate, &mut ticket, PEER, "mario", pw("secret"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.refusal, LoginRefusal::Busy);
+    }
+
+    #[tokio::test]
+    async fn a_repeat_login_skips_argon2_and_a_new_password_does_not() {
+        let c = config();
+        let gate = gate(&c);
+        let admission = admission();
+        let mut ticket = admission.admit(PEER).unwrap();
+        super::check_credentials(&c, &gate, &mut ticket, PEER, "mario", pw("secret"))
+            .await
+            .unwrap();
+        // Every check slot taken: only a remembered login can get through now.
+        let _slots = gate.checks.clone().try_acquire_many_owned(2).unwrap();
+        gate.waiting.store(MAX_WAITING_CHECKS, Ordering::SeqCst);
+        let mut again = admission.admit(PEER).unwrap();
+        let twin = Admission::new(AdmissionLimits {
+            max_preauth: 10,
+            max_preauth_per_address: 10,
+            max_sessions: 10,
+            max_sessions_per_user: 10,
+        });
+        let mut again_ok = twin.admit(PEER).unwrap();
+        super::check_credentials(&c, &gate, &mut again_ok, PEER, "mario", pw("secret"))
+            .await
+            .unwrap();
+        // A wrong password is never remembered: it needs a check (refused here: none free).
+        let e = super::check_credentials(&c, &gate, &mut again, PEER, "mario", pw("other"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.refusal, LoginRefusal::Busy);
+        // A reload forgets every remembered login.
+        gate.reconfigure(ThrottleSettings::from_config(&c.gateway));
+        let e = super::check_credentials(&c, &gate, &mut again, PEER, "mario", pw("secret"))
             .await
             .unwrap_err();
         assert_eq!(e.refusal, LoginRefusal::Busy);

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use pecgate::audit::{self, AuditLog, QueryFilter};
 use pecgate::config::Config;
-use pecgate::gateway::Gateway;
+use pecgate::gateway::{Carried, Gateway, Live};
 use pecgate::ledger::{self, Ledger, LedgerFilter};
 use pecgate::password;
 use pecgate::server::{self, Listeners};
@@ -62,6 +62,39 @@ enum Command {
     Ledger {
         #[command(subcommand)]
         action: LedgerAction,
+    },
+    /// List the sessions logged in to the running pecgate (through its control socket).
+    Sessions {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<SessionsAction>,
+    },
+    /// Print the mail client settings of a user (and a Thunderbird autoconfig file).
+    ClientConfig {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        user: String,
+        /// The host name employees' clients connect to (default: this machine's name).
+        #[arg(long)]
+        host: Option<String>,
+        /// Only the Thunderbird autoconfig XML (config-v1.1.xml), to publish for IT.
+        #[arg(long)]
+        autoconfig: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionsAction {
+    /// End every session of USER at once (`* BYE` / `421`), recorded in the audit log.
+    Kick {
+        user: String,
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
     },
 }
 
@@ -147,6 +180,17 @@ fn main() -> ExitCode {
         Command::Vault { action } => vault_command(action),
         Command::Audit { action } => audit_command(action),
         Command::Ledger { action } => ledger_command(action),
+        Command::Sessions {
+            config,
+            json,
+            action,
+        } => sessions_command(&config, json, action),
+        Command::ClientConfig {
+            config,
+            user,
+            host,
+            autoconfig,
+        } => client_config(&config, &user, host, autoconfig),
     };
     match result {
         Ok(code) => code,
@@ -155,6 +199,72 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn sessions_command(
+    path: &Path,
+    json: bool,
+    action: Option<SessionsAction>,
+) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match action {
+        Some(SessionsAction::Kick { user, config }) => {
+            let state_dir = load_config(&config)?.gateway.state_dir;
+            let ended = runtime.block_on(pecgate::control::kick(&state_dir, &user))?;
+            println!("{ended} session(s) of {user} ended");
+        }
+        None => {
+            let state_dir = load_config(path)?.gateway.state_dir;
+            let sessions = runtime.block_on(pecgate::control::sessions(&state_dir))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sessions)?);
+            } else {
+                println!(
+                    "{:<16} {:<12} {:<12} {:<5} {:<22} {:<20} FOLDER",
+                    "SESSION", "USER", "MAILBOX", "PROTO", "PEER", "SINCE"
+                );
+                for s in &sessions {
+                    println!(
+                        "{:<16} {:<12} {:<12} {:<5} {:<22} {:<20} {}",
+                        s.session,
+                        pecgate::text::escape(&s.user, false),
+                        s.mailbox,
+                        s.protocol,
+                        s.peer,
+                        s.since,
+                        s.folder
+                            .as_deref()
+                            .map(|f| pecgate::text::escape(f, false).into_owned())
+                            .unwrap_or_else(|| "-".to_owned())
+                    );
+                }
+                println!("{} session(s)", sessions.len());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn client_config(
+    path: &Path,
+    user: &str,
+    host: Option<String>,
+    autoconfig: bool,
+) -> anyhow::Result<ExitCode> {
+    let config = load_config(path)?;
+    let host = host.unwrap_or_else(pecgate::gateway::hostname);
+    let settings = pecgate::client_config::settings(&config, user, &host)?;
+    if autoconfig {
+        print!(
+            "{}",
+            pecgate::client_config::thunderbird_autoconfig(&settings)
+        );
+    } else {
+        print!("{}", pecgate::client_config::describe(&settings));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load_config(path: &Path) -> anyhow::Result<Config> {
@@ -560,18 +670,20 @@ fn serve(path: &Path) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let gateway = Arc::new(Gateway::new(config, audit_log, &vault)?.with_ledger(sent_ledger));
+        let carried = Carried::new(&config, audit_log, Some(sent_ledger));
+        let gateway = Arc::new(Gateway::new(config, &carried, &vault)?);
         drop(vault);
         let listeners = Listeners::bind(&gateway).await?;
-        // With port 0 configured, this line is where the real port is learnt (the tests
-        // bind that way: no probe-and-release race).
-        for (address, key) in listeners.addresses() {
-            tracing::info!(%address, listener = key, "listening");
-        }
+        let live = Live::new(gateway);
         let shutdown = CancellationToken::new();
-        let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
+        let signals = tokio::spawn(handle_signals(
+            path.to_owned(),
+            live.clone(),
+            shutdown.clone(),
+        ));
         tracing::info!("pecgate ready");
-        server::run(gateway, listeners, shutdown, grace).await;
+        pecgate::notify::notify("READY=1");
+        server::run(live, listeners, shutdown, grace).await;
         signals.abort();
         anyhow::Ok(())
     })?;
@@ -581,18 +693,30 @@ fn serve(path: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn wait_for_signal(shutdown: CancellationToken) {
+/// SIGTERM/SIGINT stop pecgate; SIGHUP reloads the configuration and the vault.
+async fn handle_signals(config: PathBuf, live: Live, shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading");
+                // Refusals are logged and audited by `reload`; pecgate keeps running.
+                let _ = pecgate::reload::reload(&config, &live).await;
+                continue;
+            }
+        }
+        break;
     }
+    pecgate::notify::notify("STOPPING=1");
     shutdown.cancel();
 }

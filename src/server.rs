@@ -1,4 +1,5 @@
-//! Listeners, the accept loop and graceful shutdown, for IMAP and SMTP alike.
+//! Listeners, the accept loop and graceful shutdown, for IMAP and SMTP alike; the control
+//! socket and the metrics endpoint run beside them.
 //!
 //! Every listener is bound before the daemon reports ready, so a wrong address fails start-up
 //! instead of failing later. Accepting is limited by the gateway's [`Admission`] shared by both
@@ -10,7 +11,6 @@
 //! (`* BYE` / `421`), and `run` returns once they are gone (or the grace period is over).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -18,8 +18,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Live};
 use crate::guard::AdmissionRefused;
+use crate::registry::Stop;
 use crate::session::ListenerKind;
 
 /// Which protocol a listener serves.
@@ -56,92 +57,199 @@ pub enum ServerError {
     },
 }
 
+/// The listeners a configuration asks for: (config key, address, protocol, kind).
+fn wanted(
+    config: &crate::config::Config,
+) -> Vec<(&'static str, SocketAddr, Service, ListenerKind)> {
+    let (imap, smtp) = (&config.imap, &config.smtp);
+    let lists = [
+        (
+            "imap.listen_tls",
+            &imap.listen_tls,
+            Service::Imap,
+            ListenerKind::ImplicitTls,
+        ),
+        (
+            "imap.listen_starttls",
+            &imap.listen_starttls,
+            Service::Imap,
+            ListenerKind::StartTls,
+        ),
+        (
+            "smtp.listen_tls",
+            &smtp.listen_tls,
+            Service::Smtp,
+            ListenerKind::ImplicitTls,
+        ),
+        (
+            "smtp.listen_starttls",
+            &smtp.listen_starttls,
+            Service::Smtp,
+            ListenerKind::StartTls,
+        ),
+    ];
+    lists
+        .into_iter()
+        .flat_map(|(key, addresses, service, kind)| {
+            addresses.iter().map(move |&a| (key, a, service, kind))
+        })
+        .collect()
+}
+
+/// A bound listener and where it comes from.
+struct Bound {
+    listener: TcpListener,
+    key: &'static str,
+    configured: SocketAddr,
+    service: Service,
+    kind: ListenerKind,
+}
+
+async fn bind_one(
+    (key, address, service, kind): (&'static str, SocketAddr, Service, ListenerKind),
+) -> Result<Bound, ServerError> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| ServerError::Bind {
+            address,
+            key,
+            source,
+        })?;
+    if let Ok(real) = listener.local_addr() {
+        // With port 0 configured, this line is where the real port is learnt (the tests bind
+        // that way: no probe-and-release race).
+        tracing::info!(address = %real, listener = key, "listening");
+    }
+    Ok(Bound {
+        listener,
+        key,
+        configured: address,
+        service,
+        kind,
+    })
+}
+
+/// A listener being served: its config key and address, its own stop, its accept task.
+struct Running {
+    id: (&'static str, SocketAddr),
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
 /// Bound listeners, ready to serve.
 pub struct Listeners {
-    bound: Vec<(TcpListener, Service, ListenerKind, &'static str)>,
+    bound: Vec<Bound>,
+    metrics: Option<TcpListener>,
 }
 
 impl Listeners {
-    /// Bind every configured address.
+    /// Bind every configured address (and the metrics endpoint, if configured).
     pub async fn bind(gateway: &Gateway) -> Result<Listeners, ServerError> {
         let mut bound = Vec::new();
-        let (imap, smtp) = (&gateway.config.imap, &gateway.config.smtp);
-        let kinds = [
-            (
-                "imap.listen_tls",
-                &imap.listen_tls,
-                Service::Imap,
-                ListenerKind::ImplicitTls,
-            ),
-            (
-                "imap.listen_starttls",
-                &imap.listen_starttls,
-                Service::Imap,
-                ListenerKind::StartTls,
-            ),
-            (
-                "smtp.listen_tls",
-                &smtp.listen_tls,
-                Service::Smtp,
-                ListenerKind::ImplicitTls,
-            ),
-            (
-                "smtp.listen_starttls",
-                &smtp.listen_starttls,
-                Service::Smtp,
-                ListenerKind::StartTls,
-            ),
-        ];
-        for (key, addresses, service, kind) in kinds {
-            for &address in addresses {
+        for wanted in wanted(&gateway.config) {
+            bound.push(bind_one(wanted).await?);
+        }
+        let metrics = match gateway.config.metrics.listen {
+            Some(address) => {
                 let listener =
                     TcpListener::bind(address)
                         .await
                         .map_err(|source| ServerError::Bind {
                             address,
-                            key,
+                            key: "metrics.listen",
                             source,
                         })?;
-                bound.push((listener, service, kind, key));
+                if let Ok(real) = listener.local_addr() {
+                    tracing::info!(address = %real, listener = "metrics.listen", "listening");
+                }
+                Some(listener)
             }
-        }
-        Ok(Listeners { bound })
-    }
-
-    /// The bound addresses (with the real port where 0 was configured) and the config key
-    /// each comes from (`imap.listen_tls`...).
-    pub fn addresses(&self) -> Vec<(SocketAddr, &'static str)> {
-        self.bound
-            .iter()
-            .filter_map(|(l, _, _, key)| l.local_addr().ok().map(|a| (a, *key)))
-            .collect()
+            None => None,
+        };
+        Ok(Listeners { bound, metrics })
     }
 }
 
 /// Serve until `shutdown` is cancelled, then wait (up to `grace`) for sessions to end.
-pub async fn run(
-    gateway: Arc<Gateway>,
-    listeners: Listeners,
-    shutdown: CancellationToken,
-    grace: Duration,
-) {
+/// A new generation published in `live` (a reload) takes effect for new connections: its
+/// listeners are bound and those it no longer has are closed.
+pub async fn run(live: Live, listeners: Listeners, shutdown: CancellationToken, grace: Duration) {
     let tracker = TaskTracker::new();
+    let gateway = live.current();
     tracker.spawn(crate::disk::watch_free_space(
         gateway.config.gateway.state_dir.clone(),
         gateway.config.gateway.min_free_space_bytes,
         shutdown.clone(),
     ));
-    for (listener, service, kind, _) in listeners.bound {
-        tracker.spawn(accept_loop(
-            gateway.clone(),
-            listener,
-            service,
-            kind,
+    match crate::control::bind(&gateway.config.gateway.state_dir) {
+        Ok(control) => {
+            tracker.spawn(crate::control::serve(
+                control,
+                live.clone(),
+                shutdown.clone(),
+            ));
+        }
+        Err(error) => {
+            tracing::error!(%error, "control socket unavailable: `pecgate sessions` will not work")
+        }
+    }
+    if let Some(metrics) = listeners.metrics {
+        tracker.spawn(crate::monitor::serve(
+            metrics,
+            live.clone(),
+            shutdown.clone(),
+        ));
+    }
+    // Each listener has its own stop, so a reload can close one and keep the others; its
+    // task handle tells when its socket is closed (an address may move to another listener).
+    let mut running: Vec<Running> = Vec::new();
+    let start = |bound: Bound, running: &mut Vec<Running>| {
+        let stop = shutdown.child_token();
+        let id = (bound.key, bound.configured);
+        let task = tracker.spawn(accept_loop(
+            live.clone(),
+            bound,
+            stop.clone(),
             shutdown.clone(),
             tracker.clone(),
         ));
+        running.push(Running { id, stop, task });
+    };
+    for bound in listeners.bound {
+        start(bound, &mut running);
     }
-    shutdown.cancelled().await;
+    let mut generations = live.watch();
+    loop {
+        tokio::select! {
+            changed = generations.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let config = generations.borrow_and_update().config.clone();
+                let wanted = wanted(&config);
+                let (kept, closed): (Vec<Running>, Vec<Running>) = running
+                    .drain(..)
+                    .partition(|r| wanted.iter().any(|(key, address, _, _)| (*key, *address) == r.id));
+                running = kept;
+                // Closed first, and waited for: their addresses may be bound again just below.
+                for gone in closed {
+                    tracing::info!(listener = gone.id.0, address = %gone.id.1, "listener closed by the reload");
+                    gone.stop.cancel();
+                    let _ = gone.task.await;
+                }
+                for new in wanted {
+                    if running.iter().any(|r| r.id == (new.0, new.1)) {
+                        continue;
+                    }
+                    match bind_one(new).await {
+                        Ok(bound) => start(bound, &mut running),
+                        Err(error) => tracing::error!(%error, "a listener added by the reload could not be bound"),
+                    }
+                }
+            }
+            () = shutdown.cancelled() => break,
+        }
+    }
     tracker.close();
     tracing::info!(
         sessions = tracker.len(),
@@ -156,17 +264,22 @@ pub async fn run(
 }
 
 async fn accept_loop(
-    gateway: Arc<Gateway>,
-    listener: TcpListener,
-    service: Service,
-    kind: ListenerKind,
+    live: Live,
+    bound: Bound,
+    stop: CancellationToken,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let Bound {
+        listener,
+        service,
+        kind,
+        ..
+    } = bound;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = shutdown.cancelled() => return,
+            () = stop.cancelled() => return,
         };
         let (mut tcp, peer) = match accepted {
             Ok(accepted) => accepted,
@@ -177,6 +290,7 @@ async fn accept_loop(
                 continue;
             }
         };
+        let gateway = live.current();
         let ticket = match gateway.admission.admit(peer.ip()) {
             Ok(ticket) => ticket,
             Err(refused) => {
@@ -193,15 +307,15 @@ async fn accept_loop(
                 continue;
             }
         };
-        let gateway = gateway.clone();
-        let shutdown = shutdown.clone();
+        let live = live.clone();
+        let session_stop = Stop::child_of(&shutdown);
         tracker.spawn(async move {
             match service {
                 Service::Imap => {
-                    crate::imap::session::serve(gateway, ticket, tcp, peer, kind, shutdown).await
+                    crate::imap::session::serve(live, ticket, tcp, peer, kind, session_stop).await
                 }
                 Service::Smtp => {
-                    crate::smtp::session::serve(gateway, ticket, tcp, peer, kind, shutdown).await
+                    crate::smtp::session::serve(live, ticket, tcp, peer, kind, session_stop).await
                 }
             }
         });

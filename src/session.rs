@@ -11,8 +11,9 @@ use tracing::Instrument;
 
 use crate::audit::{AuditError, AuditEvent, Outcome, Protocol};
 use crate::config::LoginTarget;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Live};
 use crate::io::BoxStream;
+use crate::registry::{Registration, SessionInfo, Stop};
 
 /// Which kind of listener accepted the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,7 +44,14 @@ pub fn new_session_id() -> String {
 /// Identity of a session, for its audit events and its log span.
 #[derive(Clone)]
 pub struct SessionContext {
+    /// The generation this session works under (the current one when it logged in).
     pub gateway: Arc<Gateway>,
+    /// The current generation, for the login (a reload may have come since the accept).
+    pub live: Live,
+    /// How the session is asked to end (shutdown, reload, kick).
+    pub stop: Stop,
+    /// Its entry in the registry of logged-in sessions, once logged in.
+    pub registration: Option<Arc<Registration>>,
     /// The front end serving the session (`Protocol::Imap` or `Protocol::Smtp`).
     pub protocol: Protocol,
     pub id: String,
@@ -54,9 +62,12 @@ pub struct SessionContext {
 
 impl SessionContext {
     /// A new, not yet authenticated session with a fresh id.
-    pub fn new(gateway: Arc<Gateway>, protocol: Protocol, peer: SocketAddr) -> SessionContext {
+    pub fn new(live: Live, stop: Stop, protocol: Protocol, peer: SocketAddr) -> SessionContext {
         SessionContext {
-            gateway,
+            gateway: live.current(),
+            live,
+            stop,
+            registration: None,
             protocol,
             id: new_session_id(),
             peer,
@@ -86,14 +97,51 @@ impl SessionContext {
         }
     }
 
+    /// Take the current generation of the gateway: a login is checked against the
+    /// configuration in force now, whatever it was when the connection was accepted.
+    pub fn refresh(&mut self) -> Arc<Gateway> {
+        self.gateway = self.live.current();
+        self.gateway.clone()
+    }
+
     /// Record a successful login: later events carry the user and mailbox, and so does the
-    /// current span.
+    /// current span; the session joins the registry (listed, and ended by a reload or a kick).
     pub fn logged_in(&mut self, target: &LoginTarget) {
         self.user = Some(target.user.clone());
         self.mailbox = Some(target.mailbox.clone());
         let span = tracing::Span::current();
         span.record("user", target.user.as_str());
         span.record("mailbox", target.mailbox.as_str());
+        let info = SessionInfo {
+            session: self.id.clone(),
+            user: target.user.clone(),
+            mailbox: target.mailbox.clone(),
+            protocol: self.protocol.as_str().to_owned(),
+            peer: self.peer,
+            since: crate::audit::format_timestamp(SystemTime::now()),
+            folder: None,
+        };
+        self.registration = Some(Arc::new(
+            self.gateway.registry.register(info, self.stop.clone()),
+        ));
+        // A reload may have been published while the password was checked, and its sweep of
+        // the registry may have run before this session joined it: judge the change here too
+        // (a reload publishes before it sweeps, so one of the two always sees the other).
+        let current = self.live.current();
+        if !Arc::ptr_eq(&current, &self.gateway)
+            && let Some(reason) =
+                self.gateway
+                    .config
+                    .revocation(&current.config, &target.user, &target.mailbox)
+        {
+            self.stop.end(reason);
+        }
+    }
+
+    /// Why the session was asked to end, for its goodbye: pecgate's shutdown, or its own
+    /// reason (revoked by a reload, kicked by an admin).
+    pub fn stop_reason(&self) -> Option<String> {
+        self.stop.reason()
     }
 
     fn event(
@@ -127,6 +175,9 @@ impl SessionContext {
         outcome: Outcome,
     ) -> Result<(), AuditError> {
         let event = self.event(command, folder, detail, outcome);
+        self.gateway
+            .metrics
+            .command(self.protocol.as_str(), outcome.as_str());
         self.gateway.audit.record(event).await.inspect_err(|error| {
             tracing::error!(%error, "audit log unavailable: refusing to go on unrecorded");
         })
@@ -142,6 +193,9 @@ impl SessionContext {
         outcome: Outcome,
     ) -> Result<(), AuditError> {
         let event = self.event(command, folder, detail, outcome);
+        self.gateway
+            .metrics
+            .command(self.protocol.as_str(), outcome.as_str());
         self.gateway
             .audit
             .record_durable(event)

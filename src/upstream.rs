@@ -64,6 +64,12 @@ impl ConnectionBudget {
     pub fn limit(&self) -> u32 {
         self.limit
     }
+
+    /// Connections open under this budget now.
+    pub fn in_use(&self) -> u32 {
+        self.limit
+            .saturating_sub(self.slots.available_permits() as u32)
+    }
 }
 
 /// Everything needed to open a provider session for one mailbox.

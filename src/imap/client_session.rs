@@ -626,7 +626,7 @@ impl ClientSession {
                     &f.summary,
                     &f.upstream_tag,
                     Outcome::Error,
-                    Some("no answer from the provider"),
+                    Some("no answer from the provider before the session ended"),
                 )
             })
             .collect()

@@ -22,7 +22,6 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::{Notify, oneshot};
-use tokio_util::sync::CancellationToken;
 
 use crate::imap::authorize::{SessionPolicy, rename_rfc822_items};
 use crate::imap::client_session::{
@@ -72,6 +71,14 @@ pub enum SessionEnd {
     Error(String),
 }
 
+/// What an IMAP client is told when its session is asked to end.
+pub fn stop_bye(ctx: &SessionContext) -> Vec<u8> {
+    match ctx.stop_reason() {
+        Some(reason) => format!("* BYE [UNAVAILABLE] Session ended: {reason}\r\n").into_bytes(),
+        None => b"* BYE pecgate is shutting down\r\n".to_vec(),
+    }
+}
+
 /// The two machines of one session.
 struct Core {
     session: ClientSession,
@@ -111,7 +118,6 @@ pub async fn run(
     provider: ProviderConnection,
     capabilities: Vec<String>,
     policy: SessionPolicy,
-    shutdown: &CancellationToken,
 ) -> SessionEnd {
     let literal_plus = provider.literal_plus();
     let ProviderConnection {
@@ -143,12 +149,7 @@ pub async fn run(
     };
     let end = {
         let up = upward(&shared, &mut client_reader, client_buffer, limits);
-        let down = downward(
-            &shared,
-            &mut provider_reader,
-            &mut provider_buffer,
-            shutdown,
-        );
+        let down = downward(&shared, &mut provider_reader, &mut provider_buffer);
         let watchdog = watch_provider(&shared, &provider_wait, ctx.gateway.provider_timeout);
         tokio::pin!(up, down, watchdog);
         tokio::select! {
@@ -585,7 +586,6 @@ async fn downward(
     shared: &Shared<'_>,
     provider: &mut ProviderReader,
     buffer: &mut BytesMut,
-    shutdown: &CancellationToken,
 ) -> SessionEnd {
     loop {
         // Between responses: the only place where the session may stop cleanly.
@@ -605,8 +605,9 @@ async fn downward(
                         return SessionEnd::UpstreamClosed;
                     }
                 },
-                () = shutdown.cancelled(), if buffer.is_empty() => {
-                    let _ = answer(&shared.client, b"* BYE pecgate is shutting down\r\n").await;
+                () = shared.ctx.stop.stopped(), if buffer.is_empty() => {
+                    let bye = stop_bye(shared.ctx);
+                    let _ = answer(&shared.client, &bye).await;
                     return SessionEnd::Shutdown;
                 }
             }
@@ -646,7 +647,14 @@ async fn downward(
                         let _ = tx.send(false);
                     }
                 }
-                let actions = shared.core().session.on_completed(&tag, status, &text);
+                let (actions, selected) = {
+                    let mut core = shared.core();
+                    let actions = core.session.on_completed(&tag, status, &text);
+                    (actions, core.session.selected().map(str::to_owned))
+                };
+                if let Some(registration) = &shared.ctx.registration {
+                    registration.set_folder(selected.as_deref());
+                }
                 shared.completed.notify_waiters();
                 actions
             }

@@ -3,16 +3,14 @@
 //! config and the vault, then the relay.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
 use crate::audit::{Outcome, Protocol};
-use crate::gateway::Gateway;
+use crate::gateway::Live;
 use crate::guard::{AdmissionRefused, Ticket};
 use crate::imap::authorize::SessionPolicy;
 use crate::imap::command;
@@ -23,6 +21,7 @@ use crate::imap::response;
 use crate::io::{self, BoxStream};
 use crate::login::{self, LoginRefusal};
 use crate::policy::FolderPolicy;
+use crate::registry::Stop;
 use crate::session::{self, HandshakeFailure, ListenerKind, SessionContext};
 use crate::upstream::{self, ProviderConnection};
 
@@ -46,16 +45,16 @@ impl From<HandshakeFailure> for SessionEnd {
 /// Serve one accepted connection to the end.
 /// `ticket` is the connection's place (pre-login, a session once logged in), held to the end.
 pub async fn serve(
-    gateway: Arc<Gateway>,
+    live: Live,
     mut ticket: Ticket,
     tcp: TcpStream,
     peer: SocketAddr,
     kind: ListenerKind,
-    shutdown: CancellationToken,
+    stop: Stop,
 ) {
-    let mut ctx = SessionContext::new(gateway, Protocol::Imap, peer);
+    let mut ctx = SessionContext::new(live, stop, Protocol::Imap, peer);
     let span = ctx.span();
-    session::run_in_span(span, kind, run(&mut ctx, &mut ticket, tcp, kind, &shutdown)).await
+    session::run_in_span(span, kind, run(&mut ctx, &mut ticket, tcp, kind)).await
 }
 
 async fn run(
@@ -63,7 +62,6 @@ async fn run(
     ticket: &mut Ticket,
     tcp: TcpStream,
     kind: ListenerKind,
-    shutdown: &CancellationToken,
 ) -> SessionEnd {
     if let Err(error) = tcp.set_nodelay(true) {
         return SessionEnd::Error(error.to_string());
@@ -76,7 +74,7 @@ async fn run(
         ListenerKind::StartTls => (Box::new(tcp) as BoxStream, false),
     };
     let (stream, buffer, provider, capabilities) =
-        match not_authenticated(ctx, ticket, stream, tls, shutdown).await {
+        match not_authenticated(ctx, ticket, stream, tls).await {
             PreAuthEnd::LoggedIn {
                 stream,
                 buffer,
@@ -100,17 +98,9 @@ async fn run(
             .iter()
             .any(|c| c.eq_ignore_ascii_case("UNSELECT")),
     };
-    let end = relay::run(
-        ctx,
-        stream,
-        buffer,
-        provider,
-        capabilities,
-        policy,
-        shutdown,
-    )
-    .await;
+    let end = relay::run(ctx, stream, buffer, provider, capabilities, policy).await;
     let (command, outcome) = match &end {
+        SessionEnd::Shutdown if ctx.stop_reason().is_some() => ("revoked", Outcome::Ok),
         SessionEnd::Logout => ("logout", Outcome::Ok),
         SessionEnd::UpstreamClosed
         | SessionEnd::ProviderViolation(_)
@@ -118,9 +108,11 @@ async fn run(
         SessionEnd::AuditFailed => ("disconnect", Outcome::Error),
         _ => ("disconnect", Outcome::Ok),
     };
-    let _ = ctx
-        .audit(command, None, format!("{end:?}").to_lowercase(), outcome)
-        .await;
+    let detail = match ctx.stop_reason() {
+        Some(reason) if matches!(end, SessionEnd::Shutdown) => reason,
+        _ => format!("{end:?}").to_lowercase(),
+    };
+    let _ = ctx.audit(command, None, detail, outcome).await;
     end
 }
 
@@ -151,13 +143,12 @@ async fn not_authenticated(
     ticket: &mut Ticket,
     stream: BoxStream,
     tls: bool,
-    shutdown: &CancellationToken,
 ) -> PreAuthEnd {
     let mut tally = preauth::Tally {
         tls,
         ..Default::default()
     };
-    let end = serve_preauth(ctx, ticket, stream, &mut tally, shutdown).await;
+    let end = serve_preauth(ctx, ticket, stream, &mut tally).await;
     let ended = match &end {
         PreAuthEnd::LoggedIn { .. } => "login".to_owned(),
         PreAuthEnd::Closed(SessionEnd::Error(text)) => crate::text::printable(text.as_bytes(), 120),
@@ -178,8 +169,8 @@ async fn serve_preauth(
     ticket: &mut Ticket,
     mut stream: BoxStream,
     tally: &mut preauth::Tally,
-    shutdown: &CancellationToken,
 ) -> PreAuthEnd {
+    let stop = ctx.stop.clone();
     let mut tls = tally.tls;
     macro_rules! send_or_close {
         ($bytes:expr) => {
@@ -223,8 +214,8 @@ async fn serve_preauth(
                         let _ = send(&mut stream, b"* BYE Autologout: no login in time\r\n").await;
                         return PreAuthEnd::Closed(SessionEnd::Timeout);
                     }
-                    () = shutdown.cancelled() => {
-                        let _ = send(&mut stream, b"* BYE pecgate is shutting down\r\n").await;
+                    () = stop.stopped() => {
+                        let _ = send(&mut stream, &relay::stop_bye(ctx)).await;
                         return PreAuthEnd::Closed(SessionEnd::Shutdown);
                     }
                 }
@@ -330,7 +321,7 @@ async fn log_in(
     login: &str,
     secret: Zeroizing<Vec<u8>>,
 ) -> LoginResult {
-    let gateway = ctx.gateway.clone();
+    let gateway = ctx.refresh();
     let target = match login::check_credentials(
         &gateway.config,
         &gateway.logins,
@@ -341,8 +332,12 @@ async fn log_in(
     )
     .await
     {
-        Ok(target) => target,
+        Ok(target) => {
+            gateway.metrics.login("ok");
+            target
+        }
         Err(failure) => {
+            gateway.metrics.login(failure.refusal.metric_label());
             let reply = match &failure.refusal {
                 LoginRefusal::BadCredentials { .. } | LoginRefusal::Locked(_) => {
                     format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed\r\n")

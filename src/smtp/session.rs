@@ -8,16 +8,16 @@ use std::time::{Instant, SystemTime};
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
 use crate::audit::{Outcome, Protocol};
 use crate::config::LoginTarget;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Live};
 use crate::guard::{AdmissionRefused, Ticket};
 use crate::io::{self, BoxStream};
 use crate::ledger::{Begun, NewEntry, Status};
 use crate::login::{self, LoginFailure, LoginRefusal};
+use crate::registry::Stop;
 use crate::session::{self, HandshakeFailure, ListenerKind, SessionContext};
 
 use super::checks::{self, MailboxRules, RateSlot};
@@ -65,7 +65,7 @@ struct Transaction {
     recipients: Vec<String>,
 }
 
-struct Session<'a> {
+struct Session {
     ctx: SessionContext,
     /// The connection's place: pre-login, a session once authenticated.
     ticket: Ticket,
@@ -79,21 +79,22 @@ struct Session<'a> {
     errors: u32,
     auth_failures: u32,
     connected: Instant,
-    shutdown: &'a CancellationToken,
+    /// How the session is asked to end (a clone of the context's).
+    stop: Stop,
 }
 
 /// Serve one accepted connection to the end.
 pub async fn serve(
-    gateway: Arc<Gateway>,
+    live: Live,
     ticket: Ticket,
     tcp: TcpStream,
     peer: SocketAddr,
     kind: ListenerKind,
-    shutdown: CancellationToken,
+    stop: Stop,
 ) {
-    let ctx = SessionContext::new(gateway, Protocol::Smtp, peer);
+    let ctx = SessionContext::new(live, stop, Protocol::Smtp, peer);
     let span = ctx.span();
-    session::run_in_span(span, kind, run(ctx, ticket, tcp, kind, &shutdown)).await
+    session::run_in_span(span, kind, run(ctx, ticket, tcp, kind)).await
 }
 
 async fn run(
@@ -101,11 +102,11 @@ async fn run(
     ticket: Ticket,
     tcp: TcpStream,
     kind: ListenerKind,
-    shutdown: &CancellationToken,
 ) -> SessionEnd {
     if let Err(error) = tcp.set_nodelay(true) {
         return SessionEnd::Error(error.to_string());
     }
+    let ctx_stop = ctx.stop.clone();
     let mut session = Session {
         ctx,
         ticket,
@@ -118,7 +119,7 @@ async fn run(
         errors: 0,
         auth_failures: 0,
         connected: Instant::now(),
-        shutdown,
+        stop: ctx_stop,
     };
     if kind == ListenerKind::ImplicitTls
         && let Err(end) = session.handshake().await
@@ -126,21 +127,29 @@ async fn run(
         return end;
     }
     let end = session.serve().await;
+    let reason = session.stop.reason();
     let (command, outcome) = match &end {
+        SessionEnd::Shutdown if reason.is_some() => ("revoked", Outcome::Ok),
         SessionEnd::Quit => ("logout", Outcome::Ok),
         SessionEnd::AuditFailed => ("disconnect", Outcome::Error),
         _ => ("disconnect", Outcome::Ok),
     };
-    let _ = session
-        .ctx
-        .audit(command, None, format!("{end:?}").to_lowercase(), outcome)
-        .await;
+    let detail = match reason {
+        Some(reason) if matches!(end, SessionEnd::Shutdown) => reason,
+        _ => format!("{end:?}").to_lowercase(),
+    };
+    let _ = session.ctx.audit(command, None, detail, outcome).await;
     end
 }
 
-impl Session<'_> {
+impl Session {
     fn gateway(&self) -> &Arc<Gateway> {
         &self.ctx.gateway
+    }
+
+    /// The goodbye when the session is asked to end (shutdown, revoked, kicked).
+    fn stop_reply(&self) -> Reply {
+        shutting_down(self.stop.reason())
     }
 
     async fn handshake(&mut self) -> Result<(), SessionEnd> {
@@ -235,8 +244,8 @@ impl Session<'_> {
                     let _ = self.send(&Reply::new(421, Enhanced(4, 4, 2), "Timeout: closing the connection")).await;
                     return Err(SessionEnd::Timeout);
                 }
-                () = self.shutdown.cancelled(), if interruptible => {
-                    let _ = self.send(&shutting_down()).await;
+                () = self.stop.stopped(), if interruptible => {
+                    let _ = self.send(&self.stop_reply()).await;
                     return Err(SessionEnd::Shutdown);
                 }
             }
@@ -267,8 +276,8 @@ impl Session<'_> {
             return end;
         }
         loop {
-            if self.shutdown.is_cancelled() {
-                let _ = self.send(&shutting_down()).await;
+            if self.stop.is_stopped() {
+                let _ = self.send(&self.stop_reply()).await;
                 return SessionEnd::Shutdown;
             }
             let line = match self.read_line(MAX_COMMAND_LINE, true).await {
@@ -458,7 +467,7 @@ impl Session<'_> {
                 }
             }
         };
-        let gateway = self.ctx.gateway.clone();
+        let gateway = self.ctx.refresh();
         let peer = self.ctx.peer.ip();
         match login::check_credentials(
             &gateway.config,
@@ -471,6 +480,7 @@ impl Session<'_> {
         .await
         {
             Ok(target) => {
+                gateway.metrics.login("ok");
                 self.ctx.logged_in(&target);
                 tracing::info!("authenticated");
                 let reply = Reply::new(
@@ -491,6 +501,7 @@ impl Session<'_> {
                 .await
             }
             Err(failure) => {
+                gateway.metrics.login(failure.refusal.metric_label());
                 // RFC 4954: 454 for a temporary failure, 535 when the credentials are refused.
                 let temporary = |text: String| Reply::new(454, Enhanced(4, 7, 0), text);
                 let text = match &failure.refusal {
@@ -920,6 +931,7 @@ impl Session<'_> {
                 // two legal sendings. Refused permanently, so the user sees why instead of a
                 // silent second send.
                 release(slot);
+                gateway.metrics.smtp_message("duplicate");
                 let reply = Reply::new(
                     554,
                     Enhanced(5, 7, 1),
@@ -1026,6 +1038,7 @@ impl Session<'_> {
                 (reply, Status::Failed, Outcome::Error, detail)
             }
         };
+        gateway.metrics.smtp_message(status.as_str());
         if let Err(error) = ledger.finish(row, status, reply.summary()).await {
             tracing::error!(%error, %message_id, row, "cannot complete the sent ledger row (the audit log has the outcome)");
         }
@@ -1051,12 +1064,15 @@ impl Session<'_> {
     }
 }
 
-fn shutting_down() -> Reply {
-    Reply::new(
-        421,
-        Enhanced(4, 3, 2),
-        "pecgate is shutting down; try again later",
-    )
+fn shutting_down(reason: Option<String>) -> Reply {
+    match reason {
+        Some(reason) => Reply::new(421, Enhanced(4, 7, 0), format!("Session ended: {reason}")),
+        None => Reply::new(
+            421,
+            Enhanced(4, 3, 2),
+            "pecgate is shutting down; try again later",
+        ),
+    }
 }
 
 fn audit_unavailable() -> Reply {
