@@ -114,10 +114,11 @@
 //! `tracing::error!` and marks the log failed. From then on every `record`
 //! returns [`AuditError::Unavailable`], so sessions refuse commands rather than
 //! work unrecorded. Events of the failed batch, and any already queued, are
-//! kept in memory (up to 100000) and are never counted as written. An event
-//! whose `record_durable` caller was told it failed (so the command was not
-//! carried out) is kept with outcome `error` and `; refused: audit log
-//! unavailable` added to its detail, so the trail says what really happened.
+//! kept in memory (up to 100000) and are never counted as written. So is every
+//! event refused while the log is failed. An event whose caller was told it
+//! failed (so the command or login was not carried out) is kept with outcome
+//! `error` and `; refused: audit log unavailable` added to its detail, so the
+//! trail says what really happened.
 //!
 //! While failed, the writer retries the kept events every few seconds (a full
 //! disk that an operator clears); once they are written the log is healthy
@@ -169,9 +170,9 @@ const LINGER_STEP: std::time::Duration = std::time::Duration::from_micros(200);
 /// After a failure, events are kept for one last attempt at shutdown; beyond
 /// this many they are only counted, so a dead disk cannot also exhaust memory.
 const MAX_RETAINED: usize = 100_000;
-/// Added to the detail of an event refused while the log was unavailable (written later).
-const HELD_BACK_NOTE: &str =
-    "; written late: the audit log was unavailable and pecgate refused to go on";
+/// Added to the detail of an event whose caller was told the log could not take it (so the
+/// command or login was not carried out); such an event is written later with outcome `error`.
+const REFUSED_NOTE: &str = "; refused: audit log unavailable";
 /// While failed, how often the writer retries the kept events.
 const RECOVERY_INTERVAL: Duration = Duration::from_secs(2);
 /// Readers (`pecgate audit show`) and the writer may briefly contend for locks.
@@ -593,7 +594,8 @@ impl AuditLog {
         }
         if !self.shared.closing.load(Ordering::Acquire) {
             let mut held = event.clone();
-            held.detail.push_str(HELD_BACK_NOTE);
+            held.outcome = Outcome::Error;
+            held.detail.push_str(REFUSED_NOTE);
             // Never waits: with the queue full (the writer far behind) the refused event is
             // only logged.
             if self
@@ -867,7 +869,7 @@ impl Writer {
                 // Its caller learns it failed and does not go on: say so in the row.
                 let _ = ack.send(false);
                 event.outcome = Outcome::Error;
-                event.detail.push_str("; refused: audit log unavailable");
+                event.detail.push_str(REFUSED_NOTE);
             }
             if self.retained.len() < MAX_RETAINED {
                 self.retained.push(event);
@@ -2334,7 +2336,8 @@ mod tests {
             format!("{big}; refused: audit log unavailable")
         );
         assert_eq!(rows[0].outcome, "error");
-        assert_eq!(rows[1].detail, format!("queued{HELD_BACK_NOTE}"));
+        assert_eq!(rows[1].detail, format!("queued{REFUSED_NOTE}"));
+        assert_eq!(rows[1].outcome, "error");
         assert!(verify(&path).unwrap().is_ok());
     }
 

@@ -430,6 +430,17 @@ def test_provider_killed_mid_idle(provider, make_gw, clients):
 # ---------------------------------------------------------------------------
 
 
+def health(gw: Pecgate) -> tuple[int, bytes]:
+    """pecgate's /health: (status, body)."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/health", timeout=10) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
 @pytest.fixture
 def tmpfs_gateway(provider, pecgate_binary):
     """``start(**gateway_options)``: a running pecgate whose state_dir is a 2 MiB tmpfs (the
@@ -439,7 +450,8 @@ def tmpfs_gateway(provider, pecgate_binary):
     with contextlib.ExitStack() as stack:
 
         def start(**options):
-            gw = Pecgate(provider, binary=pecgate_binary, gateway_options=options)
+            gw = Pecgate(provider, binary=pecgate_binary, gateway_options=options,
+                         metrics="127.0.0.1:0")
             stack.callback(gw.cleanup)
             try:
                 stack.enter_context(tmpfs_mounted(gw.state_dir, "2m"))
@@ -516,6 +528,8 @@ def test_full_state_dir_fails_closed_and_recovers(provider, tmpfs_gateway, disk_
     assert b"[UNAVAILABLE]" in bye and b"Audit log unavailable" in bye, bye
     reason = gw.wait_log("AUDIT LOG WRITE FAILED", since=mark)
     assert "disk is full" in reason, f"the log does not say the disk is full: {reason}"
+    # Monitoring sees it: /health answers 503 while the audit log cannot be written.
+    assert health(gw)[0] == 503
 
     # A new login is refused, with the reason.
     texts, port = refused_login(gw, clients)
@@ -532,6 +546,7 @@ def test_full_state_dir_fails_closed_and_recovers(provider, tmpfs_gateway, disk_
     freed_at = time.monotonic()
     gw.wait_log("audit log writable again", since=mark, timeout=30)
     print(f"recovered {time.monotonic() - freed_at:.2f}s after the space was freed")
+    assert health(gw) == (200, b"ok: audit log writable\n")
     r3 = clients(gw.raw(tls=True, timeout=30))
     r3.login("mario", gw.password("mario"))
     told_ok.append(("LOGIN", "mario"))
