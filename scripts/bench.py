@@ -416,6 +416,8 @@ class Bench:
                    "anna": {"password": "anna-" + self.user_pw, "roles": ["segreteria"]}},
             max_connections=a.idle_sessions + 100,
             binary=a.binary,
+            # One user holds every idle session here: lift the per-user cap (default 20).
+            gateway_options={"max_sessions_per_user": a.idle_sessions + a.stream_clients + 100},
         )
         self.gw.setup()
         self.gw.start()
