@@ -593,6 +593,56 @@ mod targets {
         );
     }
 
+    /// daticert.xml: parsing never panics; a parsed Message-ID has no brackets left.
+    #[test]
+    fn fuzz_daticert() {
+        run(
+            "daticert",
+            &[
+                br#"<postacert tipo="avvenuta-consegna" errore="nessuno"><intestazione><mittente>a@b</mittente><destinatari tipo="esterno">c@d</destinatari></intestazione><dati><data zona="+0200"><giorno>29/06/2026</giorno><ora>14:05:09</ora></data><identificativo>opec1@x</identificativo><msgid>&lt;m@x&gt;</msgid><consegna>c@d</consegna></dati></postacert>"#,
+                b"<?xml version=\"1.0\"?><postacert tipo=\"accettazione\"/>",
+            ],
+            30_000,
+            4096,
+            |xml| match crate::receipts::daticert::parse(xml) {
+                Ok(d) => {
+                    if let Some(id) = &d.msgid {
+                        assert!(!(id.starts_with('<') && id.ends_with('>')), "{id:?}");
+                    }
+                    feature(&[1, d.destinatari.len().min(4) as u64, d.at.is_some() as u64])
+                }
+                Err(e) => feature(&[2, fnv(format!("{e:?}").split('(').next().unwrap_or("").as_bytes())]),
+            },
+        );
+    }
+
+    /// Receipts: classifying any message never panics, and never from the subject alone.
+    #[test]
+    fn fuzz_receipt_classify() {
+        run(
+            "receipt_classify",
+            &[
+                b"X-Ricevuta: accettazione\r\nX-Riferimento-Message-ID: <m@x>\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: application/xml; name=daticert.xml\r\nContent-Disposition: attachment; filename=daticert.xml\r\n\r\n<postacert tipo=\"accettazione\"/>\r\n--b--\r\n",
+                b"Subject: CONSEGNA: x\r\n\r\nbody\r\n",
+                b"X-Trasporto: posta-certificata\r\n\r\n",
+            ],
+            20_000,
+            4096,
+            |raw| {
+                let c = crate::receipts::classify::classify(raw);
+                let text = String::from_utf8_lossy(raw).to_ascii_lowercase();
+                let has_pec_header = text.contains("x-ricevuta") || text.contains("x-trasporto");
+                if !has_pec_header {
+                    assert!(matches!(
+                        c.kind,
+                        crate::receipts::classify::Kind::Ordinary | crate::receipts::classify::Kind::Unknown
+                    ));
+                }
+                feature(&[fnv(c.kind.as_str().as_bytes()), c.note.is_some() as u64])
+            },
+        );
+    }
+
     /// Configuration files: parsing never panics; an accepted config also yields warnings
     /// and its policies without panicking.
     #[test]

@@ -23,6 +23,7 @@ pub mod notify;
 pub mod password;
 pub mod policy;
 pub mod provider_io;
+pub mod receipts;
 pub mod registry;
 pub mod reload;
 pub mod server;

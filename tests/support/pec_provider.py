@@ -7,16 +7,53 @@ user table), applies the formal checks a real PEC provider applies at its access
 each one delivers over LMTP into the sender's Dovecot mailbox:
 
 * an ``accettazione`` receipt;
-* per recipient an ``avvenuta-consegna`` receipt, or an ``errore-consegna`` notice for
-  addresses configured to fail;
+* per certified recipient an ``avvenuta-consegna`` receipt (``completa``, ``breve`` or
+  ``sintetica`` as the sender's ``X-TipoRicevuta`` asks; Cc recipients always ``sintetica``),
+  or an ``errore-consegna`` notice for addresses configured to fail;
 * for recipients local to the sandbox, the transport envelope (``X-Trasporto:
   posta-certificata``) into their own mailbox.
+
+Behaviour knobs, asked for by a recipient address (off otherwise: the flow above is the
+default). The recipient's local part, or its part before the first ``+``, names the knob
+(case-insensitive), e.g. ``timeout+fattura7@pec.ente.test``:
+
+* ``nouser``     -> ``errore-consegna``, errore ``no-dest``, errore-esteso ``5.1.1`` (what the
+  configured ``fail`` addresses get);
+* ``nodomain``   -> ``errore-consegna``, errore ``no-dominio``, errore-esteso ``5.1.2`` (the
+  code is a sandbox choice, not observed);
+* ``virus``      -> ``rilevazione-virus`` then ``errore-consegna``, both errore ``virus`` and
+  errore-esteso ``5.5.1``;
+* ``timeout``    -> two ``preavviso-errore-consegna`` notices dated +12 h and +24 h (the 24 h
+  one with errore-esteso ``5.4.1``, the 12 h one ``4.4.7``: sandbox choice), no delivery;
+* ``slow``       -> the 12 h notice, then the delivery receipt (dated +13 h);
+* ``early``      -> the delivery receipt reaches the mailbox before the acceptance;
+* ``taken``      -> a ``presa-in-carico`` from the recipient's provider before the delivery
+  receipt (provider-to-provider in real life; here it lands in the sender's mailbox);
+* ``reply``      -> after the delivery receipt, a certified reply from that recipient: a
+  transport envelope whose ``postacert.eml`` has ``In-Reply-To: <identificativo>``;
+* ``unverified`` -> as ``reply``, the envelope carrying ``X-VerificaSicurezza: errore``;
+* ``anomaly``    -> the recipient is external (no delivery receipt); an ordinary (non-PEC)
+  reply from it arrives wrapped in an anomaly envelope (``X-Trasporto: errore``);
+* ``external``   -> the recipient is external (``esterno``, no delivery receipt);
+* ``reject``     -> the whole submission gets only an ``avviso di non accettazione``
+  (SMTP still answers 250, as providers that check after queueing do).
+
+Recipients on non-PEC domains are ``esterno`` in daticert.xml, listed as "posta ordinaria" in
+the acceptance, and get no delivery receipt. A domain is a PEC one if it is the provider's
+own, is listed in ``ProviderConfig.pec_domains``, or has a label ``pec``, ``legalmail``,
+``postecert`` or ``sicurezzapostale`` or one beginning or ending with ``pec``
+(``pec.ente.test``, ``arubapec.test``); ``ProviderConfig.external_domains`` forces the
+opposite. Everything the knobs produce goes to the sender's mailbox over LMTP.
 
 Receipts follow the PEC technical rules (DM 2 novembre 2005 annex, RFC 6109; summary in
 ``shared/pec-reference.md``): ``X-Ricevuta`` / ``X-Trasporto``, ``X-Riferimento-Message-ID``,
 subject prefixes, and ``multipart/signed`` ( ``multipart/mixed`` [ ``multipart/alternative``
 text+html, ``daticert.xml``, ``postacert.eml`` where the rules put one ], ``smime.p7s`` ).
-The signature is a DUMMY blob that says so: nothing here is really signed.
+The signature is a DUMMY blob that says so: nothing here is really signed. Every kind of the
+reference table can be built with ``build_pec_message`` (``KINDS``), including the variants
+seen in the wild (msgid forms, header-name case, signature content types, identificativo
+shapes, fixed dates, zones and boundaries for reproducible fixtures:
+``tests/fixtures/receipts/generate.py``).
 
 Run: ``python3 pec_provider.py --config provider.json`` (see ``ProviderConfig``). The
 receipt builders are pure functions, unit-tested in ``tests/e2e/test_pec_receipts.py``.
@@ -51,6 +88,7 @@ import ssl
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,14 +98,35 @@ DUMMY_SIGNATURE = (
     b"It signs nothing and proves nothing; a real provider puts its PKCS#7 signature here.\r\n"
 )
 
-# kind -> (header name, header value, subject prefix)
+# kind -> (header name, header value, subject prefix). "errore" is the anomaly envelope.
 KINDS = {
     "posta-certificata": ("X-Trasporto", "posta-certificata", "POSTA CERTIFICATA: "),
+    "errore": ("X-Trasporto", "errore", "ANOMALIA MESSAGGIO: "),
     "accettazione": ("X-Ricevuta", "accettazione", "ACCETTAZIONE: "),
     "non-accettazione": ("X-Ricevuta", "non-accettazione", "AVVISO DI NON ACCETTAZIONE: "),
+    "presa-in-carico": ("X-Ricevuta", "presa-in-carico", "PRESA IN CARICO: "),
     "avvenuta-consegna": ("X-Ricevuta", "avvenuta-consegna", "CONSEGNA: "),
     "errore-consegna": ("X-Ricevuta", "errore-consegna", "AVVISO DI MANCATA CONSEGNA: "),
+    "preavviso-errore-consegna": ("X-Ricevuta", "preavviso-errore-consegna",
+                                  "AVVISO DI MANCATA CONSEGNA PER SUP. TEMPO MASSIMO: "),
+    "rilevazione-virus": ("X-Ricevuta", "rilevazione-virus", "PROBLEMA DI SICUREZZA: "),
 }
+# Envelopes (From "Per conto di: <sender>", Reply-To the sender); the others are receipts.
+ENVELOPES = ("posta-certificata", "errore")
+# Receipts about one recipient (daticert <consegna>).
+PER_RECIPIENT = ("avvenuta-consegna", "errore-consegna", "preavviso-errore-consegna", "rilevazione-virus")
+# daticert.xml postacert/@errore values.
+ERRORI = ("nessuno", "no-dest", "no-dominio", "virus", "altro")
+# Content types of the signature part seen in the wild.
+SIGNATURE_TYPES = ("application/x-pkcs7-signature", "application/pkcs7-signature")
+# daticert <msgid> forms: as the rules say, without brackets, missing, folded over lines,
+# URL-encoded (see pec-reference "msgid").
+MSGID_FORMS = ("escaped", "bare", "missing", "folded", "urlencoded")
+
+# Recipient-address knobs (see the module docstring).
+KNOBS = ("nouser", "nodomain", "virus", "timeout", "slow", "early", "taken", "reply",
+         "unverified", "anomaly", "external", "reject")
+PEC_LABELS = ("pec", "legalmail", "postecert", "sicurezzapostale")
 
 CRLF = b"\r\n"
 
@@ -107,14 +166,21 @@ _LENIENT_STUFFED = re.compile(rb"(\A|\r\n|\r|\n)\.")
 # ---------------------------------------------------------------------------
 
 
-def _rome(now: dt.datetime) -> tuple[str, str, str]:
-    """(giorno dd/mm/yyyy, ora hh:mm:ss, zona +HHMM) in Italian time."""
+def _local_time(now: dt.datetime, zone: dt.tzinfo | None = None) -> dt.datetime:
+    """``now`` in ``zone``, or in Italian time (UTC if there is no tz database)."""
+    if zone is not None:
+        return now.astimezone(zone)
     try:
         from zoneinfo import ZoneInfo
 
-        local = now.astimezone(ZoneInfo("Europe/Rome"))
+        return now.astimezone(ZoneInfo("Europe/Rome"))
     except Exception:  # noqa: BLE001 - no tz database: UTC is still a correct statement
-        local = now.astimezone(dt.timezone.utc)
+        return now.astimezone(dt.timezone.utc)
+
+
+def _rome(now: dt.datetime, zone: dt.tzinfo | None = None) -> tuple[str, str, str]:
+    """(giorno dd/mm/yyyy, ora hh:mm:ss, zona +HHMM) in Italian time (or in ``zone``)."""
+    local = _local_time(now, zone)
     zona = local.strftime("%z") or "+0000"
     return local.strftime("%d/%m/%Y"), local.strftime("%H:%M:%S"), zona
 
@@ -133,13 +199,17 @@ def addresses(values) -> list[str]:
     return [a for _, a in email.utils.getaddresses([str(v) for v in values]) if a]
 
 
-def encode_header_value(text: str) -> str:
-    if all(32 <= ord(c) < 127 for c in text):
+def encode_header_value(text: str, force: bool = False) -> str:
+    """``text`` as is if it is printable ASCII (and not ``force``), else RFC 2047 encoded
+    words, folded with CRLF."""
+    if not force and all(32 <= ord(c) < 127 for c in text):
         return text
-    return email.header.Header(text, "utf-8").encode()
+    return email.header.Header(text, "utf-8").encode(linesep="\r\n")
 
 
-def _boundary(tag: str) -> str:
+def _boundary(tag: str, fixed: str | None = None) -> str:
+    if fixed is not None:
+        return f"----=_sandbox_{tag}_{fixed}"
     return f"----=_sandbox_{tag}_{secrets.token_hex(8)}"
 
 
@@ -153,6 +223,58 @@ def _qp(text: str) -> bytes:
 def _b64(data: bytes) -> bytes:
     encoded = base64.encodebytes(data).replace(b"\n", CRLF)
     return encoded
+
+
+def knob_of(address: str) -> str | None:
+    """The behaviour knob a recipient address asks for (module docstring), or None."""
+    local = address.rsplit("@", 1)[0].lower()
+    name = local.split("+", 1)[0]
+    return name if name in KNOBS else None
+
+
+def is_certified(address: str, *, own_domain: str | None = None, pec_domains=(),
+                 external_domains=()) -> bool:
+    """Whether ``address`` is a PEC mailbox ("certificato") rather than "esterno"."""
+    if knob_of(address) in ("external", "anomaly"):
+        return False
+    domain = address.rsplit("@", 1)[-1].lower()
+    if domain in {d.lower() for d in external_domains}:
+        return False
+    if domain in {d.lower() for d in pec_domains} or (own_domain and domain == own_domain.lower()):
+        return True
+    for label in domain.split("."):
+        if label in PEC_LABELS or label.startswith("pec") or label.endswith("pec"):
+            return True
+    return False
+
+
+def make_identificativo(style: str, domain: str, when: dt.datetime, n: int = 1,
+                        token: str | None = None) -> str:
+    """A provider-assigned identificativo (no angle brackets) in one of the shapes seen:
+    ``aruba`` ``opec<hex>.<yyyymmddHHMMSS>.<n>@domain`` (Aruba, Namirial, Sogei) or
+    ``legalmail`` / ``poste`` four hex groups ``XXXXXXXX.XXXXXXXX.XXXXXXXX.XXXXXXXX.
+    posta-certificata@domain``. ``token``: hex digits to use (8 for aruba, 32 for the others)
+    instead of random ones."""
+    if style == "aruba":
+        token = token or secrets.token_hex(4)
+        return f"opec{token}.{when.strftime('%Y%m%d%H%M%S')}.{n}@{domain}"
+    if style in ("legalmail", "poste"):
+        token = (token or secrets.token_hex(16)).upper()
+        groups = ".".join(token[i:i + 8] for i in range(0, 32, 8))
+        return f"{groups}.posta-certificata@{domain}"
+    raise ValueError(style)
+
+
+def normalise_msgid(value: str | None) -> str | None:
+    """A Message-ID as pec-reference says to compare them: unfold, trim, unescape XML
+    entities, drop one pair of angle brackets. None/empty -> None."""
+    if value is None:
+        return None
+    text = re.sub(r"\s+", "", str(value))
+    text = html.unescape(text)
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1]
+    return text or None
 
 
 @dataclass
@@ -169,22 +291,33 @@ class Submission:
     when: dt.datetime
     tipo_ricevuta: str = "completa"
     local: set = field(default_factory=set)
+    # Recipients that are not PEC addresses (daticert destinatari tipo="esterno").
+    esterni: set = field(default_factory=set)
 
     @property
     def recipients(self) -> list[str]:
         return self.to + [c for c in self.cc if c not in self.to]
 
+    def certified(self, address: str) -> bool:
+        return address.lower() not in self.esterni
+
 
 def submission_from(raw: bytes, sender: str, identificativo: str, when: dt.datetime,
-                    local=()) -> Submission:
+                    local=(), *, own_domain: str | None = None, pec_domains=(),
+                    external_domains=()) -> Submission:
     h = parse_headers(raw)
     tipo = str(h.get("X-TipoRicevuta", "completa")).strip().lower()
     if tipo not in ("completa", "breve", "sintetica"):
         tipo = "completa"
+    to = addresses(h.get_all("To", []))
+    cc = addresses(h.get_all("Cc", []))
+    esterni = {a.lower() for a in to + cc
+               if not is_certified(a, own_domain=own_domain, pec_domains=pec_domains,
+                                   external_domains=external_domains)}
     return Submission(
         sender=sender,
-        to=addresses(h.get_all("To", [])),
-        cc=addresses(h.get_all("Cc", [])),
+        to=to,
+        cc=cc,
         subject=str(h.get("Subject", "")),
         msgid=str(h.get("Message-ID", "")).strip(),
         identificativo=identificativo,
@@ -192,19 +325,40 @@ def submission_from(raw: bytes, sender: str, identificativo: str, when: dt.datet
         when=when,
         tipo_ricevuta=tipo,
         local=set(a.lower() for a in local),
+        esterni=esterni,
     )
+
+
+def _msgid_text(msgid: str, form: str) -> str | None:
+    e = html.escape
+    if form == "escaped":
+        return e(msgid)
+    if form == "bare":
+        return e(msgid[1:-1] if msgid.startswith("<") and msgid.endswith(">") else msgid)
+    if form == "missing":
+        return None
+    if form == "folded":
+        return "\r\n      " + e(msgid) + "\r\n    "
+    if form == "urlencoded":
+        return e(urllib.parse.quote(msgid, safe="@.-_"))
+    raise ValueError(form)
 
 
 def daticert_xml(tipo: str, sub: Submission, gestore: str, *, errore: str = "nessuno",
                  ricevuta: str | None = None, consegna: str | None = None,
-                 errore_esteso: str | None = None) -> bytes:
-    """daticert.xml with the elements of the technical rules."""
+                 errore_esteso: str | None = None, when: dt.datetime | None = None,
+                 zone: dt.tzinfo | None = None, msgid_form: str = "escaped",
+                 ricezione=()) -> bytes:
+    """daticert.xml with the elements of the technical rules. ``when``: the date of the event
+    (default: the submission's); ``zone``: a fixed zone instead of Italian time;
+    ``msgid_form``: one of ``MSGID_FORMS``; ``ricezione``: recipients a presa-in-carico
+    covers."""
     e = html.escape
-    giorno, ora, zona = _rome(sub.when)
+    giorno, ora, zona = _rome(when or sub.when, zone)
     dest = []
     for addr in sub.recipients:
-        # In the sandbox every address is a PEC address ("certificato").
-        dest.append(f'    <destinatari tipo="certificato">{e(addr)}</destinatari>')
+        kind = "certificato" if sub.certified(addr) else "esterno"
+        dest.append(f'    <destinatari tipo="{kind}">{e(addr)}</destinatari>')
     lines = [
         '<?xml version="1.0" encoding="UTF-8"?>',
         f'<postacert tipo="{e(tipo)}" errore="{e(errore)}">',
@@ -221,12 +375,16 @@ def daticert_xml(tipo: str, sub: Submission, gestore: str, *, errore: str = "nes
         f"      <ora>{ora}</ora>",
         "    </data>",
         f"    <identificativo>{e(sub.identificativo)}</identificativo>",
-        f"    <msgid>{e(sub.msgid)}</msgid>",
     ]
+    msgid = _msgid_text(sub.msgid, msgid_form) if sub.msgid else None
+    if msgid is not None:
+        lines.append(f"    <msgid>{msgid}</msgid>")
     if ricevuta:
         lines.append(f'    <ricevuta tipo="{e(ricevuta)}" />')
     if consegna:
         lines.append(f"    <consegna>{e(consegna)}</consegna>")
+    for addr in ricezione:
+        lines.append(f"    <ricezione>{e(addr)}</ricezione>")
     if errore_esteso:
         lines.append(f"    <errore-esteso>{e(errore_esteso)}</errore-esteso>")
     lines += ["  </dati>", "</postacert>", ""]
@@ -234,13 +392,26 @@ def daticert_xml(tipo: str, sub: Submission, gestore: str, *, errore: str = "nes
 
 
 def notice_text(kind: str, sub: Submission, *, recipient: str | None = None,
-                error: str | None = None) -> str:
-    giorno, ora, zona = _rome(sub.when)
+                error: str | None = None, when: dt.datetime | None = None,
+                zone: dt.tzinfo | None = None, ricezione=()) -> str:
+    giorno, ora, zona = _rome(when or sub.when, zone)
     quando = f"Il giorno {giorno} alle ore {ora} ({zona})"
     if kind == "accettazione":
-        dests = "\n".join(f'{a} ("posta certificata")' for a in sub.recipients)
+        dests = "\n".join(
+            f'{a} ("posta certificata")' if sub.certified(a) else f'{a} ("posta ordinaria")'
+            for a in sub.recipients)
         body = (f'Ricevuta di accettazione\n\n{quando} il messaggio\n"{sub.subject}" proveniente da '
                 f'"{sub.sender}"\ned indirizzato a:\n{dests}\nè stato accettato dal sistema ed inoltrato.')
+    elif kind == "non-accettazione":
+        body = (f'Avviso di non accettazione\n\n{quando} il messaggio\n"{sub.subject}" proveniente da '
+                f'"{sub.sender}"\nnon è stato accettato dal sistema'
+                + (f" per il seguente motivo: {error}" if error else "")
+                + ".\nIl messaggio non è stato inoltrato.")
+    elif kind == "presa-in-carico":
+        dests = "\n".join(ricezione or sub.recipients)
+        body = (f'Ricevuta di presa in carico\n\n{quando} il messaggio\n"{sub.subject}" proveniente da '
+                f'"{sub.sender}"\ned indirizzato a:\n{dests}\nè stato accettato dal sistema del '
+                "gestore del destinatario.")
     elif kind == "avvenuta-consegna":
         body = (f'Ricevuta di avvenuta consegna\n\n{quando} il messaggio\n"{sub.subject}" proveniente da '
                 f'"{sub.sender}"\ned indirizzato a "{recipient}"\nè stato consegnato nella casella di destinazione.')
@@ -248,11 +419,26 @@ def notice_text(kind: str, sub: Submission, *, recipient: str | None = None,
         body = (f'Avviso di mancata consegna\n\n{quando} nel messaggio\n"{sub.subject}" proveniente da '
                 f'"{sub.sender}"\ned indirizzato a "{recipient}"\nè stato rilevato un errore: {error}.\n'
                 "Il messaggio non è stato consegnato.")
+    elif kind == "preavviso-errore-consegna":
+        body = (f'Avviso di mancata consegna per superamento dei tempi massimi\n\n{quando} il messaggio\n'
+                f'"{sub.subject}" proveniente da "{sub.sender}"\ned indirizzato a "{recipient}"\n'
+                f"non è ancora stato consegnato ({error}).\n"
+                "Il gestore del destinatario potrebbe non essere in grado di consegnarlo.")
+    elif kind == "rilevazione-virus":
+        body = (f'Avviso di rilevazione virus\n\n{quando} nel messaggio\n"{sub.subject}" proveniente da '
+                f'"{sub.sender}"\ned indirizzato a "{recipient}"\nè stato rilevato un virus informatico '
+                f"({error}).\nIl messaggio non è stato consegnato.")
     elif kind == "posta-certificata":
         dests = "\n".join(sub.recipients)
         body = (f'Messaggio di posta certificata\n\n{quando} il messaggio\n"{sub.subject}" è stato inviato da '
                 f'"{sub.sender}"\nindirizzato a:\n{dests}\nIl messaggio originale è incluso in allegato '
                 "(postacert.eml).")
+    elif kind == "errore":
+        dests = "\n".join(sub.recipients)
+        body = (f'Anomalia nel messaggio\n\n{quando} è stato ricevuto il messaggio\n"{sub.subject}" '
+                f'inviato da "{sub.sender}"\nindirizzato a:\n{dests}\nQuesto messaggio non è una posta '
+                "certificata valida (messaggio di posta ordinaria o busta non conforme).\n"
+                "Il messaggio originale è incluso in allegato (postacert.eml).")
     else:
         raise ValueError(kind)
     return body + f"\nIdentificativo messaggio: {sub.identificativo}\n"
@@ -280,22 +466,51 @@ def build_pec_message(kind: str, sub: Submission, *, gestore: str, domain: str, 
                       cc: list[str] | None = None, recipient: str | None = None,
                       postacert: bytes | None = None, ricevuta: str | None = None,
                       errore: str = "nessuno", errore_esteso: str | None = None,
-                      message_id: str | None = None) -> bytes:
-    """One PEC message (receipt or transport envelope) as bytes with CRLF line endings."""
+                      message_id: str | None = None, when: dt.datetime | None = None,
+                      zone: dt.tzinfo | None = None, boundary: str | None = None,
+                      signature_type: str = "application/x-pkcs7-signature",
+                      micalg: str = "sha-256", msgid_form: str = "escaped",
+                      header_names: dict | None = None, omit_headers=(),
+                      extra_headers=(), subject: str | None = None,
+                      encode_subject: bool = False, verifica_sicurezza: str | None = None,
+                      ricezione=(), daticert: bool | None = None) -> bytes:
+    """One PEC message (receipt or envelope, any of ``KINDS``) as bytes with CRLF line endings.
+
+    Defaults are what the sandbox sends. For fixtures and variants: ``when`` (date of the event,
+    default the submission's; also the Date header), ``zone`` (fixed zone for daticert and Date
+    instead of Italian time / UTC), ``boundary`` (fixed boundary suffix instead of a random
+    one), ``message_id`` (instead of a random ``opec...``), ``signature_type`` / ``micalg``,
+    ``msgid_form`` (``MSGID_FORMS``), ``header_names`` ({canonical name: spelling}, e.g.
+    ``{"X-Ricevuta": "x-ricevuta"}``), ``omit_headers`` (canonical names left out),
+    ``extra_headers`` ((name, value) pairs appended before MIME-Version), ``subject`` (the
+    whole Subject instead of prefix + original's), ``encode_subject`` (RFC 2047 even if
+    ASCII), ``verifica_sicurezza`` (``X-VerificaSicurezza`` value), ``ricezione`` (presa in
+    carico), ``daticert`` (default: every kind but the anomaly envelope carries one)."""
+    kind = "errore" if kind == "anomalia" else kind
     header_name, header_value, prefix = KINDS[kind]
+    if signature_type not in SIGNATURE_TYPES:
+        raise ValueError(signature_type)
+    if errore not in ERRORI:
+        raise ValueError(errore)
     certifier = f"posta-certificata@{domain}"
-    text = notice_text(kind, sub, recipient=recipient, error=errore_esteso)
+    when = when or sub.when
+    if daticert is None:
+        daticert = kind != "errore"
+    text = notice_text(kind, sub, recipient=recipient, error=errore_esteso, when=when, zone=zone,
+                       ricezione=ricezione)
     xml = daticert_xml(
         kind, sub, gestore, errore=errore, ricevuta=ricevuta,
-        consegna=recipient if kind in ("avvenuta-consegna", "errore-consegna") else None,
-        errore_esteso=errore_esteso,
-    )
-    b_signed, b_mixed, b_alt = _boundary("signed"), _boundary("mixed"), _boundary("alt")
+        consegna=recipient if kind in PER_RECIPIENT else None,
+        errore_esteso=errore_esteso, when=when, zone=zone, msgid_form=msgid_form,
+        ricezione=ricezione,
+    ) if daticert else None
+    b_signed, b_mixed, b_alt = (_boundary(t, boundary) for t in ("signed", "mixed", "alt"))
     message_id = message_id or f"<opec{secrets.token_hex(6)}.{int(time.time())}@{domain}>"
+    date = when if zone is None else when.astimezone(zone)
     head = [
-        ("Date", email.utils.format_datetime(sub.when)),
+        ("Date", email.utils.format_datetime(date)),
     ]
-    if kind == "posta-certificata":
+    if kind in ENVELOPES:
         head += [
             ("From", f'"Per conto di: {sub.sender}" <{certifier}>'),
             ("Reply-To", sub.sender),
@@ -306,21 +521,30 @@ def build_pec_message(kind: str, sub: Submission, *, gestore: str, domain: str, 
     if cc:
         head.append(("Cc", ", ".join(cc)))
     head += [
-        ("Subject", encode_header_value(prefix + sub.subject)),
+        ("Subject", encode_header_value(subject if subject is not None else prefix + sub.subject,
+                                        force=encode_subject)),
         ("Message-ID", message_id),
         (header_name, header_value),
-        ("X-Riferimento-Message-ID", sub.msgid),
     ]
-    if kind == "posta-certificata":
-        head.append(("X-TipoRicevuta", sub.tipo_ricevuta))
+    if sub.msgid:
+        head.append(("X-Riferimento-Message-ID", sub.msgid))
+    if kind == "posta-certificata" or (kind == "avvenuta-consegna" and ricevuta):
+        head.append(("X-TipoRicevuta", ricevuta if kind == "avvenuta-consegna" else sub.tipo_ricevuta))
+    if verifica_sicurezza:
+        head.append(("X-VerificaSicurezza", verifica_sicurezza))
+    head += list(extra_headers)
     head += [
         ("MIME-Version", "1.0"),
-        ("Content-Type", f'multipart/signed; protocol="application/x-pkcs7-signature"; '
-                         f'micalg="sha-256"; boundary="{b_signed}"'),
+        ("Content-Type", f'multipart/signed; protocol="{signature_type}"; '
+                         f'micalg="{micalg}"; boundary="{b_signed}"'),
     ]
+    names = header_names or {}
+    omit = {h.lower() for h in omit_headers}
     out = bytearray()
     for name, value in head:
-        out += f"{name}: {value}".encode("utf-8") + CRLF
+        if name.lower() in omit:
+            continue
+        out += f"{names.get(name, name)}: {value}".encode("utf-8") + CRLF
     out += CRLF + b"This is a cryptographically signed message in MIME format." + CRLF + CRLF
     out += f"--{b_signed}".encode() + CRLF
     out += f'Content-Type: multipart/mixed; boundary="{b_mixed}"'.encode() + CRLF + CRLF
@@ -336,11 +560,12 @@ def build_pec_message(kind: str, sub: Submission, *, gestore: str, domain: str, 
     html_text = "<html><body><p>" + html.escape(text).replace("\n", "<br/>\n") + "</p></body></html>\n"
     out += _qp(html_text) + CRLF
     out += f"--{b_alt}--".encode() + CRLF + CRLF
-    out += f"--{b_mixed}".encode() + CRLF
-    out += b'Content-Type: application/xml; name="daticert.xml"' + CRLF
-    out += b"Content-Transfer-Encoding: base64" + CRLF
-    out += b'Content-Disposition: inline; filename="daticert.xml"' + CRLF + CRLF
-    out += _b64(xml) + CRLF
+    if xml is not None:
+        out += f"--{b_mixed}".encode() + CRLF
+        out += b'Content-Type: application/xml; name="daticert.xml"' + CRLF
+        out += b"Content-Transfer-Encoding: base64" + CRLF
+        out += b'Content-Disposition: inline; filename="daticert.xml"' + CRLF + CRLF
+        out += _b64(xml) + CRLF
     if postacert is not None:
         cte = "8bit" if any(b >= 0x80 for b in postacert) else "7bit"
         out += f"--{b_mixed}".encode() + CRLF
@@ -353,7 +578,7 @@ def build_pec_message(kind: str, sub: Submission, *, gestore: str, domain: str, 
         out += CRLF
     out += f"--{b_mixed}--".encode() + CRLF + CRLF
     out += f"--{b_signed}".encode() + CRLF
-    out += b'Content-Type: application/x-pkcs7-signature; name="smime.p7s"' + CRLF
+    out += f'Content-Type: {signature_type}; name="smime.p7s"'.encode() + CRLF
     out += b"Content-Transfer-Encoding: base64" + CRLF
     out += b'Content-Disposition: attachment; filename="smime.p7s"' + CRLF
     out += b"Content-Description: DUMMY signature - sandbox provider, not a real S/MIME signature" + CRLF + CRLF
@@ -362,32 +587,127 @@ def build_pec_message(kind: str, sub: Submission, *, gestore: str, domain: str, 
     return bytes(out)
 
 
-def receipts_for(sub: Submission, *, gestore: str, domain: str, failing=()) -> list[tuple[str, bytes]]:
+def reply_message(sub: Submission, replier: str, *, when: dt.datetime, msgid: str | None = None) -> bytes:
+    """A recipient's reply to a submission, as its client writes it. It answers the message
+    the recipient received, whose Message-ID was the provider's identificativo: so
+    ``In-Reply-To`` names the identificativo, not the sender's Message-ID."""
+    domain = replier.rsplit("@", 1)[-1]
+    msgid = msgid or f"<reply.{secrets.token_hex(6)}@{domain}>"
+    # What the replier saw was the transport envelope and its subject.
+    subject = "Re: " + KINDS["posta-certificata"][2] + sub.subject
+    lines = [
+        ("From", replier),
+        ("To", sub.sender),
+        ("Subject", encode_header_value(subject)),
+        ("Date", email.utils.format_datetime(when)),
+        ("Message-ID", msgid),
+        ("In-Reply-To", f"<{sub.identificativo}>"),
+        ("References", f"<{sub.identificativo}>"),
+        ("MIME-Version", "1.0"),
+        ("Content-Type", "text/plain; charset=UTF-8"),
+        ("Content-Transfer-Encoding", "8bit"),
+    ]
+    head = "".join(f"{k}: {v}\r\n" for k, v in lines)
+    body = f"Ricevuto, grazie.\r\n\r\n{replier}\r\n"
+    return (head + "\r\n" + body).encode("utf-8")
+
+
+def _hours(sub: Submission, hours: float) -> dt.datetime:
+    return sub.when + dt.timedelta(hours=hours)
+
+
+def receipts_for(sub: Submission, *, gestore: str, domain: str, failing=(), knobs: bool = True,
+                 ident_style: str = "aruba") -> list[tuple[str, bytes]]:
     """Every message the provider delivers for an accepted submission, as (mailbox address,
-    bytes): the acceptance and per-recipient delivery receipts go to the sender; transport
-    envelopes go to local recipients."""
+    bytes), in delivery order: the acceptance and per-recipient receipts go to the sender;
+    transport envelopes go to local recipients. ``knobs``: honour the recipient-address knobs
+    of the module docstring (an address with no knob gets the default flow)."""
     failing = {a.lower() for a in failing}
-    out = [(sub.sender, build_pec_message("accettazione", sub, gestore=gestore, domain=domain,
-                                          to=[sub.sender]))]
+    knob = (lambda a: knob_of(a)) if knobs else (lambda a: None)
+
+    def receipt(kind, **kw):
+        kw.setdefault("to", [sub.sender])
+        return build_pec_message(kind, sub, gestore=gestore, domain=domain, **kw)
+
+    if any(knob(r) == "reject" for r in sub.recipients):
+        return [(sub.sender, receipt("non-accettazione", errore="altro",
+                                     errore_esteso=f"5.7.1 - {gestore} - messaggio non accettato"))]
+
+    early: list[tuple[str, bytes]] = []
+    out = [(sub.sender, receipt("accettazione"))]
     envelope = build_pec_message("posta-certificata", sub, gestore=gestore, domain=domain,
                                  to=sub.to, cc=sub.cc, postacert=sub.raw, message_id=sub.identificativo)
     for rcpt in sub.recipients:
-        if rcpt.lower() in failing:
-            out.append((sub.sender, build_pec_message(
-                "errore-consegna", sub, gestore=gestore, domain=domain, to=[sub.sender], recipient=rcpt,
+        k = knob(rcpt)
+        if rcpt.lower() in failing or k == "nouser":
+            out.append((sub.sender, receipt(
+                "errore-consegna", recipient=rcpt,
                 errore="no-dest", errore_esteso=f"5.1.1 - {gestore} - indirizzo non valido")))
+            continue
+        if k == "nodomain":
+            out.append((sub.sender, receipt(
+                "errore-consegna", recipient=rcpt,
+                errore="no-dominio", errore_esteso=f"5.1.2 - {gestore} - dominio non valido")))
+            continue
+        if k == "virus":
+            rdomain = rcpt.rsplit("@", 1)[-1]
+            out.append((sub.sender, build_pec_message(
+                "rilevazione-virus", sub, gestore=f"Gestore di {rdomain}", domain=rdomain,
+                to=[f"posta-certificata@{domain}"], recipient=rcpt, errore="virus",
+                errore_esteso=f"5.5.1 - Gestore di {rdomain} - virus rilevato")))
+            out.append((sub.sender, receipt(
+                "errore-consegna", recipient=rcpt,
+                errore="virus", errore_esteso=f"5.5.1 - {gestore} - virus rilevato")))
+            continue
+        if not sub.certified(rcpt):
+            # External: no delivery receipt; an "anomaly" one answers with ordinary mail.
+            if k == "anomaly":
+                reply = reply_message(sub, rcpt, when=_hours(sub, 1))
+                rsub = submission_from(reply, rcpt, make_identificativo(ident_style, domain, _hours(sub, 1)),
+                                       _hours(sub, 1), own_domain=domain)
+                out.append((sub.sender, build_pec_message(
+                    "errore", rsub, gestore=gestore, domain=domain, to=[sub.sender], postacert=reply,
+                    message_id=rsub.identificativo)))
+            continue
+        if k == "timeout":
+            for hours, code, what in ((12, "4.4.7", "entro 12 ore"), (24, "5.4.1", "entro le 24 ore")):
+                out.append((sub.sender, receipt(
+                    "preavviso-errore-consegna", recipient=rcpt, errore="altro", when=_hours(sub, hours),
+                    errore_esteso=f"{code} - {gestore} - messaggio non consegnato {what}")))
             continue
         if rcpt.lower() in sub.local:
             out.append((rcpt, envelope))
+        delivered_at = None
+        if k == "slow":
+            out.append((sub.sender, receipt(
+                "preavviso-errore-consegna", recipient=rcpt, errore="altro", when=_hours(sub, 12),
+                errore_esteso=f"4.4.7 - {gestore} - messaggio non consegnato entro 12 ore")))
+            delivered_at = _hours(sub, 13)
+        if k == "taken":
+            rdomain = rcpt.rsplit("@", 1)[-1]
+            out.append((sub.sender, build_pec_message(
+                "presa-in-carico", sub, gestore=f"Gestore di {rdomain}", domain=rdomain,
+                to=[f"posta-certificata@{domain}"],
+                ricezione=[r for r in sub.recipients if r.rsplit("@", 1)[-1].lower() == rdomain.lower()])))
         # Cc recipients always get a "sintetica" receipt (technical rules).
         tipo = "sintetica" if rcpt in sub.cc and rcpt not in sub.to else sub.tipo_ricevuta
         postacert = {"completa": sub.raw, "breve": None, "sintetica": None}[tipo]
         if tipo == "breve":
             postacert = breve_copy(sub.raw)
-        out.append((sub.sender, build_pec_message(
-            "avvenuta-consegna", sub, gestore=gestore, domain=domain, to=[sub.sender], recipient=rcpt,
-            postacert=postacert, ricevuta=tipo)))
-    return out
+        delivery = (sub.sender, receipt("avvenuta-consegna", recipient=rcpt, postacert=postacert,
+                                        ricevuta=tipo, when=delivered_at))
+        (early if k == "early" else out).append(delivery)
+        if k in ("reply", "unverified"):
+            rdomain = rcpt.rsplit("@", 1)[-1]
+            reply = reply_message(sub, rcpt, when=_hours(sub, 1))
+            rsub = submission_from(reply, rcpt, make_identificativo(ident_style, rdomain, _hours(sub, 1)),
+                                   _hours(sub, 1), own_domain=rdomain)
+            out.append((sub.sender, build_pec_message(
+                "posta-certificata", rsub, gestore=f"Gestore di {rdomain}", domain=rdomain,
+                to=[sub.sender], postacert=reply, message_id=rsub.identificativo,
+                verifica_sicurezza="errore" if k == "unverified" else None)))
+    return early + out
+
 
 
 # ---------------------------------------------------------------------------
@@ -434,6 +754,14 @@ class ProviderConfig:
     max_total_bytes: int = 100 * 1024 * 1024
     rate: tuple[int, int] | None = None  # (messages, seconds)
     faults: dict = field(default_factory=dict)  # see FAULTS
+    # Recipients' domains forced to be PEC ("certificato") / not PEC ("esterno"); the others
+    # are judged by name (see the module docstring).
+    pec_domains: list = field(default_factory=list)
+    external_domains: list = field(default_factory=list)
+    # Shape of the identificativo: "aruba" (opec...), "legalmail" or "poste" (hex groups).
+    ident_style: str = "aruba"
+    # Honour the recipient-address knobs (module docstring).
+    knobs: bool = True
 
     @classmethod
     def load(cls, path) -> "ProviderConfig":
@@ -495,7 +823,8 @@ class Provider:
         if self.c.lmtp is None:
             return
         try:
-            items = receipts_for(sub, gestore=self.c.gestore, domain=self.c.domain, failing=self.c.fail)
+            items = receipts_for(sub, gestore=self.c.gestore, domain=self.c.domain, failing=self.c.fail,
+                                 knobs=self.c.knobs, ident_style=self.c.ident_style)
             with smtplib.LMTP(self.c.lmtp[0], self.c.lmtp[1], timeout=120) as lmtp:
                 for address, message in items:
                     mailbox = sender_mailbox if address == sub.sender else self.c.local.get(address.lower())
@@ -752,8 +1081,9 @@ class _Session:
             await self.reply(f"{code} {text}")
             return
         when = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-        ident = f"opec{secrets.token_hex(4)}.{when.strftime('%Y%m%d%H%M%S')}.{self.p.counter + 1}@{self.p.c.domain}"
-        sub = submission_from(raw, sender, ident, when, local=self.p.c.local.keys())
+        ident = make_identificativo(self.p.c.ident_style, self.p.c.domain, when, self.p.counter + 1)
+        sub = submission_from(raw, sender, ident, when, local=self.p.c.local.keys(), own_domain=self.p.c.domain,
+                              pec_domains=self.p.c.pec_domains, external_domains=self.p.c.external_domains)
         meta = {"mail_from": sender, "rcpts": rcpts, "login": self.login, "identificativo": ident,
                 "msgid": sub.msgid, "size": len(raw)}
         await asyncio.to_thread(self.p.store, raw, meta)
