@@ -262,7 +262,13 @@ roles = ["one"]
         assert_eq!(xml.matches("<emailProvider").count(), 2);
         assert!(xml.contains("<username>anna/studio</username>"));
         assert!(xml.contains("<socketType>SSL</socketType>"));
-        assert!(xml.contains("legal&amp;co") || !xml.contains("legal&co"));
+        // Text from the configuration or the command line is escaped.
+        let odd = thunderbird_autoconfig(&settings(&c, "anna", "mail<&>\"example").unwrap());
+        assert!(
+            odd.contains("<hostname>mail&lt;&amp;&gt;&quot;example</hostname>"),
+            "{odd}"
+        );
+        assert!(xml.contains("<domain>pec.example.it</domain>"));
         assert_eq!(xml.matches("<outgoingServer").count(), 1);
     }
 }

@@ -227,17 +227,23 @@ impl Gateway {
         carried: &Arc<Carried>,
         vault: &Vault,
     ) -> Result<Gateway, GatewayError> {
+        // Everything that can fail first: a refused generation must leave the carried state
+        // (budgets, rate windows, limits) exactly as it was.
         let server = tls::server_config(&config.tls.cert, &config.tls.key)
             .map_err(GatewayError::ServerTls)?;
+        let mut provider_tls = HashMap::new();
+        for (name, mailbox) in &config.mailboxes {
+            let client = tls::client_config(mailbox.ca_file.as_deref()).map_err(|source| {
+                GatewayError::ProviderTls {
+                    mailbox: name.clone(),
+                    source,
+                }
+            })?;
+            provider_tls.insert(name.clone(), client);
+        }
         let mut mailboxes = HashMap::new();
         for (name, mailbox) in &config.mailboxes {
-            let provider_tls =
-                tls::client_config(mailbox.ca_file.as_deref()).map_err(|source| {
-                    GatewayError::ProviderTls {
-                        mailbox: name.clone(),
-                        source,
-                    }
-                })?;
+            let provider_tls = provider_tls.remove(name).expect("built above");
             let password = vault.get(name);
             if password.is_none() {
                 tracing::warn!(

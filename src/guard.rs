@@ -114,6 +114,7 @@ enum Place {
 pub struct Ticket {
     admission: Arc<Admission>,
     place: Place,
+    address: AddressKey,
 }
 
 fn decrement<K: Eq + Hash>(map: &mut HashMap<K, usize>, key: &K) {
@@ -160,11 +161,13 @@ impl Admission {
         Ok(Ticket {
             admission: self.clone(),
             place: Place::Preauth(key),
+            address: key,
         })
     }
 
     /// Turn a pre-login place into a session of `user`. On refusal the ticket is unchanged.
-    /// A ticket that already is a session stays one (the user cannot change mid-session).
+    /// A ticket that already is a session stays one (a session's user does not change; a
+    /// login that fails after its password check gives the place back with `demote`).
     pub fn promote(&self, ticket: &mut Ticket, user: &str) -> Result<(), AdmissionRefused> {
         let Place::Preauth(key) = ticket.place else {
             return Ok(());
@@ -202,6 +205,21 @@ impl Ticket {
     pub fn promote(&mut self, user: &str) -> Result<(), AdmissionRefused> {
         let admission = self.admission.clone();
         admission.promote(self, user)
+    }
+
+    /// Back to a pre-login place (the login did not complete after all: the provider
+    /// refused it); the connection may try again, as any user.
+    pub fn demote(&mut self) {
+        let Place::Session(user) = &self.place else {
+            return;
+        };
+        let mut counts = self.admission.counts();
+        counts.sessions -= 1;
+        decrement(&mut counts.per_user, user);
+        counts.preauth += 1;
+        *counts.per_address.entry(self.address).or_insert(0) += 1;
+        drop(counts);
+        self.place = Place::Preauth(self.address);
     }
 }
 
@@ -352,7 +370,7 @@ fn make_room<K: Clone + Eq + Hash>(map: &mut HashMap<K, Tally>, now: Instant, wi
             .map(|(k, _)| k.clone());
         match oldest {
             Some(key) => map.remove(&key),
-            // Everything is locked: keep the locks, forget nothing new (counted below).
+            // Everything is locked: keep the locks; the caller counts nothing new.
             None => break,
         };
     }
@@ -408,6 +426,16 @@ impl LoginThrottle {
         make_room(&mut self.addresses, now, settings.window);
         make_room(&mut self.users, now, settings.window);
         let mut locked = None;
+        if (self.addresses.len() >= MAX_TRACKED && !self.addresses.contains_key(&key))
+            || (self.users.len() >= MAX_TRACKED && !self.users.contains_key(user))
+        {
+            // Every tracked entry is locked: nothing new can be counted (the tables stay
+            // bounded); the failure gets the longest delay.
+            return AfterFailure {
+                delay: MAX_FAILURE_DELAY.max(settings.base_delay),
+                locked: None,
+            };
+        }
         let address_tally = self.addresses.entry(key).or_insert(Tally::new(now));
         let before_address = address_tally.refresh(now, settings.window);
         address_tally.failures += 1;
@@ -527,6 +555,14 @@ mod tests {
         drop(a);
         c.promote("luca").unwrap();
         assert_eq!(admission.load(), (0, 2));
+        // A login the provider then refused: back to pre-login, the user's place freed.
+        b.demote();
+        assert_eq!(admission.load(), (1, 1));
+        let mut d = admission.admit(ip("10.0.0.9")).unwrap();
+        d.promote("zoe").unwrap();
+        assert_eq!(b.promote("anna"), Err(AdmissionRefused::SessionsFull));
+        drop(d);
+        b.promote("anna").unwrap();
         drop((b, c));
         assert_eq!(admission.load(), (0, 0));
         assert!(admission.counts().per_user.is_empty());

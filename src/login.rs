@@ -66,8 +66,6 @@ pub enum LoginRefusal {
 }
 
 impl LoginRefusal {
-    /// Whether the client is told "wrong user name or password" (every credential failure,
-    /// including a lock, looks the same from outside).
     /// The `outcome` label of `pecgate_logins_total`.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -81,6 +79,8 @@ impl LoginRefusal {
         }
     }
 
+    /// Whether the client is told "wrong user name or password" (every credential failure,
+    /// including a lock, looks the same from outside).
     pub fn looks_like_bad_credentials(&self) -> bool {
         matches!(
             self,

@@ -65,7 +65,7 @@ enum Command {
     },
     /// List the sessions logged in to the running pecgate (through its control socket).
     Sessions {
-        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        #[arg(short, long, default_value = DEFAULT_CONFIG, global = true)]
         config: PathBuf,
         /// One JSON array instead of a table.
         #[arg(long)]
@@ -91,11 +91,7 @@ enum Command {
 #[derive(Subcommand)]
 enum SessionsAction {
     /// End every session of USER at once (`* BYE` / `421`), recorded in the audit log.
-    Kick {
-        user: String,
-        #[arg(short, long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-    },
+    Kick { user: String },
 }
 
 #[derive(Subcommand)]
@@ -210,8 +206,8 @@ fn sessions_command(
         .enable_all()
         .build()?;
     match action {
-        Some(SessionsAction::Kick { user, config }) => {
-            let state_dir = load_config(&config)?.gateway.state_dir;
+        Some(SessionsAction::Kick { user }) => {
+            let state_dir = load_config(path)?.gateway.state_dir;
             let ended = runtime.block_on(pecgate::control::kick(&state_dir, &user))?;
             println!("{ended} session(s) of {user} ended");
         }

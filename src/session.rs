@@ -138,6 +138,14 @@ impl SessionContext {
         }
     }
 
+    /// Undo [`SessionContext::logged_in`]: the login did not complete (the provider refused
+    /// it), so the connection is anonymous again and leaves the registry.
+    pub fn logged_out(&mut self) {
+        self.user = None;
+        self.mailbox = None;
+        self.registration = None;
+    }
+
     /// Why the session was asked to end, for its goodbye: pecgate's shutdown, or its own
     /// reason (revoked by a reload, kicked by an admin).
     pub fn stop_reason(&self) -> Option<String> {

@@ -649,8 +649,6 @@ fn join_detail(a: &str, b: &str) -> String {
     }
 }
 
-/// The event of a relayed command: its detail always ends with `upstream=<tag>`, the tag the
-/// provider saw (auditors match it with the provider's own logs).
 /// The placeholder name of a SUBSCRIBE of a hidden folder, which must be undone.
 fn command_for_undo(
     request: &Request,
@@ -665,6 +663,8 @@ fn command_for_undo(
     }
 }
 
+/// The event of a relayed command: its detail always ends with `upstream=<tag>`, the tag the
+/// provider saw (auditors match it with the provider's own logs).
 fn relayed(
     summary: &CommandSummary,
     upstream_tag: &str,

@@ -460,9 +460,15 @@ async fn log_in(
                 reply,
             }
         }
-        Err((detail, reply)) => match ctx.audit(command, None, detail, Outcome::No).await {
-            Ok(()) => LoginResult::Refused(reply),
-            Err(_) => LoginResult::AuditFailed,
-        },
+        Err((detail, reply)) => {
+            let audited = ctx.audit(command, None, detail, Outcome::No).await;
+            // Not logged in after all: the place, the registry entry and the identity go.
+            ticket.demote();
+            ctx.logged_out();
+            match audited {
+                Ok(()) => LoginResult::Refused(reply),
+                Err(_) => LoginResult::AuditFailed,
+            }
+        }
     }
 }

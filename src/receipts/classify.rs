@@ -149,13 +149,10 @@ pub fn classify(raw: &[u8]) -> Classified {
     let daticert = match daticert_part(&message).map(daticert::parse) {
         Some(Ok(d)) => Some(d),
         Some(Err(error)) if by_header != Kind::Anomaly => {
-            return Classified {
-                original_message_id: None,
-                ..unknown(format!(
-                    "{} with a daticert.xml that cannot be read: {error}",
-                    by_header.as_str()
-                ))
-            };
+            return unknown(format!(
+                "{} with a daticert.xml that cannot be read: {error}",
+                by_header.as_str()
+            ));
         }
         _ => None,
     };

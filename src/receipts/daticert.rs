@@ -66,13 +66,11 @@ pub fn normalise_message_id(raw: &str) -> Option<String> {
     if lower.starts_with("%3c") && lower.ends_with("%3e") && text.len() >= 6 {
         text = text[3..text.len() - 3].to_owned();
     }
-    let text = text
-        .strip_prefix('<')
-        .and_then(|t| t.strip_suffix('>'))
-        .unwrap_or(&text)
-        .trim()
-        .to_owned();
-    (!text.is_empty()).then_some(text)
+    let mut text = text.as_str();
+    while let Some(inner) = text.strip_prefix('<').and_then(|t| t.strip_suffix('>')) {
+        text = inner.trim();
+    }
+    (!text.is_empty()).then(|| text.to_owned())
 }
 
 /// `giorno` (dd/mm/yyyy), `ora` (hh:mm:ss) and `zona` (+hhmm) as RFC 3339.
@@ -257,6 +255,7 @@ mod tests {
             "abc@x.it",
             "  <abc@x.it>\r\n ",
             "%3Cabc@x.it%3E",
+            "&lt;&lt;abc@x.it&gt;&gt;",
         ] {
             assert_eq!(
                 normalise_message_id(raw).as_deref(),

@@ -60,8 +60,8 @@ pub struct MessageState {
     /// The provider's id for the submission, from the acceptance (or any later receipt).
     pub identificativo: Option<String>,
     pub recipients: BTreeMap<String, RecipientState>,
-    /// Warnings worth an alert (a 12 h timeout notice).
-    pub warnings: Vec<String>,
+    /// 12 h timeout notices received, by recipient (see [`MessageState::warnings`]).
+    notices: BTreeMap<String, String>,
 }
 
 /// When a delivered or failed state was certified, as an instant (offsets taken into
@@ -74,6 +74,15 @@ fn instant(state: &RecipientState) -> Option<time::OffsetDateTime> {
         _ => return None,
     };
     time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()
+}
+
+/// The text that breaks a tie between two states of the same weight and instant.
+fn detail(state: &RecipientState) -> &str {
+    match state {
+        RecipientState::Delivered { by, .. } => by.as_deref().unwrap_or(""),
+        RecipientState::Failed { error, .. } => error,
+        _ => "",
+    }
 }
 
 /// The 24 h notice is final in effect: its `errore-esteso` starts with 5.4.1.
@@ -99,9 +108,10 @@ impl MessageState {
             .entry(key)
             .or_insert(RecipientState::Pending);
         // Between two receipts of the same weight (a virus notice and the failure that
-        // follows it) the earlier one stands, whichever was read first.
-        let earlier = state.rank() == current.rank()
-            && matches!((instant(&state), instant(current)), (Some(new), Some(old)) if new < old);
+        // follows it) the earlier one stands, whichever was read first; at the same instant,
+        // the smaller text (any fixed rule keeps the outcome independent of arrival).
+        let key = |s: &RecipientState| (instant(s).is_none(), instant(s), detail(s).to_owned());
+        let earlier = state.rank() == current.rank() && key(&state) < key(current);
         if state.rank() > current.rank() || earlier {
             *current = state;
         }
@@ -167,15 +177,7 @@ impl MessageState {
                         self.raise(&to, failed());
                     } else {
                         let key = to.trim().to_ascii_lowercase();
-                        if !matches!(
-                            self.recipients.get(&key),
-                            Some(RecipientState::Delivered { .. })
-                        ) {
-                            let warning = format!("{to}: not delivered yet ({})", error_text(d));
-                            if !self.warnings.contains(&warning) {
-                                self.warnings.push(warning);
-                            }
-                        }
+                        self.notices.entry(key).or_insert_with(|| error_text(d));
                         self.raise(&to, RecipientState::Accepted);
                     }
                 }
@@ -186,6 +188,21 @@ impl MessageState {
             | Kind::Ordinary
             | Kind::Unknown => {}
         }
+    }
+
+    /// Warnings worth an alert: recipients with a 12 h notice and still no delivery or
+    /// failure (derived from the state, so the order of arrival does not matter).
+    pub fn warnings(&self) -> Vec<String> {
+        self.notices
+            .iter()
+            .filter(|(to, _)| {
+                matches!(
+                    self.recipients.get(*to),
+                    Some(RecipientState::Pending | RecipientState::Accepted)
+                )
+            })
+            .map(|(to, text)| format!("{to}: not delivered yet ({text})"))
+            .collect()
     }
 
     /// Recipients still waiting for a delivery or failure receipt.
@@ -310,12 +327,16 @@ mod tests {
             ),
         ]);
         assert_eq!(state.recipients["a@pec.it"].as_str(), "delivered");
+        assert!(
+            state.warnings().is_empty(),
+            "a delivered recipient is not warned about"
+        );
         // Without the delivery: the 12 h notice warns, the 24 h one fails.
         let mut state = MessageState::default();
         state.apply(Kind::Acceptance, &receipt("accettazione", None, |_| {}));
         state.apply(Kind::DeliveryTimeout, &twelve);
         assert_eq!(state.recipients["a@pec.it"].as_str(), "accepted");
-        assert_eq!(state.warnings.len(), 1);
+        assert_eq!(state.warnings().len(), 1);
         state.apply(Kind::DeliveryTimeout, &twenty_four);
         assert_eq!(state.recipients["a@pec.it"].as_str(), "failed");
         assert_eq!(state.undelivered(), ["b@pec.it"]);
@@ -334,7 +355,7 @@ mod tests {
 
 /// The fixtures (tests/fixtures/receipts, written from the PEC reference by
 /// `generate.py`): each file classified as its manifest says, each scenario reconciled to the
-/// outcome its note describes, in every order of arrival.
+/// outcome its note describes, in its order of arrival and the reverse.
 #[cfg(test)]
 mod fixtures {
     use super::*;
@@ -384,6 +405,14 @@ mod fixtures {
                 "{name}: identificativo"
             );
             assert_eq!(d.consegna.as_deref(), f["consegna"].as_str(), "{name}");
+            // The daticert's own msgid, however written, normalises to the same id.
+            if let Some(msgid) = &d.msgid {
+                assert_eq!(
+                    Some(msgid.as_str()),
+                    f["msgid"].as_str(),
+                    "{name}: daticert msgid"
+                );
+            }
             assert_eq!(d.at.as_deref(), f["data"].as_str(), "{name}: date");
             assert_eq!(
                 d.errore_esteso.as_deref(),
