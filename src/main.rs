@@ -672,7 +672,11 @@ fn serve(path: &Path) -> anyhow::Result<ExitCode> {
         let listeners = Listeners::bind(&gateway).await?;
         let live = Live::new(gateway);
         let shutdown = CancellationToken::new();
+        // Installed before "ready": a SIGHUP sent the moment pecgate says it is ready must
+        // reload it, not kill it (SIGHUP's default action).
+        let signals = Signals::install().context("cannot install signal handlers")?;
         let signals = tokio::spawn(handle_signals(
+            signals,
             path.to_owned(),
             live.clone(),
             shutdown.clone(),
@@ -689,17 +693,36 @@ fn serve(path: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The signals pecgate handles.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// SIGTERM/SIGINT stop pecgate; SIGHUP reloads the configuration and the vault.
-async fn handle_signals(config: PathBuf, live: Live, shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+async fn handle_signals(
+    signals: Signals,
+    config: PathBuf,
+    live: Live,
+    shutdown: CancellationToken,
+) {
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     loop {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM received"),

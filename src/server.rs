@@ -140,6 +140,7 @@ struct Running {
 pub struct Listeners {
     bound: Vec<Bound>,
     metrics: Option<TcpListener>,
+    control: Option<tokio::net::UnixListener>,
 }
 
 impl Listeners {
@@ -166,7 +167,19 @@ impl Listeners {
             }
             None => None,
         };
-        Ok(Listeners { bound, metrics })
+        // The control socket too, before "ready": `pecgate sessions` works from then on.
+        let control = match crate::control::bind(&gateway.config.gateway.state_dir) {
+            Ok(control) => Some(control),
+            Err(error) => {
+                tracing::error!(%error, "control socket unavailable: `pecgate sessions` will not work");
+                None
+            }
+        };
+        Ok(Listeners {
+            bound,
+            metrics,
+            control,
+        })
     }
 }
 
@@ -181,17 +194,12 @@ pub async fn run(live: Live, listeners: Listeners, shutdown: CancellationToken, 
         gateway.config.gateway.min_free_space_bytes,
         shutdown.clone(),
     ));
-    match crate::control::bind(&gateway.config.gateway.state_dir) {
-        Ok(control) => {
-            tracker.spawn(crate::control::serve(
-                control,
-                live.clone(),
-                shutdown.clone(),
-            ));
-        }
-        Err(error) => {
-            tracing::error!(%error, "control socket unavailable: `pecgate sessions` will not work")
-        }
+    if let Some(control) = listeners.control {
+        tracker.spawn(crate::control::serve(
+            control,
+            live.clone(),
+            shutdown.clone(),
+        ));
     }
     if let Some(metrics) = listeners.metrics {
         tracker.spawn(crate::monitor::serve(
