@@ -645,14 +645,10 @@ fn serve(path: &Path) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("cannot create state_dir {}", state_dir.display()))?;
 
-    let vault = match vault::load_key(&config.vault_key_path()) {
-        Ok(key) => Vault::open(&config.vault_path(), key)?,
-        Err(vault::VaultError::KeyMissing { .. }) if !config.vault_path().exists() => {
-            tracing::warn!("no vault yet: run `pecgate vault set MAILBOX` for each mailbox");
-            Vault::open(&config.vault_path(), vault::VaultKey::generate())?
-        }
-        Err(error) => return Err(error.into()),
-    };
+    let (vault, existed) = vault::open_or_empty(&config.vault_key_path(), &config.vault_path())?;
+    if !existed {
+        tracing::warn!("no vault yet: run `pecgate vault set MAILBOX` for each mailbox");
+    }
     let (audit_log, audit_writer) = AuditLog::open(&state_dir.join("audit.sqlite"))?;
     let sent_ledger = Ledger::open(&state_dir.join(ledger::LEDGER_FILE_NAME))?;
     let spool_dir = state_dir.join("spool");

@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use tokio_util::sync::CancellationToken;
 
@@ -74,7 +73,6 @@ pub struct SessionInfo {
 struct Entry {
     info: SessionInfo,
     stop: Stop,
-    since: SystemTime,
 }
 
 /// Every logged-in session.
@@ -102,8 +100,7 @@ impl Registry {
     /// Add a session that has just logged in.
     pub fn register(self: &Arc<Self>, info: SessionInfo, stop: Stop) -> Registration {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
-        let since = SystemTime::now();
-        self.entries().insert(key, Entry { info, stop, since });
+        self.entries().insert(key, Entry { info, stop });
         Registration {
             registry: self.clone(),
             key,
@@ -112,11 +109,10 @@ impl Registry {
 
     /// Every session, oldest first.
     pub fn list(&self) -> Vec<SessionInfo> {
-        let entries = self.entries();
-        let mut all: Vec<(&SystemTime, &SessionInfo)> =
-            entries.values().map(|e| (&e.since, &e.info)).collect();
-        all.sort_by_key(|(since, info)| (**since, info.session.clone()));
-        all.into_iter().map(|(_, info)| info.clone()).collect()
+        // `since` is RFC 3339 in UTC with a fixed width: it sorts as text.
+        let mut all: Vec<SessionInfo> = self.entries().values().map(|e| e.info.clone()).collect();
+        all.sort_by(|a, b| (&a.since, &a.session).cmp(&(&b.since, &b.session)));
+        all
     }
 
     /// End the sessions `select` picks, each with the reason it returns; how many.

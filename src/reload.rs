@@ -18,7 +18,7 @@ use crate::audit::{AuditEvent, Outcome, Protocol};
 use crate::config::{Config, ConfigError};
 use crate::gateway::{Gateway, GatewayError, Live};
 use crate::notify;
-use crate::vault::{self, Vault, VaultError};
+use crate::vault::{self, VaultError};
 
 /// Why a reload was refused (the old configuration stays in force).
 #[derive(Debug, thiserror::Error)]
@@ -46,13 +46,7 @@ fn next_generation(path: &Path, current: &Gateway) -> Result<Gateway, ReloadErro
         let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
         return Err(ReloadError::Files(text.join("; ")));
     }
-    let vault = match vault::load_key(&config.vault_key_path()) {
-        Ok(key) => Vault::open(&config.vault_path(), key)?,
-        Err(VaultError::KeyMissing { .. }) if !config.vault_path().exists() => {
-            Vault::open(&config.vault_path(), vault::VaultKey::generate())?
-        }
-        Err(error) => return Err(error.into()),
-    };
+    let (vault, _) = vault::open_or_empty(&config.vault_key_path(), &config.vault_path())?;
     Ok(Gateway::new(config, &current.carried, &vault)?)
 }
 

@@ -105,9 +105,8 @@ struct Bound {
     kind: ListenerKind,
 }
 
-async fn bind_one(
-    (key, address, service, kind): (&'static str, SocketAddr, Service, ListenerKind),
-) -> Result<Bound, ServerError> {
+/// Bind `address` for the config key `key`, and say where.
+async fn bind_address(address: SocketAddr, key: &'static str) -> Result<TcpListener, ServerError> {
     let listener = TcpListener::bind(address)
         .await
         .map_err(|source| ServerError::Bind {
@@ -120,6 +119,13 @@ async fn bind_one(
         // that way: no probe-and-release race).
         tracing::info!(address = %real, listener = key, "listening");
     }
+    Ok(listener)
+}
+
+async fn bind_one(
+    (key, address, service, kind): (&'static str, SocketAddr, Service, ListenerKind),
+) -> Result<Bound, ServerError> {
+    let listener = bind_address(address, key).await?;
     Ok(Bound {
         listener,
         key,
@@ -151,20 +157,7 @@ impl Listeners {
             bound.push(bind_one(wanted).await?);
         }
         let metrics = match gateway.config.metrics.listen {
-            Some(address) => {
-                let listener =
-                    TcpListener::bind(address)
-                        .await
-                        .map_err(|source| ServerError::Bind {
-                            address,
-                            key: "metrics.listen",
-                            source,
-                        })?;
-                if let Ok(real) = listener.local_addr() {
-                    tracing::info!(address = %real, listener = "metrics.listen", "listening");
-                }
-                Some(listener)
-            }
+            Some(address) => Some(bind_address(address, "metrics.listen").await?),
             None => None,
         };
         // The control socket too, before "ready": `pecgate sessions` works from then on.

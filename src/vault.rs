@@ -151,6 +151,19 @@ impl fmt::Debug for VaultKey {
 
 /// Reads a key file (base64 of 32 bytes; surrounding whitespace ignored).
 /// A key file readable by group or others is accepted with a warning, since
+/// The vault a running pecgate uses: the one at `vault_path` opened with the key at
+/// `key_path`, or, when neither exists yet, an empty one (under a throwaway key: nothing is
+/// written until `pecgate vault set`). The flag says whether a vault existed.
+pub fn open_or_empty(key_path: &Path, vault_path: &Path) -> Result<(Vault, bool), VaultError> {
+    match load_key(key_path) {
+        Ok(key) => Ok((Vault::open(vault_path, key)?, true)),
+        Err(VaultError::KeyMissing { .. }) if !vault_path.exists() => {
+            Ok((Vault::open(vault_path, VaultKey::generate())?, false))
+        }
+        Err(error) => Err(error),
+    }
+}
+
 /// refusing to start over it would be worse than running.
 pub fn load_key(path: &Path) -> Result<VaultKey, VaultError> {
     let invalid = |reason: &str| VaultError::KeyInvalid {
