@@ -1491,6 +1491,40 @@ pub fn query(path: &Path, filter: &QueryFilter) -> Result<Vec<StoredEvent>, Audi
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// The rows a message's timeline is built from (`pecgate audit message`), oldest first:
+/// `message` and `APPEND` events naming one of `message_ids` (`<…>`), and every event of the
+/// `commands` that act on UIDs (resolved against the message's places by the caller).
+pub fn message_rows(
+    path: &Path,
+    message_ids: &[String],
+    commands: &[&str],
+) -> Result<Vec<StoredEvent>, AuditError> {
+    let mut args: Vec<Value> = Vec::new();
+    let mut named = Vec::new();
+    for id in message_ids {
+        named.push("instr(detail, ?) > 0");
+        args.push(Value::Text(format!(
+            "message={}",
+            crate::text::escape(id, false)
+        )));
+    }
+    let named = if named.is_empty() {
+        "0".to_owned()
+    } else {
+        named.join(" OR ")
+    };
+    let listed = vec!["?"; commands.len()].join(", ");
+    args.extend(commands.iter().map(|c| Value::Text((*c).to_owned())));
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE (command IN ('message', 'APPEND') AND ({named})) \
+         OR command IN ({listed}) ORDER BY id"
+    );
+    let conn = open_read_only(path)?;
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map(params_from_iter(args.iter()), stored_event)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 fn stored_event(row: &Row<'_>) -> rusqlite::Result<StoredEvent> {
     let text = |i: usize| -> rusqlite::Result<String> {
         Ok(lenient_text(row.get_ref(i)?).unwrap_or_default())
@@ -1624,7 +1658,7 @@ fn days_in_month(y: i64, m: u32) -> u32 {
 
 /// Turns a user-supplied bound into the stored `ts` form so that plain
 /// string comparison is correct (`+01:00` times are converted to UTC).
-fn normalize_time_bound(input: &str) -> Result<String, AuditError> {
+pub fn normalize_time_bound(input: &str) -> Result<String, AuditError> {
     const SYNTAX: &str =
         "expected YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS[.ffffff]] followed by Z or ±HH:MM";
     let err = |reason| AuditError::InvalidTime {

@@ -39,6 +39,7 @@ pub const DEFAULT_MIN_FREE_SPACE_MB: u64 = 1024;
 pub const DEFAULT_MAX_LITERAL_BYTES: u32 = 65536;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 104_857_600;
+pub const DEFAULT_RECEIPTS_POLL_SECS: u64 = 300;
 
 /// RFC 3501 §5.4: an autologout timer must be at least 30 minutes.
 const RFC3501_MIN_IDLE_SECS: u64 = 1800;
@@ -58,6 +59,7 @@ pub const DEFAULT_KEY_FILE_NAME: &str = "vault.key";
 pub struct Config {
     pub gateway: GatewayConfig,
     pub metrics: MetricsConfig,
+    pub receipts: ReceiptsConfig,
     pub tls: TlsConfig,
     pub imap: ImapConfig,
     pub smtp: SmtpConfig,
@@ -108,6 +110,29 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// `[receipts]`: the receipts worker of every mailbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptsConfig {
+    /// Whether each mailbox has a receipts worker (it holds one of the mailbox's
+    /// `max_connections`).
+    pub enabled: bool,
+    /// A message still not delivered to a recipient this long after it was sent is alerted.
+    pub alert_after: Duration,
+    /// How often watched folders are scanned besides IDLE (or instead of it, when the provider
+    /// has no IDLE).
+    pub poll_interval: Duration,
+}
+
+impl Default for ReceiptsConfig {
+    fn default() -> Self {
+        ReceiptsConfig {
+            enabled: true,
+            alert_after: Duration::from_secs(24 * 3600),
+            poll_interval: Duration::from_secs(DEFAULT_RECEIPTS_POLL_SECS),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
     pub cert: PathBuf,
@@ -139,6 +164,10 @@ pub struct MailboxConfig {
     pub max_connections: u32,
     pub max_message_bytes: u64,
     pub send_rate: Option<SendRate>,
+    /// Where the receipts worker moves archived receipts (`None`: they stay where they are).
+    pub receipts_folder: Option<String>,
+    /// Folders the receipts worker scans besides INBOX.
+    pub receipts_watch: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -618,6 +647,8 @@ struct RawConfig {
     #[serde(default)]
     metrics: RawMetrics,
     #[serde(default)]
+    receipts: RawReceipts,
+    #[serde(default)]
     tls: RawTls,
     #[serde(default)]
     imap: RawImap,
@@ -660,6 +691,14 @@ struct RawMetrics {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct RawReceipts {
+    enabled: Option<bool>,
+    alert_after: Option<String>,
+    poll_secs: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct RawTls {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
@@ -695,6 +734,9 @@ struct RawMailbox {
     max_connections: Option<u32>,
     max_message_bytes: Option<u64>,
     send_rate: Option<String>,
+    receipts_folder: Option<String>,
+    #[serde(default)]
+    receipts_watch: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -897,6 +939,56 @@ fn check_address(address: &str) -> Result<(), &'static str> {
 /// Folder patterns are `/`-separated; a segment is a literal name, `*` or
 /// `**`. Wildcards inside a segment (`a*`) are rejected rather than
 /// guessed at.
+/// A folder named for the receipts worker: not INBOX (receipts are moved *out* of it), no
+/// control characters, no wildcards. Pushes the problem and says whether the name is usable.
+fn check_receipts_folder(problems: &mut Problems, key: &str, folder: &str) -> bool {
+    let problem = if folder.trim().is_empty() {
+        Some("must not be empty")
+    } else if folder.eq_ignore_ascii_case("INBOX") {
+        Some("must not be INBOX (INBOX is always watched; receipts are moved out of it)")
+    } else if folder
+        .chars()
+        .any(|c| c.is_control() || c == '*' || c == '%')
+    {
+        Some("must not contain control characters or the wildcards * and %")
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        problems.push(key, format!("{folder:?}: {problem}"));
+    }
+    problem.is_none()
+}
+
+/// A span of time as admins write it: a number and a unit, `s`, `m`, `h` or `d`
+/// (`90s`, `15m`, `24h`, `7d`).
+pub fn parse_span(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let unit_secs = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "{text:?} is not a span of time (e.g. \"90s\", \"15m\", \"24h\", \"7d\")"
+            ));
+        }
+    };
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a whole number"))?;
+    number
+        .checked_mul(unit_secs)
+        .filter(|&secs| secs > 0)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} must be more than zero and less than centuries"))
+}
+
 pub fn check_folder_pattern(pattern: &str) -> Result<(), &'static str> {
     if pattern.is_empty() {
         return Err("empty folder pattern");
@@ -1142,7 +1234,34 @@ impl Config {
                     m.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
                 ),
                 send_rate,
+                receipts_folder: m
+                    .receipts_folder
+                    .filter(|folder| check_receipts_folder(p, &key("receipts_folder"), folder)),
+                receipts_watch: m
+                    .receipts_watch
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, folder)| {
+                        check_receipts_folder(p, &format!("{}[{i}]", key("receipts_watch")), folder)
+                    })
+                    .map(|(_, folder)| folder)
+                    .collect(),
             };
+            if let Some(folder) = &config.receipts_folder
+                && config.receipts_watch.contains(folder)
+            {
+                p.push(
+                    key("receipts_watch"),
+                    format!("{folder:?} is the receipts_folder: receipts moved there would be scanned again"),
+                );
+            }
+            if raw.receipts.enabled != Some(false) && config.max_connections == 1 {
+                p.push(
+                    key("max_connections"),
+                    "the receipts worker holds one provider connection: at least 2 are needed \
+                     (or set receipts.enabled = false)",
+                );
+            }
             mailboxes.insert(name, config);
         }
 
@@ -1232,9 +1351,26 @@ impl Config {
                 }
             }),
         };
+        let defaults = ReceiptsConfig::default();
+        let receipts = ReceiptsConfig {
+            enabled: raw.receipts.enabled.unwrap_or(defaults.enabled),
+            alert_after: match raw.receipts.alert_after.as_deref().map(parse_span) {
+                None => defaults.alert_after,
+                Some(Ok(span)) => span,
+                Some(Err(reason)) => {
+                    p.push("receipts.alert_after", reason);
+                    defaults.alert_after
+                }
+            },
+            poll_interval: Duration::from_secs(p.at_least_one(
+                "receipts.poll_secs",
+                raw.receipts.poll_secs.unwrap_or(DEFAULT_RECEIPTS_POLL_SECS),
+            )),
+        };
         Config {
             gateway,
             metrics,
+            receipts,
             tls,
             imap,
             smtp,
@@ -1505,7 +1641,15 @@ impl Config {
         {
             return Some("folders or permissions changed");
         }
-        if old.mailboxes.get(mailbox) != new.mailboxes.get(mailbox) {
+        // Where the receipts worker files receipts is no business of a client session.
+        let session_settings = |config: &Config| {
+            config.mailboxes.get(mailbox).map(|m| MailboxConfig {
+                receipts_folder: None,
+                receipts_watch: Vec::new(),
+                ..m.clone()
+            })
+        };
+        if session_settings(old) != session_settings(new) {
             return Some("mailbox settings changed");
         }
         None
@@ -1552,6 +1696,13 @@ impl Config {
                 )?;
                 if let Some(smtp) = &m.smtp {
                     write!(out, ", smtp {smtp}")?;
+                }
+                if !self.receipts.enabled {
+                    write!(out, ", receipts worker off")?;
+                } else if let Some(folder) = &m.receipts_folder {
+                    write!(out, ", receipts filed in {folder:?}")?;
+                } else {
+                    write!(out, ", receipts archived (left in place)")?;
                 }
                 writeln!(out)?;
             }

@@ -643,6 +643,102 @@ mod targets {
         );
     }
 
+    /// FETCH answers as the relay streams them: the identity tap never panics, keeps at most
+    /// the header block, and names only a one-token Message-ID in brackets.
+    #[test]
+    fn fuzz_fetch_identity() {
+        use crate::imap::identity::{FetchTap, PREFIX_MAX, uid_code};
+        run(
+            "fetch_identity",
+            &[
+                b"* 3 FETCH (UID 17 BODY[] {33}\r\nMessage-ID: <a@b>\r\nSubject: x\r\n\r\n)\r\n",
+                b"* 1 FETCH (BODY[HEADER.FIELDS (MESSAGE-ID)] {22}\r\nmessage-id: <h@x>\r\n\r\n UID 4)\r\n",
+                b"* 2 FETCH (UID 9 BODY[2.HEADER] {20}\r\nMessage-ID: <n@x>\r\n)\r\n",
+                b"c4 OK [COPYUID 1700 3:5,9 101:104] Done\r\n",
+            ],
+            30_000,
+            2048,
+            |input| {
+                // Split the input as the relay does: lines, and literals after `{n}`.
+                let mut tap = FetchTap::default();
+                let mut rest = input;
+                let mut literals = 0u64;
+                while !rest.is_empty() {
+                    let end = rest.iter().position(|&b| b == b'\n').map_or(rest.len(), |p| p + 1);
+                    let line = &rest[..end];
+                    rest = &rest[end..];
+                    let literal = crate::imap::framing::literal_at_end(line);
+                    tap.line(line, literal.is_some());
+                    if let Some(literal) = literal {
+                        let n = (literal.length as usize).min(rest.len());
+                        for chunk in rest[..n].chunks(7) {
+                            tap.literal(chunk);
+                        }
+                        rest = &rest[n..];
+                        literals += 1;
+                    }
+                }
+                let seen = tap.finish();
+                if let Some(id) = seen.as_ref().and_then(|s| s.message_id.as_deref()) {
+                    assert!(id.starts_with('<') && id.ends_with('>'), "{id:?}");
+                    assert!(!id.contains(char::is_whitespace), "{id:?}");
+                }
+                let mut head = Vec::new();
+                for chunk in input.chunks(5) {
+                    crate::imap::identity::keep_header(&mut head, chunk);
+                }
+                assert!(head.len() <= PREFIX_MAX && input.starts_with(&head));
+                if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                    assert_eq!(end + 4, head.len(), "nothing kept after the header block");
+                }
+                let code = uid_code(input);
+                if let Some(code) = &code {
+                    assert!(!code.contains(' '), "{code:?}");
+                }
+                feature(&[
+                    seen.is_some() as u64,
+                    seen.as_ref().is_some_and(|s| s.opened) as u64,
+                    literals.min(3),
+                    code.is_some() as u64,
+                ])
+            },
+        );
+    }
+
+    /// What the receipts worker reads from a provider: decoding any response unit never
+    /// panics, and a fetched body is a literal or quoted string of the unit.
+    #[test]
+    fn fuzz_receipts_scan() {
+        use crate::receipts::scan::{Untagged, has_pec_header, untagged};
+        run(
+            "receipts_scan",
+            &[
+                b"* 4 FETCH (UID 17 BODY[] {14}\r\nX-Ricevuta: \r\n)\r\n",
+                b"* OK [UIDVALIDITY 1700000000] UIDs valid\r\n",
+                b"* 12 EXISTS\r\n",
+            ],
+            20_000,
+            2048,
+            |unit| {
+                let decoded = untagged(unit);
+                let kind = match &decoded {
+                    Untagged::Fetched(f) => {
+                        assert!(f.body.len() <= unit.len());
+                        let _ = has_pec_header(&f.body);
+                        1
+                    }
+                    Untagged::UidValidity(v) => {
+                        assert_ne!(*v, 0);
+                        2
+                    }
+                    Untagged::Exists(_) => 3,
+                    Untagged::Other => 4,
+                };
+                feature(&[kind])
+            },
+        );
+    }
+
     /// Configuration files: parsing never panics; an accepted config also yields warnings
     /// and its policies without panicking.
     #[test]

@@ -90,7 +90,23 @@ pub async fn copy_exact<R, W>(
     source: &mut R,
     buffer: &mut BytesMut,
     sink: &mut W,
+    length: u64,
+) -> Result<(), CopyError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    copy_exact_observed(source, buffer, sink, length, |_| {}).await
+}
+
+/// [`copy_exact`], showing every chunk to `observe` as it passes (the audit's look at the
+/// headers of a message streaming by).
+pub async fn copy_exact_observed<R, W>(
+    source: &mut R,
+    buffer: &mut BytesMut,
+    sink: &mut W,
     mut length: u64,
+    mut observe: impl FnMut(&[u8]),
 ) -> Result<(), CopyError>
 where
     R: AsyncRead + Unpin + ?Sized,
@@ -104,6 +120,7 @@ where
             }
         }
         let n = (buffer.len() as u64).min(length) as usize;
+        observe(&buffer[..n]);
         sink.write_all(&buffer[..n])
             .await
             .map_err(|_| CopyError::Sink)?;

@@ -30,6 +30,7 @@ pub mod server;
 pub mod session;
 pub mod smtp;
 pub mod text;
+pub mod timeline;
 pub mod tls;
 pub mod upstream;
 pub mod vault;

@@ -1,4 +1,5 @@
-//! The `pecgate` command line: `serve`, `check`, `hash-password`, `vault`, `audit`, `ledger`.
+//! The `pecgate` command line: `serve`, `check`, `hash-password`, `vault`, `audit`, `ledger`,
+//! `receipts`, `sessions`, `client-config`.
 //!
 //! This is the binary edge: errors become `anyhow` reports here and nowhere else.
 
@@ -63,6 +64,11 @@ enum Command {
         #[command(subcommand)]
         action: LedgerAction,
     },
+    /// PEC receipts: per-recipient state of sent messages, pending deliveries, export.
+    Receipts {
+        #[command(subcommand)]
+        action: ReceiptsAction,
+    },
     /// List the sessions logged in to the running pecgate (through its control socket).
     Sessions {
         #[arg(short, long, default_value = DEFAULT_CONFIG, global = true)]
@@ -114,6 +120,57 @@ enum LedgerAction {
 }
 
 #[derive(Subcommand)]
+enum ReceiptsAction {
+    /// A message: who sent it, and each recipient's state with times and receipt hashes.
+    Show {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// With or without the angle brackets.
+        #[arg(long)]
+        message_id: String,
+        #[arg(long)]
+        mailbox: Option<String>,
+        /// One JSON object (an array if several mailboxes sent it) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Messages with a recipient still undelivered this long after sending.
+    Pending {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// A number and s, m, h or d.
+        #[arg(long, default_value = "24h")]
+        older_than: String,
+        #[arg(long)]
+        mailbox: Option<String>,
+        /// A JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Receipts for messages that were not sent through pecgate (webmail, other clients).
+    Unmatched {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        mailbox: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy archived receipts into DIR with manifest.json and SHA256SUMS.
+    Export {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Archived since: `YYYY-MM-DD` or RFC 3339.
+        #[arg(long)]
+        since: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        mailbox: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum VaultAction {
     /// Store the provider password of MAILBOX (read from stdin or a prompt).
     Set {
@@ -143,6 +200,18 @@ enum AuditAction {
         /// A head from an earlier verify, as ID:HASH, that must still be intact.
         #[arg(long)]
         anchor: Option<String>,
+    },
+    /// One message's history: who sent it, its receipts, and who opened, flagged, copied,
+    /// moved or deleted it through pecgate.
+    Message {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// With or without the angle brackets.
+        #[arg(long)]
+        message_id: String,
+        /// One JSON object (`message_id`, `events`) instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Print events, oldest first.
     Show {
@@ -176,6 +245,7 @@ fn main() -> ExitCode {
         Command::Vault { action } => vault_command(action),
         Command::Audit { action } => audit_command(action),
         Command::Ledger { action } => ledger_command(action),
+        Command::Receipts { action } => receipts_command(action),
         Command::Sessions {
             config,
             json,
@@ -556,6 +626,20 @@ fn audit_command(action: AuditAction) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        AuditAction::Message {
+            config,
+            message_id,
+            json,
+        } => {
+            let config = load_config(&config)?;
+            let state = &config.gateway.state_dir;
+            let timeline = pecgate::timeline::build(
+                &message_id,
+                Some(&state.join(ledger::LEDGER_FILE_NAME)),
+                &state.join("audit.sqlite"),
+            )?;
+            print_either(json, &timeline, pecgate::timeline::format)
+        }
         AuditAction::Show {
             config,
             user,
@@ -622,6 +706,96 @@ fn ledger_command(action: LedgerAction) -> anyhow::Result<ExitCode> {
             for entry in ledger::query(&path, &filter)? {
                 println!("{}", ledger::format_entry(&entry));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The sent ledger's reports, for `pecgate receipts`.
+fn reports(config: &Config) -> anyhow::Result<ledger::Reports> {
+    let path = config.gateway.state_dir.join(ledger::LEDGER_FILE_NAME);
+    if !path.exists() {
+        bail!("no sent ledger at {} yet", path.display());
+    }
+    Ok(ledger::Reports::open(&path)?)
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// `value` as JSON (`--json`) or as the text `table` makes of it.
+fn print_either<T: serde::Serialize + ?Sized>(
+    json: bool,
+    value: &T,
+    table: impl FnOnce(&T) -> String,
+) -> anyhow::Result<ExitCode> {
+    if json {
+        print_json(&value)?;
+    } else {
+        print!("{}", table(value));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn receipts_command(action: ReceiptsAction) -> anyhow::Result<ExitCode> {
+    use pecgate::receipts::report;
+    match action {
+        ReceiptsAction::Show {
+            config,
+            message_id,
+            mailbox,
+            json,
+        } => {
+            let found = reports(&load_config(&config)?)?
+                .show(&message_id, &ledger::ReportFilter { mailbox })?;
+            if found.is_empty() {
+                eprintln!("no message or receipt with Message-ID {message_id}");
+                return Ok(ExitCode::from(1));
+            }
+            match found.as_slice() {
+                // The one message as an object, as scripts expect; several as an array.
+                [one] if json => print_json(one).map(|()| ExitCode::SUCCESS),
+                all => print_either(json, all, report::format_messages),
+            }
+        }
+        ReceiptsAction::Pending {
+            config,
+            older_than,
+            mailbox,
+            json,
+        } => {
+            let span = pecgate::config::parse_span(&older_than)
+                .map_err(|reason| anyhow::anyhow!("--older-than: {reason}"))?;
+            let found = reports(&load_config(&config)?)?
+                .pending(span, &ledger::ReportFilter { mailbox })?;
+            print_either(json, found.as_slice(), report::format_messages)
+        }
+        ReceiptsAction::Unmatched {
+            config,
+            mailbox,
+            json,
+        } => {
+            let found =
+                reports(&load_config(&config)?)?.unmatched(&ledger::ReportFilter { mailbox })?;
+            print_either(json, found.as_slice(), report::format_receipts)
+        }
+        ReceiptsAction::Export {
+            config,
+            since,
+            out,
+            mailbox,
+        } => {
+            let config = load_config(&config)?;
+            let since = audit::normalize_time_bound(&since).context("--since")?;
+            let found = reports(&config)?.since(&since, &ledger::ReportFilter { mailbox })?;
+            let archive = config.gateway.state_dir.join("archive");
+            let count = report::export(&found, &archive, &out)?;
+            println!(
+                "{count} receipts exported to {} (manifest.json, SHA256SUMS)",
+                out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

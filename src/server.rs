@@ -1,5 +1,5 @@
 //! Listeners, the accept loop and graceful shutdown, for IMAP and SMTP alike; the control
-//! socket and the metrics endpoint run beside them.
+//! socket, the metrics endpoint and the receipts workers run beside them.
 //!
 //! Every listener is bound before the daemon reports ready, so a wrong address fails start-up
 //! instead of failing later. Accepting is limited by the gateway's [`Admission`] shared by both
@@ -186,6 +186,12 @@ pub async fn run(live: Live, listeners: Listeners, shutdown: CancellationToken, 
         gateway.config.gateway.state_dir.clone(),
         gateway.config.gateway.min_free_space_bytes,
         shutdown.clone(),
+    ));
+    // The receipts workers, one per mailbox, follow the generations themselves.
+    tracker.spawn(crate::receipts::worker::supervise(
+        live.clone(),
+        shutdown.clone(),
+        tracker.clone(),
     ));
     if let Some(control) = listeners.control {
         tracker.spawn(crate::control::serve(

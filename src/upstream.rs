@@ -61,6 +61,16 @@ impl ConnectionBudget {
         self.slots.clone().try_acquire_owned().ok()
     }
 
+    /// A permit, waiting for one to be free: for background work (the receipts worker),
+    /// which can wait where a client could not.
+    pub async fn acquire(&self) -> OwnedSemaphorePermit {
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the budget's semaphore is never closed")
+    }
+
     pub fn limit(&self) -> u32 {
         self.limit
     }

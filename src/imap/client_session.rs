@@ -35,6 +35,7 @@ use crate::imap::authorize::{
 };
 use crate::imap::classify::{CommandClass, Handling, Selection, classify};
 use crate::imap::command::{CommandSummary, parse_command, summarize};
+use crate::imap::identity::{FetchSeen, Identities, uid_code};
 use crate::imap::listing::{ListRequest, status_visible};
 use crate::imap::provider_client::{Untagged, next_tag};
 use crate::imap::response::{self, ListEntry, Status, list_entry};
@@ -173,6 +174,8 @@ pub struct ClientSession {
     /// Entries of the LIST/LSUB in flight.
     listing: Vec<ListEntry>,
     logging_out: bool,
+    /// Which message each (folder, UID) is, as far as this session has seen.
+    identities: Identities,
 }
 
 impl ClientSession {
@@ -185,6 +188,7 @@ impl ClientSession {
             idle: None,
             listing: Vec::new(),
             logging_out: false,
+            identities: Identities::default(),
         }
     }
 
@@ -516,13 +520,27 @@ impl ClientSession {
             _ => Outcome::Bad,
         };
         let mut summary = done.summary.clone();
+        if let Some(code) = (status == Status::Ok && text.contains(&b'['))
+            .then(|| uid_code(text))
+            .flatten()
+        {
+            // COPYUID / APPENDUID: where the message went, for the per-message timeline.
+            summary.detail = join_detail(&summary.detail, &code);
+        }
         if let Some(line) = &idle_broken {
             summary.detail = join_detail(
                 &format!("client sent {line:?} instead of DONE"),
                 &summary.detail,
             );
         }
-        let mut actions = vec![Action::Audit(relayed(&summary, tag, outcome, None))];
+        // The messages its answers served, before the command's own row.
+        let mut actions: Vec<Action> = self
+            .identities
+            .take_batch()
+            .map(message_event)
+            .into_iter()
+            .collect();
+        actions.push(Action::Audit(relayed(&summary, tag, outcome, None)));
         if done.internal {
             // pecgate's own command: the client never sent it and hears nothing of it.
             return actions;
@@ -609,6 +627,48 @@ impl ClientSession {
         }
     }
 
+    /// A FETCH answer served a message's headers or body: its `message` event, so the audit
+    /// can tell who read which message (`pecgate audit message`).
+    /// Batched: a bulk download writes one event per many messages (the rest are written
+    /// with the next completion).
+    pub fn on_fetch_seen(&mut self, seen: FetchSeen) -> Vec<Action> {
+        let Some(folder) = self.selected.clone() else {
+            return Vec::new();
+        };
+        self.identities
+            .seen(&folder, seen)
+            .map(message_event)
+            .into_iter()
+            .collect()
+    }
+
+    /// An untagged `OK` carrying `[COPYUID …]` (what a MOVE answers before its expunges):
+    /// kept in the detail of the oldest MOVE in flight, so the audit can follow the message.
+    pub fn on_untagged_code(&mut self, line: &[u8]) {
+        if !line.contains(&b'[') {
+            return;
+        }
+        if let Some(code) = uid_code(line)
+            && let Some(moving) = self.in_flight.iter_mut().find(|f| {
+                f.summary.name.ends_with("MOVE") && !f.summary.detail.contains("copyuid=")
+            })
+        {
+            moving.summary.detail = join_detail(&moving.summary.detail, &code);
+        }
+    }
+
+    /// The Message-ID of the message an APPEND in flight (`upstream_tag`) carried.
+    pub fn on_appended(&mut self, upstream_tag: &str, message_id: &str) {
+        if let Some(append) = self
+            .in_flight
+            .iter_mut()
+            .find(|f| f.upstream_tag == upstream_tag)
+        {
+            let id = crate::text::escape(message_id, false);
+            append.summary.detail = join_detail(&append.summary.detail, &format!("message={id}"));
+        }
+    }
+
     /// The provider broke the protocol: end the session (its end event records why).
     pub fn on_violation(&self, reason: &str) -> Vec<Action> {
         vec![
@@ -619,16 +679,26 @@ impl ClientSession {
 
     /// The session is over: every command the provider never completed, as an error event.
     pub fn abandon(&mut self) -> Vec<AuditRecord> {
-        self.in_flight
-            .drain(..)
-            .map(|f| {
+        let served = self
+            .identities
+            .take_batch()
+            .map(|(folder, detail)| AuditRecord {
+                command: "message".to_owned(),
+                folder: Some(folder),
+                detail,
+                outcome: Outcome::Ok,
+                durable: false,
+            });
+        served
+            .into_iter()
+            .chain(self.in_flight.drain(..).map(|f| {
                 relayed(
                     &f.summary,
                     &f.upstream_tag,
                     Outcome::Error,
                     Some("no answer from the provider before the session ended"),
                 )
-            })
+            }))
             .collect()
     }
 }
@@ -689,6 +759,11 @@ fn audit(command: &str, folder: Option<String>, detail: String, outcome: Outcome
         outcome,
         durable: false,
     })
+}
+
+/// The `message` event of a batch of served messages (see [`Identities`]).
+fn message_event((folder, detail): (String, String)) -> Action {
+    audit("message", Some(folder), detail, Outcome::Ok)
 }
 
 fn violation_end(reason: &str) -> Action {

@@ -6,6 +6,7 @@
 //! - [`classify`]: the one table of what each command kind is and needs;
 //! - [`response`]: classifying provider responses, the capability allow-list;
 //! - [`authorize`]: the folder and permission policy on commands;
+//! - [`identity`]: which message a FETCH answer or an APPEND carried (for the audit);
 //! - [`listing`]: LIST/LSUB answered and STATUS filtered from the visible tree;
 //! - [`provider_client`]: pecgate's side of the provider conversation (tags, literals, IDLE,
 //!   attribution of every response);
@@ -19,6 +20,7 @@ pub mod classify;
 pub mod client_session;
 pub mod command;
 pub mod framing;
+pub mod identity;
 pub mod listing;
 pub mod mutf7;
 pub mod preauth;

@@ -29,8 +29,9 @@ use crate::imap::client_session::{
 };
 use crate::imap::command::{UpstreamStep, append_skeleton, parse_command};
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, literal_at_end, tag_of};
+use crate::imap::identity::{self, FetchTap};
 use crate::imap::listing::answer_list;
-use crate::imap::provider_client::{ProviderClient, ProviderEvent};
+use crate::imap::provider_client::{ProviderClient, ProviderEvent, Untagged};
 use crate::io::{self, BoxStream, CopyError, ReadWait, Watched};
 use crate::session::SessionContext;
 use crate::upstream::{ProviderConnection, read_unit};
@@ -457,13 +458,20 @@ async fn perform_upward(
             if client_sync {
                 answer(&shared.client, b"+ Ready for literal data\r\n").await?;
             }
-            io::copy_exact(client, buffer, &mut *provider, u64::from(length))
-                .await
-                .map_err(|e| match e {
-                    CopyError::Source(e) => SessionEnd::Error(format!("client: {e}")),
-                    CopyError::Closed => SessionEnd::ClientClosed,
-                    CopyError::Sink => SessionEnd::UpstreamClosed,
-                })?;
+            // The message's headers, for the audit: which message was stored.
+            let mut head = Vec::new();
+            io::copy_exact_observed(client, buffer, &mut *provider, u64::from(length), |chunk| {
+                identity::keep_header(&mut head, chunk)
+            })
+            .await
+            .map_err(|e| match e {
+                CopyError::Source(e) => SessionEnd::Error(format!("client: {e}")),
+                CopyError::Closed => SessionEnd::ClientClosed,
+                CopyError::Sink => SessionEnd::UpstreamClosed,
+            })?;
+            if let Some(id) = identity::message_id_in(&head) {
+                shared.core().session.on_appended(&tag, &id);
+            }
             // Without MULTIAPPEND (not offered) the command ends right after the message.
             // Anything else would leave the provider mid-command: close instead.
             let rest = io::next_line(client, buffer, 1024)
@@ -663,16 +671,31 @@ async fn downward(
                 match plan {
                     UntaggedPlan::Pass | UntaggedPlan::PassRenamed => {
                         let rename = plan == UntaggedPlan::PassRenamed;
-                        if let Err(end) =
-                            pass_through(provider, buffer, &shared.client, line, rename).await
+                        if kind == Untagged::State {
+                            shared.core().session.on_untagged_code(&line);
+                        }
+                        // A FETCH answer is watched as it streams: which message it served.
+                        let mut tap = (kind == Untagged::Fetch).then(FetchTap::default);
+                        if let Err(end) = pass_through(
+                            provider,
+                            buffer,
+                            &shared.client,
+                            line,
+                            rename,
+                            tap.as_mut(),
+                        )
+                        .await
                         {
                             return end;
                         }
-                        continue;
+                        let seen = tap.and_then(FetchTap::finish);
+                        let Some(seen) = seen else { continue };
+                        shared.core().session.on_fetch_seen(seen)
                     }
                     UntaggedPlan::PassThenEnd => {
                         let reply = crate::text::printable(&line, 200);
-                        let _ = pass_through(provider, buffer, &shared.client, line, false).await;
+                        let _ =
+                            pass_through(provider, buffer, &shared.client, line, false, None).await;
                         let _ = shared.client.lock().await.flush().await;
                         tracing::warn!(%reply, "the provider ended the session");
                         return SessionEnd::UpstreamClosed;
@@ -762,6 +785,7 @@ async fn pass_through(
     client: &Writer,
     mut line: BytesMut,
     rename: bool,
+    mut tap: Option<&mut FetchTap>,
 ) -> Result<(), SessionEnd> {
     let mut writer = client.lock().await;
     loop {
@@ -771,15 +795,29 @@ async fn pass_through(
             writer.write_all(&line).await
         };
         written.map_err(|_| SessionEnd::ClientClosed)?;
-        let Some(literal) = literal_at_end(&line) else {
+        let literal = literal_at_end(&line);
+        if let Some(tap) = tap.as_deref_mut() {
+            tap.line(&line, literal.is_some());
+        }
+        let Some(literal) = literal else {
             return Ok(());
         };
-        io::copy_exact(provider, buffer, &mut *writer, u64::from(literal.length))
-            .await
-            .map_err(|e| match e {
-                CopyError::Sink => SessionEnd::ClientClosed,
-                CopyError::Source(_) | CopyError::Closed => SessionEnd::UpstreamClosed,
-            })?;
+        io::copy_exact_observed(
+            provider,
+            buffer,
+            &mut *writer,
+            u64::from(literal.length),
+            |chunk| {
+                if let Some(tap) = tap.as_deref_mut() {
+                    tap.literal(chunk);
+                }
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            CopyError::Sink => SessionEnd::ClientClosed,
+            CopyError::Source(_) | CopyError::Closed => SessionEnd::UpstreamClosed,
+        })?;
         line = io::next_line(provider, buffer, MAX_RESPONSE_LINE)
             .await
             .map_err(|_| SessionEnd::UpstreamClosed)?;

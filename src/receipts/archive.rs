@@ -69,12 +69,31 @@ CREATE TABLE IF NOT EXISTS archived (
 );
 CREATE INDEX IF NOT EXISTS archived_message ON archived (message_id);
 CREATE INDEX IF NOT EXISTS archived_hash ON archived (sha256);
+CREATE TABLE IF NOT EXISTS scanned (
+    mailbox     TEXT NOT NULL,
+    folder      TEXT NOT NULL,
+    uidvalidity INTEGER NOT NULL,
+    filing      INTEGER NOT NULL,
+    last_uid    INTEGER NOT NULL,
+    PRIMARY KEY (mailbox, folder, uidvalidity, filing)
+);
 ";
 
 /// The archive under `state_dir/archive`.
 pub struct Archive {
     dir: PathBuf,
     index: Connection,
+}
+
+/// The file of the message stored as `sha256` in the archive directory `dir`.
+pub fn file_path(dir: &Path, sha256: &str) -> PathBuf {
+    dir.join(sha256.get(..2).unwrap_or("00"))
+        .join(format!("{sha256}.eml"))
+}
+
+/// The SHA-256 of `bytes`, lower-case hex: the name archived files go by.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -92,6 +111,8 @@ impl Archive {
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(io)?;
         let index = Connection::open(dir.join("index.sqlite"))?;
+        // One index for every mailbox's worker: wait for each other's commits.
+        index.busy_timeout(std::time::Duration::from_secs(10))?;
         index.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
         index.execute_batch("PRAGMA synchronous = FULL")?;
         index.execute_batch(SCHEMA)?;
@@ -103,7 +124,7 @@ impl Archive {
 
     /// The file of a stored message.
     pub fn path_of(&self, sha256: &str) -> PathBuf {
-        self.dir.join(&sha256[..2]).join(format!("{sha256}.eml"))
+        file_path(&self.dir, sha256)
     }
 
     /// The hash already archived for this place, if any.
@@ -194,6 +215,47 @@ impl Archive {
         std::fs::File::open(parent)
             .and_then(|d| d.sync_all())
             .map_err(io)?;
+        Ok(())
+    }
+
+    /// The highest UID of `folder` (at `uidvalidity`) every message up to which has been
+    /// dealt with by a worker that files receipts (`filing`) or leaves them in place. Kept
+    /// apart per `filing`, so that setting a `receipts_folder` later rescans the folder and
+    /// files the receipts already archived there.
+    pub fn scanned_up_to(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        uidvalidity: u32,
+        filing: bool,
+    ) -> Result<u32, ArchiveError> {
+        Ok(self
+            .index
+            .query_row(
+                "SELECT last_uid FROM scanned WHERE mailbox = ?1 AND folder = ?2 \
+                 AND uidvalidity = ?3 AND filing = ?4",
+                params![mailbox, folder, uidvalidity, filing],
+                |row| row.get(0),
+            )
+            .optional()?
+            .unwrap_or(0))
+    }
+
+    /// Record that every message of `folder` up to `last_uid` has been dealt with.
+    pub fn set_scanned(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        uidvalidity: u32,
+        filing: bool,
+        last_uid: u32,
+    ) -> Result<(), ArchiveError> {
+        self.index.execute(
+            "INSERT INTO scanned (mailbox, folder, uidvalidity, filing, last_uid) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (mailbox, folder, uidvalidity, filing) \
+             DO UPDATE SET last_uid = max(last_uid, excluded.last_uid)",
+            params![mailbox, folder, uidvalidity, filing, last_uid],
+        )?;
         Ok(())
     }
 

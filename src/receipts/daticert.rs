@@ -18,7 +18,7 @@ pub enum DaticertError {
 }
 
 /// A recipient as the certification data lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Recipient {
     pub address: String,
     /// `certificato` (a PEC mailbox) or `esterno` (ordinary mail: no delivery receipt).

@@ -6,13 +6,21 @@
 //! - [`classify`]: which kind a message is, from its headers, checked against its daticert;
 //! - [`reconcile`]: per-recipient state of a sent message from its receipts, in any order.
 //!
-//! Blocking I/O (a dedicated thread or `spawn_blocking`):
-//! - [`archive`]: receipts and envelopes stored byte for byte, content-addressed, indexed.
+//! - [`scan`]: the worker's IMAP commands and response decoding, and what it does with
+//!   each kind.
 //!
-//! The receipts worker that watches INBOX, archives, moves and reconciles with the sent ledger
-//! is not written yet (the receipts issue stays open).
+//! Blocking I/O (a dedicated thread or `spawn_blocking`):
+//! - [`archive`]: receipts and envelopes stored byte for byte, content-addressed, indexed;
+//! - [`report`]: what `pecgate receipts` prints, and the export for preservation.
+//!
+//! Driver (session layer, async I/O):
+//! - [`worker`]: one per mailbox; watches INBOX, archives, reconciles with the sent ledger
+//!   ([`crate::ledger`]), files receipts, alerts.
 
 pub mod archive;
 pub mod classify;
 pub mod daticert;
 pub mod reconcile;
+pub mod report;
+pub mod scan;
+pub mod worker;

@@ -45,20 +45,8 @@ def gateway(dovecot, pecgate_binary):
 @pytest.fixture
 def make_gateway(dovecot, pecgate_binary):
     """Factory for fresh pecgate instances: make_gateway(max_connections=2, ...)."""
-    made = []
-
-    def factory(start: bool = True, **kwargs):
-        kwargs.setdefault("binary", pecgate_binary)
-        gw = Pecgate(dovecot, **kwargs)
-        made.append(gw)
-        gw.setup()
-        if start:
-            gw.start()
-        return gw
-
-    yield factory
-    for gw in made:
-        gw.cleanup()
+    with harness.gateways(dovecot, binary=pecgate_binary) as make:
+        yield make
 
 
 @pytest.fixture

@@ -40,6 +40,7 @@ import time
 
 import pytest
 
+import harness
 from harness import (PROVIDER_ADDRESS, Dovecot, HarnessError, Pecgate, fill_disk, make_big_message,
                      make_message, populate_demo, quote, tmpfs_mounted, wait_until)
 from upstream_log import STATE_CHANGING, UPSTREAM_DETAIL, split_commands
@@ -69,19 +70,8 @@ def provider():
 @pytest.fixture
 def make_gw(provider, pecgate_binary):
     """Fresh pecgate instances on this module's Dovecot, cleaned up after the test."""
-    made = []
-
-    def factory(**kwargs):
-        kwargs.setdefault("binary", pecgate_binary)
-        gw = Pecgate(provider, **kwargs)
-        made.append(gw)
-        gw.setup()
-        gw.start()
-        return gw
-
-    yield factory
-    for gw in made:
-        gw.cleanup()
+    with harness.gateways(provider, binary=pecgate_binary) as make:
+        yield make
 
 
 def logged_in(provider: Dovecot, gw: Pecgate, clients, user: str = "mario"):

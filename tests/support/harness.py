@@ -1286,6 +1286,27 @@ def toml_table(name: str, table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@contextlib.contextmanager
+def gateways(dovecot: Dovecot | None, **defaults):
+    """A factory of fresh, started pecgate instances (``make(start=True, **options)``, options
+    over ``defaults``) on ``dovecot``, all cleaned up when the block ends."""
+    made = []
+
+    def make(start: bool = True, **options):
+        gw = Pecgate(dovecot, **{**defaults, **options})
+        made.append(gw)
+        gw.setup()
+        if start:
+            gw.start()
+        return gw
+
+    try:
+        yield make
+    finally:
+        for gw in made:
+            gw.cleanup()
+
+
 def provider_mailbox(dovecot: Dovecot, login: str, *, upstream: str = "imaps", max_connections: int = 10,
                      **options) -> dict:
     """A ``[mailboxes.NAME]`` entry for ``Pecgate(mailboxes=...)`` whose provider login is
@@ -1316,13 +1337,15 @@ class Pecgate:
                  env: dict | None = None, smtp_url: str | None = None,
                  mailbox_options: dict | None = None, smtp_tls_port: int | None = None,
                  smtp_starttls_port: int | None = None, gateway_options: dict | None = None,
-                 metrics: str | None = None):
+                 metrics: str | None = None, receipts: dict | None = None):
         """``smtp_url``: the mailbox's provider SMTP URL (``PecProvider.smtps_url``);
         ``mailbox_options``: extra keys of the mailbox table (``max_message_bytes``,
         ``send_rate``...); ``gateway_options``: extra keys of ``[gateway]``
         (``lockout_address_failures``, ``provider_timeout_secs``...). SMTP listeners are
         always configured. ``metrics``: ``[metrics] listen`` (e.g. ``"127.0.0.1:0"``; the
-        real port is read back into ``metrics_port``), off when None."""
+        real port is read back into ``metrics_port``), off when None. ``receipts``: the
+        ``[receipts]`` table (``{}`` for the defaults: the worker on); when None the worker is
+        off, so that tests counting provider connections count only their sessions'."""
         self.bin = Path(binary or pecgate_bin())
         self.dir, self._own_dir = _work_dir(base_dir, "pecgate-gw-")
         self.state_dir = self.dir / "state"
@@ -1341,6 +1364,7 @@ class Pecgate:
         self.env = env
         self.metrics = metrics
         self.metrics_port: int | None = None
+        self.receipts = receipts
         self.proc: subprocess.Popen | None = None
 
         if users is None:
@@ -1395,6 +1419,7 @@ class Pecgate:
         ]
         if self.metrics is not None:
             parts.append(toml_table("metrics", {"listen": self.metrics}))
+        parts.append(toml_table("receipts", {"enabled": False} if self.receipts is None else self.receipts))
         for name, mb in self.mailboxes.items():
             parts.append(toml_table(f"mailboxes.{name}", {k: v for k, v in mb.items() if not k.startswith("_")}))
         for name, role in self.roles.items():
@@ -1844,7 +1869,8 @@ def sandbox(args) -> int:
                      tls_port=_pick_port(args.tls_port), starttls_port=_pick_port(args.starttls_port),
                      smtp_tls_port=_pick_port(args.smtp_tls_port),
                      smtp_starttls_port=_pick_port(args.smtp_starttls_port),
-                     smtp_url=provider.smtps_url, login_failure_delay_ms=1500)
+                     smtp_url=provider.smtps_url, login_failure_delay_ms=1500,
+                     mailbox_options={"receipts_folder": "Ricevute"}, receipts={"poll_secs": 60})
         gw.setup()
         gw.start()
         print(f"""
@@ -1865,8 +1891,9 @@ pecgate sandbox is running (Ctrl-C to stop)
     try it:          swaks --server {HOST}:{gw.smtp_tls_port} --tls-on-connect --auth PLAIN \\
                        --auth-user mario --auth-password '{users['mario']['password']}' \\
                        --from {PROVIDER_ADDRESS} --to altro@{PEC_DOMAIN}
-    receipts (ACCETTAZIONE, CONSEGNA) arrive in the INBOX a moment later;
-    {FAILING_ADDRESS} always fails (AVVISO DI MANCATA CONSEGNA)
+    receipts (ACCETTAZIONE, CONSEGNA) arrive a moment later: pecgate archives them
+    and files them in Ricevute; {FAILING_ADDRESS} always fails (AVVISO DI MANCATA CONSEGNA)
+    per-recipient state: {gw.bin} receipts show -c {gw.conf_path} --message-id ID
 
   users
     mario  / {users['mario']['password']:<20} role segreteria: all permissions; INBOX, Sent, Ricevute/**

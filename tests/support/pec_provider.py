@@ -26,6 +26,8 @@ default). The recipient's local part, or its part before the first ``+``, names 
 * ``timeout``    -> two ``preavviso-errore-consegna`` notices dated +12 h and +24 h (the 24 h
   one with errore-esteso ``5.4.1``, the 12 h one ``4.4.7``: sandbox choice), no delivery;
 * ``slow``       -> the 12 h notice, then the delivery receipt (dated +13 h);
+* ``silent``     -> accepted, then nothing at all (a receipt lost on the way; the recipient
+  stays pending until the sender's alert);
 * ``early``      -> the delivery receipt reaches the mailbox before the acceptance;
 * ``taken``      -> a ``presa-in-carico`` from the recipient's provider before the delivery
   receipt (provider-to-provider in real life; here it lands in the sender's mailbox);
@@ -125,7 +127,7 @@ MSGID_FORMS = ("escaped", "bare", "missing", "folded", "urlencoded")
 
 # Recipient-address knobs (see the module docstring).
 KNOBS = ("nouser", "nodomain", "virus", "timeout", "slow", "early", "taken", "reply",
-         "unverified", "anomaly", "external", "reject")
+         "unverified", "anomaly", "external", "reject", "silent")
 PEC_LABELS = ("pec", "legalmail", "postecert", "sicurezzapostale")
 
 CRLF = b"\r\n"
@@ -668,6 +670,8 @@ def receipts_for(sub: Submission, *, gestore: str, domain: str, failing=(), knob
                 out.append((sub.sender, build_pec_message(
                     "errore", rsub, gestore=gestore, domain=domain, to=[sub.sender], postacert=reply,
                     message_id=rsub.identificativo)))
+            continue
+        if k == "silent":
             continue
         if k == "timeout":
             for hours, code, what in ((12, "4.4.7", "entro 12 ore"), (24, "5.4.1", "entro le 24 ore")):

@@ -37,7 +37,15 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::audit::format_timestamp;
 
-const SCHEMA_VERSION: i64 = 1;
+mod receipts;
+mod reports;
+
+pub use receipts::ReceiptRecorded;
+pub use reports::{
+    ExportedReceipt, MessageReport, ReceiptLink, RecipientReport, ReportFilter, Reports,
+};
+
+const SCHEMA_VERSION: i64 = 2;
 const SCHEMA_V1: &str = "
 CREATE TABLE sent (
     id             INTEGER PRIMARY KEY,
@@ -178,9 +186,18 @@ impl Ledger {
         match version {
             0 => {
                 conn.execute_batch(&format!(
-                    "BEGIN; {SCHEMA_V1} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    "BEGIN; {SCHEMA_V1} {} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
+                    receipts::SCHEMA_V2
                 ))
                 .map_err(open_error)?;
+            }
+            1 => {
+                conn.execute_batch(&format!(
+                    "BEGIN; {} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
+                    receipts::SCHEMA_V2
+                ))
+                .map_err(open_error)?;
+                tracing::info!(path = %path.display(), "sent ledger migrated to schema version 2 (receipts per recipient)");
             }
             SCHEMA_VERSION => {}
             found => {
@@ -307,6 +324,20 @@ pub fn json_array(items: &[String]) -> String {
     out
 }
 
+/// The ledger file opened read-only, for the CLI (works beside a running pecgate).
+fn open_read_only(path: &Path) -> Result<Connection, LedgerError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|source| LedgerError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
 /// Filter for [`query`].
 #[derive(Debug, Clone, Default)]
 pub struct LedgerFilter {
@@ -319,15 +350,7 @@ pub struct LedgerFilter {
 
 /// Rows matching `filter`, oldest first. Opens the file read-only; blocking.
 pub fn query(path: &Path, filter: &LedgerFilter) -> Result<Vec<Entry>, LedgerError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|source| LedgerError::Open {
-        path: path.to_owned(),
-        source,
-    })?;
-    conn.busy_timeout(Duration::from_secs(5))?;
+    let conn = open_read_only(path)?;
     let limit = filter
         .limit
         .map_or(i64::MAX, |l| i64::try_from(l).unwrap_or(i64::MAX));
