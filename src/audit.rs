@@ -1589,12 +1589,17 @@ pub fn format_event_line(ev: &StoredEvent) -> String {
 }
 
 // ---------------------------------------------------------------------------
-// Timestamps (UTC, no time zone database needed)
+// Timestamps (UTC, with the `time` crate)
 
 /// 0000-01-01T00:00:00Z and 9999-12-31T23:59:59.999999Z, so every stamp has
 /// the same width and string order is time order.
 const MIN_MICROS: i128 = -62_167_219_200 * 1_000_000;
 const MAX_MICROS: i128 = 253_402_300_800 * 1_000_000 - 1;
+
+/// The stored form: `2026-11-22T21:05:03.123456Z`.
+const STORED: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+);
 
 /// `t` as stored in `ts`: UTC RFC 3339 with microseconds,
 /// e.g. `2026-11-22T21:05:03.123456Z`.
@@ -1608,56 +1613,17 @@ pub fn format_timestamp(t: SystemTime) -> String {
 
 fn format_unix_micros(micros: i128) -> String {
     let micros = micros.clamp(MIN_MICROS, MAX_MICROS);
-    // In range after the clamp, so the casts cannot truncate.
-    let secs = micros.div_euclid(1_000_000) as i64;
-    let frac = micros.rem_euclid(1_000_000) as u32;
-    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
-    let sod = secs.rem_euclid(86_400);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{frac:06}Z",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
-/// (H. Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-/// Inverse of [`civil_from_days`].
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn days_in_month(y: i64, m: u32) -> u32 {
-    match m {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        _ if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
-        _ => 28,
-    }
+    time::OffsetDateTime::from_unix_timestamp_nanos(micros * 1000)
+        .expect("clamped into the range of four-digit years")
+        .format(STORED)
+        .expect("a UTC instant of a four-digit year formats")
 }
 
 /// Turns a user-supplied bound into the stored `ts` form so that plain
 /// string comparison is correct (`+01:00` times are converted to UTC).
+/// Accepts `YYYY-MM-DD` (midnight UTC) or `YYYY-MM-DDTHH:MM[:SS[.fraction]]` (`T`, `t` or a
+/// space) followed by `Z` or `±HH:MM`; a fraction finer than a microsecond is rounded up,
+/// so `>=` and `<` stay exact against stored stamps.
 pub fn normalize_time_bound(input: &str) -> Result<String, AuditError> {
     const SYNTAX: &str =
         "expected YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS[.ffffff]] followed by Z or ±HH:MM";
@@ -1665,128 +1631,70 @@ pub fn normalize_time_bound(input: &str) -> Result<String, AuditError> {
         value: input.to_owned(),
         reason,
     };
-    let mut p = Cursor {
-        b: input.trim().as_bytes(),
-        i: 0,
+    let text = input.trim();
+    let (date_text, rest) = match text.get(10..) {
+        Some("") | None => (text, None),
+        Some(rest) if rest.starts_with(['T', 't', ' ']) => (&text[..10], Some(&rest[1..])),
+        Some(_) => return Err(err(SYNTAX)),
     };
-    let year = p.number(4).ok_or_else(|| err(SYNTAX))?;
-    let month = p
-        .expect(b'-')
-        .and_then(|_| p.number(2))
-        .ok_or_else(|| err(SYNTAX))? as u32;
-    let day = p
-        .expect(b'-')
-        .and_then(|_| p.number(2))
-        .ok_or_else(|| err(SYNTAX))? as u32;
-    if !(1..=12).contains(&month) || day == 0 || day > days_in_month(year, month) {
-        return Err(err("no such date"));
-    }
-    let mut micros = i128::from(days_from_civil(year, month, day)) * 86_400 * 1_000_000;
-    if !p.at_end() {
-        if !matches!(p.next(), Some(b'T' | b't' | b' ')) {
+    let date_format = time::macros::format_description!("[year]-[month]-[day]");
+    let date = time::Date::parse(date_text, date_format).map_err(|e| {
+        err(match e {
+            time::error::Parse::TryFromParsed(_) => "no such date",
+            _ => SYNTAX,
+        })
+    })?;
+    let Some(rest) = rest else {
+        return Ok(format_unix_micros(
+            i128::from(date.midnight().assume_utc().unix_timestamp()) * 1_000_000,
+        ));
+    };
+    // The zone: `Z`, or the last six characters `±HH:MM`.
+    let (clock_text, offset) = if let Some(clock) = rest.strip_suffix(['Z', 'z']) {
+        (clock, time::UtcOffset::UTC)
+    } else {
+        let split = rest
+            .len()
+            .checked_sub(6)
+            .filter(|&at| rest.is_char_boundary(at) && rest[at..].starts_with(['+', '-']));
+        let Some(at) = split else {
+            return Err(err("a time of day needs a zone: Z or ±HH:MM"));
+        };
+        let offset_format =
+            time::macros::format_description!("[offset_hour sign:mandatory]:[offset_minute]");
+        let offset = time::UtcOffset::parse(&rest[at..], offset_format)
+            .map_err(|_| err("no such zone offset"))?;
+        (&rest[..at], offset)
+    };
+    // `HH:MM`, `HH:MM:SS`, `HH:MM:SS.f…` (a comma works as the decimal mark too).
+    let (whole, fraction) = match clock_text.split_once(['.', ',']) {
+        Some((whole, fraction)) => (whole, Some(fraction)),
+        None => (clock_text, None),
+    };
+    let clock_format = time::macros::format_description!("[hour]:[minute][optional [:[second]]]");
+    let clock = time::Time::parse(whole, clock_format).map_err(|e| {
+        err(match e {
+            time::error::Parse::TryFromParsed(_) => "no such time of day",
+            _ => SYNTAX,
+        })
+    })?;
+    let mut micros: i128 = 0;
+    if let Some(fraction) = fraction {
+        if fraction.is_empty() || !fraction.bytes().all(|b| b.is_ascii_digit()) {
             return Err(err(SYNTAX));
         }
-        let hour = p.number(2).ok_or_else(|| err(SYNTAX))?;
-        let minute = p
-            .expect(b':')
-            .and_then(|_| p.number(2))
-            .ok_or_else(|| err(SYNTAX))?;
-        let mut second = 0;
-        if p.peek() == Some(b':') {
-            p.next();
-            second = p.number(2).ok_or_else(|| err(SYNTAX))?;
+        for k in 0..6 {
+            let digit = fraction.as_bytes().get(k).map_or(0, |d| d - b'0');
+            micros = micros * 10 + i128::from(digit);
         }
-        if hour > 23 || minute > 59 || second > 60 {
-            return Err(err("no such time of day"));
+        if fraction.bytes().skip(6).any(|d| d != b'0') {
+            micros += 1;
         }
-        micros += i128::from(hour * 3600 + minute * 60 + second) * 1_000_000;
-        if matches!(p.peek(), Some(b'.' | b',')) {
-            p.next();
-            let digits = p.digits();
-            if digits.is_empty() {
-                return Err(err(SYNTAX));
-            }
-            let mut frac: i128 = 0;
-            for k in 0..6 {
-                frac = frac * 10 + i128::from(digits.get(k).map_or(0, |d| d - b'0'));
-            }
-            // Stored stamps have microsecond precision, so rounding the bound
-            // up keeps `>=` and `<` exact.
-            if digits.iter().skip(6).any(|&d| d != b'0') {
-                frac += 1;
-            }
-            micros += frac;
-        }
-        let offset_secs = match p.next() {
-            Some(b'Z' | b'z') => 0,
-            Some(sign @ (b'+' | b'-')) => {
-                let oh = p.number(2).ok_or_else(|| err(SYNTAX))?;
-                let om = p
-                    .expect(b':')
-                    .and_then(|_| p.number(2))
-                    .ok_or_else(|| err(SYNTAX))?;
-                if oh > 23 || om > 59 {
-                    return Err(err("no such zone offset"));
-                }
-                let secs = oh * 3600 + om * 60;
-                if sign == b'-' { -secs } else { secs }
-            }
-            _ => return Err(err("a time of day needs a zone: Z or ±HH:MM")),
-        };
-        micros -= i128::from(offset_secs) * 1_000_000;
     }
-    if !p.at_end() {
-        return Err(err(SYNTAX));
-    }
-    Ok(format_unix_micros(micros))
-}
-
-struct Cursor<'a> {
-    b: &'a [u8],
-    i: usize,
-}
-
-impl<'a> Cursor<'a> {
-    fn at_end(&self) -> bool {
-        self.i >= self.b.len()
-    }
-
-    fn peek(&self) -> Option<u8> {
-        self.b.get(self.i).copied()
-    }
-
-    fn next(&mut self) -> Option<u8> {
-        let c = self.peek()?;
-        self.i += 1;
-        Some(c)
-    }
-
-    fn expect(&mut self, c: u8) -> Option<()> {
-        (self.next()? == c).then_some(())
-    }
-
-    /// Exactly `n` ASCII digits.
-    fn number(&mut self, n: usize) -> Option<i64> {
-        let digits = self.b.get(self.i..self.i + n)?;
-        if !digits.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        self.i += n;
-        Some(
-            digits
-                .iter()
-                .fold(0, |acc, d| acc * 10 + i64::from(d - b'0')),
-        )
-    }
-
-    /// All ASCII digits from here on.
-    fn digits(&mut self) -> &'a [u8] {
-        let start = self.i;
-        while self.peek().is_some_and(|c| c.is_ascii_digit()) {
-            self.i += 1;
-        }
-        &self.b[start..self.i]
-    }
+    let at = time::PrimitiveDateTime::new(date, clock).assume_offset(offset);
+    Ok(format_unix_micros(
+        i128::from(at.unix_timestamp()) * 1_000_000 + micros,
+    ))
 }
 
 #[cfg(test)]
@@ -1886,10 +1794,9 @@ mod tests {
             format_timestamp(UNIX_EPOCH - Duration::from_micros(1)),
             "1969-12-31T23:59:59.999999Z"
         );
-        for days in [-800_000i64, -1, 0, 59, 60, 365, 10_957, 20_000, 2_000_000] {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days);
-        }
+        // Beyond four-digit years: clamped, the width stays.
+        assert_eq!(format_unix_micros(i128::MAX), "9999-12-31T23:59:59.999999Z");
+        assert_eq!(format_unix_micros(i128::MIN), "0000-01-01T00:00:00.000000Z");
     }
 
     #[test]

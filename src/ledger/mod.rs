@@ -81,6 +81,8 @@ pub enum LedgerError {
     },
     #[error("{} has schema version {found}; this pecgate supports {SCHEMA_VERSION}", path.display())]
     UnsupportedSchema { path: PathBuf, found: i64 },
+    #[error("{} was written by an earlier pecgate and has no receipts yet: start pecgate once to migrate it", path.display())]
+    NotMigrated { path: PathBuf },
     #[error("sent ledger database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("the sent ledger writer is unavailable")]

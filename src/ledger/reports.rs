@@ -237,9 +237,8 @@ impl Reports {
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version < 2 {
             // A ledger pecgate has not opened since the upgrade: no receipts recorded yet.
-            return Err(LedgerError::UnsupportedSchema {
+            return Err(LedgerError::NotMigrated {
                 path: path.to_owned(),
-                found: version,
             });
         }
         Ok(Reports { conn })

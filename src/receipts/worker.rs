@@ -378,10 +378,10 @@ impl Worker {
             let created = conn
                 .run("CREATE", &format!("CREATE {}", scan::quoted(&wire)))
                 .await;
-            let outcome = if created.is_ok() {
-                Outcome::Ok
-            } else {
-                Outcome::No
+            let outcome = match &created {
+                Ok(_) => Outcome::Ok,
+                Err(WorkerError::Refused { .. }) => Outcome::No,
+                Err(_) => Outcome::Error,
             };
             self.audit(self.event(
                 "CREATE",
@@ -390,7 +390,18 @@ impl Worker {
                 outcome,
             ))
             .await?;
-            created?;
+            match created {
+                Ok(_) => {}
+                // Filing must never hold up archiving: receipts stay where they are.
+                Err(WorkerError::Refused { reply, .. }) => {
+                    if !self.warned_cannot_file {
+                        tracing::warn!(folder = %configured, %reply, "the provider refused to create the receipts folder: receipts are archived but left in place");
+                        self.warned_cannot_file = true;
+                    }
+                    return Ok(None);
+                }
+                Err(error) => return Err(error),
+            }
             tracing::info!(folder = %configured, "receipts folder created");
         }
         Ok(Some(wire))

@@ -413,3 +413,19 @@ def test_a_receipts_folder_set_by_reload_files_the_receipts_already_in_inbox(mak
     hashes = {hashlib.sha256(m).hexdigest() for m in receipts_about(folder_messages(dove, "Ricevute"), msgid)}
     files = {row[0] for row in index.execute("SELECT DISTINCT sha256 FROM archived")}
     assert hashes <= files
+
+
+def test_idle_outlasts_the_provider_timeout_and_wakes_on_new_mail(make_gw, dove):
+    """The worker waits in IDLE far longer than `provider_timeout_secs` (news may take
+    hours), and a new receipt reaches the archive at once, not at the next poll."""
+    gw = make_gw(receipts={"poll_secs": 600}, gateway_options={"provider_timeout_secs": 1})
+    first = send(gw, "Prima", to=(ALTRO,))
+    settled(gw, first, {ALTRO: "delivered"})
+    mark = gw.log_mark()
+    # The property is about time passing: three provider timeouts of silence must not end
+    # the worker's session (it did once: IDLE reads were bound by the provider timeout).
+    with pytest.raises(TimeoutError):
+        gw.wait_log("provider session ended", since=mark, timeout=3.5)
+    second = send(gw, "Seconda", to=(ALTRO,))
+    settled(gw, second, {ALTRO: "delivered"})
+    assert "provider session ended" not in gw.log_text()[mark:]
