@@ -156,6 +156,13 @@ enum ReceiptsAction {
         #[arg(long)]
         json: bool,
     },
+    /// PEC messages that could not be classified: archived and left where they were.
+    Unclassified {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Copy archived receipts into DIR with manifest.json and SHA256SUMS.
     Export {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
@@ -780,6 +787,11 @@ fn receipts_command(action: ReceiptsAction) -> anyhow::Result<ExitCode> {
             let found =
                 reports(&load_config(&config)?)?.unmatched(&ledger::ReportFilter { mailbox })?;
             print_either(json, found.as_slice(), report::format_receipts)
+        }
+        ReceiptsAction::Unclassified { config, json } => {
+            let archive = load_config(&config)?.gateway.state_dir.join("archive");
+            let found = pecgate::receipts::archive::unclassified(&archive)?;
+            print_either(json, found.as_slice(), report::format_archived)
         }
         ReceiptsAction::Export {
             config,

@@ -29,6 +29,7 @@
 //!     provider   TEXT,                  -- who delivered it
 //!     error      TEXT,                  -- the provider's code and text
 //!     updated_at TEXT NOT NULL,
+//!     alerted_at TEXT,                  -- when its failure was alerted (audit, log)
 //!     PRIMARY KEY (sent_id, address)
 //! );
 //! ```
@@ -40,7 +41,6 @@
 //! message pecgate sent stays unmatched (sent from webmail or another client) and is linked
 //! later if its submission's acceptance names the message.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -84,6 +84,7 @@ CREATE TABLE recipient (
     provider   TEXT,
     error      TEXT,
     updated_at TEXT NOT NULL,
+    alerted_at TEXT,
     PRIMARY KEY (sent_id, address)
 );
 ";
@@ -95,8 +96,10 @@ pub struct ReceiptRecorded {
     pub new: bool,
     /// The sent message it is about, when pecgate sent it.
     pub message: Option<MessageReport>,
-    /// Recipients that became `failed` with this receipt: (address, error).
-    pub newly_failed: Vec<(String, String)>,
+    /// Failed recipients of the message whose failure is not alerted yet: (address, error).
+    /// The caller alerts each, then calls [`Ledger::failure_alerted`]; a crash in between
+    /// alerts again rather than never.
+    pub unalerted_failures: Vec<(String, String)>,
 }
 
 /// A receipt as stored, enough to apply it again.
@@ -218,8 +221,8 @@ fn envelope_recipients(conn: &Connection, sent_id: i64) -> rusqlite::Result<Vec<
     Ok(serde_json::from_str(&json).unwrap_or_default())
 }
 
-/// Recompute the `recipient` rows of `sent_id` from all its receipts; returns the
-/// recipients that are failed now and were not before.
+/// Recompute the `recipient` rows of `sent_id` from all its receipts; returns the failed
+/// recipients whose failure has not been alerted.
 fn recompute(conn: &Connection, sent_id: i64) -> rusqlite::Result<Vec<(String, String)>> {
     let mut state = MessageState::default();
     for address in envelope_recipients(conn, sent_id)? {
@@ -231,24 +234,13 @@ fn recompute(conn: &Connection, sent_id: i64) -> rusqlite::Result<Vec<(String, S
     for receipt in receipts_of(conn, sent_id)? {
         state.apply(receipt.kind, &receipt.daticert);
     }
-    let before: BTreeMap<String, String> = {
-        let mut stmt = conn.prepare("SELECT address, state FROM recipient WHERE sent_id = ?1")?;
-        let rows = stmt.query_map([sent_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
     let now = format_timestamp(SystemTime::now());
-    let mut newly_failed = Vec::new();
     for (address, recipient) in &state.recipients {
         let (at, provider, error) = match recipient {
             RecipientState::Delivered { at, by } => (at.clone(), by.clone(), None),
             RecipientState::Failed { at, error } => (at.clone(), None, Some(error.clone())),
             _ => (None, None, None),
         };
-        if let RecipientState::Failed { error, .. } = recipient
-            && before.get(address).map(String::as_str) != Some("failed")
-        {
-            newly_failed.push((address.clone(), error.clone()));
-        }
         conn.execute(
             "INSERT INTO recipient (sent_id, address, state, at, provider, error, updated_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (sent_id, address) DO UPDATE SET \
@@ -273,14 +265,19 @@ fn recompute(conn: &Connection, sent_id: i64) -> rusqlite::Result<Vec<(String, S
             params![ident, sent_id],
         )?;
     }
-    Ok(newly_failed)
+    let mut stmt = conn.prepare(
+        "SELECT address, COALESCE(error, '') FROM recipient WHERE sent_id = ?1 \
+         AND state = 'failed' AND alerted_at IS NULL ORDER BY address",
+    )?;
+    let unalerted = stmt.query_map([sent_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    unalerted.collect()
 }
 
 /// What [`record`] did.
 struct Recorded {
     new: bool,
     sent_id: Option<i64>,
-    newly_failed: Vec<(String, String)>,
+    unalerted_failures: Vec<(String, String)>,
 }
 
 /// Record one archived receipt (in one transaction): insert it unless known, match it, link
@@ -331,7 +328,7 @@ fn record(
             (true, sent_id)
         }
     };
-    let mut newly_failed = Vec::new();
+    let mut unalerted_failures = Vec::new();
     if let Some(sent_id) = sent_id {
         if let Some(ident) = ident {
             // Receipts that came first with only the identificativo belong here too.
@@ -341,13 +338,13 @@ fn record(
                 params![sent_id, mailbox, ident],
             )?;
         }
-        newly_failed = recompute(&tx, sent_id)?;
+        unalerted_failures = recompute(&tx, sent_id)?;
     }
     tx.commit()?;
     Ok(Recorded {
         new,
         sent_id,
-        newly_failed,
+        unalerted_failures,
     })
 }
 
@@ -367,7 +364,7 @@ impl Ledger {
             let Recorded {
                 new,
                 sent_id,
-                newly_failed,
+                unalerted_failures,
             } = record(&mut conn, &mailbox, &sha256, &what)?;
             let message = match sent_id {
                 Some(id) => Some(report_of_sent(&conn, id)?),
@@ -376,11 +373,36 @@ impl Ledger {
             Ok(ReceiptRecorded {
                 new,
                 message,
-                newly_failed,
+                unalerted_failures,
             })
         })
         .await
         .map_err(|_| LedgerError::Unavailable)?
+    }
+
+    /// The failure of `address` for the message sent as `message_id` from `mailbox` has been
+    /// alerted: it is not reported again.
+    pub async fn failure_alerted(
+        &self,
+        mailbox: &str,
+        message_id: &str,
+        address: &str,
+    ) -> Result<(), LedgerError> {
+        let (mailbox, message_id, address) = (
+            mailbox.to_owned(),
+            message_id.to_owned(),
+            address.to_owned(),
+        );
+        let now = format_timestamp(SystemTime::now());
+        self.with_conn(move |conn| {
+            conn.execute(
+                "UPDATE recipient SET alerted_at = ?1 WHERE address = ?2 AND alerted_at IS NULL \
+                 AND sent_id IN (SELECT id FROM sent WHERE mailbox = ?3 AND message_id = ?4)",
+                params![now, address, mailbox, message_id],
+            )
+            .map(|_| ())
+        })
+        .await
     }
 
     /// Messages sent more than `after` ago with a recipient still waiting for a delivery or
@@ -586,21 +608,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn recording_twice_changes_nothing_and_failures_are_reported_once() {
+    async fn recording_twice_changes_nothing_and_failures_are_reported_until_alerted() {
         let (path, ledger) = temp_ledger("twice");
-        sent(
-            &ledger,
-            "fattura.42.20261120@pec.example.test",
-            &["ufficio@pec.ente.test"],
-        )
-        .await;
+        let msgid = "fattura.42.20261120@pec.example.test";
+        sent(&ledger, msgid, &["ufficio@pec.ente.test"]).await;
         let first = record_file(&ledger, "fattura-5-errore-consegna-nouser.eml").await;
-        assert_eq!(first.newly_failed.len(), 1);
-        assert!(first.newly_failed[0].1.starts_with("5.1.1"));
+        assert_eq!(first.unalerted_failures.len(), 1);
+        assert!(first.unalerted_failures[0].1.starts_with("5.1.1"));
+        // Recorded again before the alert was marked (a crash in between): reported again.
         let again = record_file(&ledger, "fattura-5-errore-consegna-nouser.eml").await;
         assert!(!again.new);
-        assert!(again.newly_failed.is_empty());
+        assert_eq!(again.unalerted_failures, first.unalerted_failures);
         assert_eq!(again.message, first.message);
+        ledger
+            .failure_alerted("studio", &format!("<{msgid}>"), "ufficio@pec.ente.test")
+            .await
+            .unwrap();
+        let third = record_file(&ledger, "fattura-5-errore-consegna-nouser.eml").await;
+        assert!(third.unalerted_failures.is_empty());
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 

@@ -79,6 +79,51 @@ CREATE TABLE IF NOT EXISTS scanned (
 );
 ";
 
+/// One archived message as the index lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Archived {
+    pub mailbox: String,
+    pub folder: String,
+    pub uidvalidity: u32,
+    pub uid: u32,
+    pub sha256: String,
+    pub kind: String,
+    pub message_id: Option<String>,
+    /// Why it could not be classified (or a warning on a known kind).
+    pub note: Option<String>,
+    pub archived_at: String,
+}
+
+/// The messages archived as `unknown` (PEC headers that could not be read with certainty),
+/// oldest first, from the index in `dir` opened read-only (beside a running pecgate). An
+/// archive not created yet lists nothing.
+pub fn unclassified(dir: &Path) -> Result<Vec<Archived>, ArchiveError> {
+    let path = dir.join("index.sqlite");
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let index = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    index.busy_timeout(std::time::Duration::from_secs(5))?;
+    let mut stmt = index.prepare(
+        "SELECT mailbox, folder, uidvalidity, uid, sha256, kind, message_id, note, archived_at \
+         FROM archived WHERE kind = 'unknown' ORDER BY archived_at",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Archived {
+            mailbox: r.get(0)?,
+            folder: r.get(1)?,
+            uidvalidity: r.get(2)?,
+            uid: r.get(3)?,
+            sha256: r.get(4)?,
+            kind: r.get(5)?,
+            message_id: r.get(6)?,
+            note: r.get(7)?,
+            archived_at: r.get(8)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// The archive under `state_dir/archive`.
 pub struct Archive {
     dir: PathBuf,

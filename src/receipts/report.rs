@@ -107,6 +107,24 @@ pub fn format_receipts(receipts: &[ExportedReceipt]) -> String {
     out
 }
 
+/// Unclassified messages as a table, one per line (`receipts unclassified`).
+pub fn format_archived(archived: &[archive::Archived]) -> String {
+    let mut out = String::new();
+    for a in archived {
+        let _ = writeln!(
+            out,
+            "{}  {}  {} uid {}  {}  {}",
+            a.archived_at,
+            clean(&a.mailbox),
+            clean(&a.folder),
+            a.uid,
+            a.sha256,
+            clean(a.note.as_deref().unwrap_or("-")),
+        );
+    }
+    out
+}
+
 /// Copy `receipts` from `archive_dir` into `out` with a manifest; returns how many.
 pub fn export(
     receipts: &[ExportedReceipt],

@@ -600,7 +600,7 @@ impl Worker {
                 .await?;
             match &recorded.message {
                 Some(sent) => {
-                    for (address, error) in &recorded.newly_failed {
+                    for (address, error) in &recorded.unalerted_failures {
                         tracing::warn!(message_id = %sent.message_id, user = sent.user.as_deref().unwrap_or(""), recipient = %address, %error, "PEC not delivered");
                         let detail = format!(
                             "message={} sent-by={} recipient={} failed: {}",
@@ -616,6 +616,10 @@ impl Worker {
                             Outcome::Error,
                         ))
                         .await?;
+                        // Marked only once on the trail: a crash before this alerts again.
+                        ledger
+                            .failure_alerted(&self.mailbox, &sent.message_id, address)
+                            .await?;
                     }
                 }
                 None if recorded.new => {
