@@ -15,10 +15,11 @@
 //!
 //! Driver (session layer, async I/O):
 //! - [`worker`]: one per mailbox; watches INBOX, archives, reconciles with the sent ledger
-//!   ([`crate::ledger`]), files receipts, alerts.
+//!   ([`crate::ledger`]), files receipts, alerts; over `conn`, its provider conversation.
 
 pub mod archive;
 pub mod classify;
+mod conn;
 pub mod daticert;
 pub mod reconcile;
 pub mod report;

@@ -22,23 +22,21 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::archive::{Archive, ArchiveError, Origin};
 use super::classify::{Classified, Kind, classify};
+use super::conn::Conn;
 use super::scan::{self, Disposition, Untagged};
 use crate::audit::{AuditEvent, Outcome, Protocol};
 use crate::gateway::{Gateway, Live};
-use crate::imap::response::{self, ResponseKind, Status};
-use crate::io::{self, LineError};
+use crate::imap::response::{self, ResponseKind};
+use crate::io::LineError;
 use crate::ledger::LedgerError;
-use crate::upstream::{self, ProviderConnection, UpstreamError};
+use crate::upstream::{self, UpstreamError};
 
-/// Longest line (not counting literals) the worker accepts from the provider.
-const LINE_MAX: usize = 64 * 1024;
 /// Longest wait between two attempts after a failure.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How often, at most, messages still undelivered are looked for.
@@ -201,91 +199,6 @@ struct Worker {
     warned_cannot_file: bool,
 }
 
-/// A logged-in provider connection and the worker's tag counter.
-struct Conn {
-    inner: ProviderConnection,
-    next_tag: u32,
-    timeout: Duration,
-    /// Largest response unit accepted (a whole message and its line).
-    unit_max: usize,
-}
-
-impl Conn {
-    fn has(&self, capability: &str) -> bool {
-        self.inner
-            .capabilities
-            .iter()
-            .any(|c| c.eq_ignore_ascii_case(capability))
-    }
-
-    async fn send(&mut self, text: &str) -> Result<String, WorkerError> {
-        self.next_tag += 1;
-        let tag = format!("r{}", self.next_tag);
-        let line = format!("{tag} {text}\r\n");
-        self.inner
-            .writer
-            .write_all(line.as_bytes())
-            .await
-            .map_err(LineError::from)?;
-        self.inner.writer.flush().await.map_err(LineError::from)?;
-        Ok(tag)
-    }
-
-    /// The next response unit (a line and its literals), within `provider_timeout`, plus a
-    /// second per 256 KiB of literal announced (a 100 MB receipt on a slow link is not a
-    /// stall).
-    async fn unit(&mut self) -> Result<Vec<u8>, WorkerError> {
-        self.unit_waiting(self.timeout).await
-    }
-
-    /// [`Conn::unit`], waiting up to `line_wait` for the response to start (IDLE waits
-    /// longer than the provider timeout for news).
-    async fn unit_waiting(&mut self, line_wait: Duration) -> Result<Vec<u8>, WorkerError> {
-        let c = &mut self.inner;
-        let line = tokio::time::timeout(
-            line_wait,
-            io::next_line(&mut c.reader, &mut c.buffer, LINE_MAX),
-        )
-        .await
-        .map_err(|_| WorkerError::Timeout(line_wait))??;
-        let literal = crate::imap::framing::literal_at_end(&line).map_or(0, |l| l.length);
-        let allowance = self.timeout + Duration::from_secs(u64::from(literal) / (256 * 1024));
-        tokio::time::timeout(
-            allowance,
-            upstream::read_unit(&mut c.reader, &mut c.buffer, &line, self.unit_max),
-        )
-        .await
-        .map_err(|_| WorkerError::Timeout(allowance))?
-        .map_err(WorkerError::from)
-    }
-
-    /// Run `text` and collect its untagged responses; an answer other than OK is an error
-    /// naming `command`. Each response must come within the time [`Conn::unit`] allows.
-    async fn run(
-        &mut self,
-        command: &'static str,
-        text: &str,
-    ) -> Result<Vec<Untagged>, WorkerError> {
-        let tag = self.send(text).await?;
-        let mut untagged = Vec::new();
-        loop {
-            let unit = self.unit().await?;
-            match response::classify(&unit) {
-                ResponseKind::Tagged { tag: t, status } if t == tag => {
-                    if status == Status::Ok {
-                        return Ok(untagged);
-                    }
-                    return Err(WorkerError::Refused {
-                        command,
-                        reply: crate::text::printable(&unit, 300),
-                    });
-                }
-                _ => untagged.push(scan::untagged(&unit)),
-            }
-        }
-    }
-}
-
 impl Worker {
     fn event(
         &self,
@@ -328,14 +241,11 @@ impl Worker {
         let target = runtime.target(timeout).ok_or(WorkerError::NoPassword)?;
         let permit = runtime.budget.acquire().await;
         let inner = upstream::connect(&target, permit).await?;
-        let mut conn = Conn {
-            inner,
-            next_tag: 0,
-            timeout,
-            unit_max: usize::try_from(runtime.config.max_message_bytes)
-                .unwrap_or(usize::MAX)
-                .saturating_add(LINE_MAX),
-        };
+        // A unit may hold a whole message, up to the mailbox's size limit.
+        let unit_max = usize::try_from(runtime.config.max_message_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_add(64 * 1024);
+        let mut conn = Conn::new(inner, timeout, unit_max);
         let filing = self.prepare_receipts_folder(&mut conn).await?;
         let mut folders: Vec<String> = self.settings().receipts_watch.clone();
         // INBOX last: it stays selected for IDLE.
@@ -346,7 +256,8 @@ impl Worker {
             }
             *backoff = Duration::from_secs(1);
             self.alert_overdue().await?;
-            self.wait_for_news(&mut conn).await?;
+            conn.wait_for_news(self.gateway.config.receipts.poll_interval)
+                .await?;
         }
     }
 
@@ -722,56 +633,6 @@ impl Worker {
                 .await?;
         }
         Ok(())
-    }
-
-    /// Wait for new mail in INBOX (IDLE) or for the next poll.
-    async fn wait_for_news(&mut self, conn: &mut Conn) -> Result<(), WorkerError> {
-        let poll = self.gateway.config.receipts.poll_interval;
-        if !conn.has("IDLE") {
-            tokio::time::sleep(poll).await;
-            return Ok(());
-        }
-        let tag = conn.send("IDLE").await?;
-        let deadline = tokio::time::Instant::now() + poll;
-        let mut idling = false;
-        loop {
-            // The `+` must come within the provider timeout; news may take until the deadline.
-            let wait = if idling {
-                deadline.saturating_duration_since(tokio::time::Instant::now())
-            } else {
-                conn.timeout
-            };
-            let unit = match conn.unit_waiting(wait).await {
-                Ok(unit) => unit,
-                Err(WorkerError::Timeout(_)) if idling => break,
-                Err(error) => return Err(error),
-            };
-            match response::classify(&unit) {
-                ResponseKind::Continuation => idling = true,
-                ResponseKind::Tagged { tag: t, .. } if t == tag => {
-                    // The provider ended IDLE by itself: scan again.
-                    return Ok(());
-                }
-                _ => {
-                    if matches!(scan::untagged(&unit), Untagged::Exists(_)) {
-                        break;
-                    }
-                }
-            }
-        }
-        conn.inner
-            .writer
-            .write_all(b"DONE\r\n")
-            .await
-            .map_err(LineError::from)?;
-        conn.inner.writer.flush().await.map_err(LineError::from)?;
-        loop {
-            let unit = conn.unit().await?;
-            if matches!(response::classify(&unit), ResponseKind::Tagged { tag: t, .. } if t == tag)
-            {
-                return Ok(());
-            }
-        }
     }
 }
 
