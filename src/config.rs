@@ -1748,6 +1748,26 @@ impl Config {
     }
 }
 
+/// For tests across the crate: the TLS files, one IMAP listener and two mailboxes
+/// (`studio`, `legal`) most test configurations share; each test adds its own `[gateway]`,
+/// roles and users (TOML tables may come in any order).
+#[cfg(test)]
+pub(crate) const TEST_MAILBOXES: &str = r#"
+[tls]
+cert = "c"
+key = "k"
+[imap]
+listen_tls = ["127.0.0.1:993"]
+[mailboxes.studio]
+address = "studio@pec.example.it"
+login = "studio"
+imap = "imaps://h"
+[mailboxes.legal]
+address = "legal@pec.example.it"
+login = "legal"
+imap = "imaps://h"
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;

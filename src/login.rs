@@ -348,20 +348,7 @@ mod tests {
 [gateway]
 state_dir = "state"
 login_failure_delay_ms = 50
-[tls]
-cert = "c"
-key = "k"
-[imap]
-listen_tls = ["127.0.0.1:993"]
-[mailboxes.studio]
-address = "studio@pec.example.it"
-login = "studio"
-imap = "imaps://h"
-[mailboxes.legal]
-address = "legal@pec.example.it"
-login = "legal"
-imap = "imaps://h"
-[roles.one]
+{mailboxes}[roles.one]
 mailboxes = ["studio"]
 permissions = ["send"]
 [roles.both]
@@ -377,7 +364,8 @@ roles = ["both"]
 password = "{hash}"
 roles = ["one"]
 disabled = true
-"#
+"#,
+            mailboxes = crate::config::TEST_MAILBOXES
         );
         Config::parse(&text, Path::new("/x")).unwrap()
     }

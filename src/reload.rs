@@ -108,23 +108,13 @@ async fn record(gateway: &Gateway, outcome: Outcome, detail: String) {
 mod tests {
     use super::*;
 
-    const BASE: &str = r#"
+    /// Two mailboxes, one role on `studio`, two users.
+    fn base() -> String {
+        format!(
+            r#"
 [gateway]
 state_dir = "s"
-[tls]
-cert = "c"
-key = "k"
-[imap]
-listen_tls = ["127.0.0.1:993"]
-[mailboxes.studio]
-address = "studio@pec.example.it"
-login = "studio"
-imap = "imaps://h"
-[mailboxes.legal]
-address = "legal@pec.example.it"
-login = "legal"
-imap = "imaps://h"
-[roles.r]
+{}[roles.r]
 mailboxes = ["studio"]
 folders = ["INBOX"]
 permissions = ["read"]
@@ -134,7 +124,10 @@ roles = ["r"]
 [users.anna]
 password = "$argon2id$v=19$m=19456,t=2,p=1$VHjHv64CViNy8yoyEAVadg$nbSDqcWNHaZIp/bmbEnvNj0ZvQK273Ydu8Nym4+pLw8"
 roles = ["r"]
-"#;
+"#,
+            crate::config::TEST_MAILBOXES
+        )
+    }
 
     fn parse(text: &str) -> Config {
         Config::parse(text, Path::new("/etc/pecgate")).unwrap()
@@ -142,32 +135,33 @@ roles = ["r"]
 
     #[test]
     fn what_a_change_does_to_a_session() {
-        let old = parse(BASE);
-        let same = parse(&format!("{BASE}\n# a comment\n"));
+        let base = base();
+        let old = parse(&base);
+        let same = parse(&format!("{base}\n# a comment\n"));
         assert_eq!(old.revocation(&same, "mario", "studio"), None);
-        let removed = parse(&BASE.replace("[users.anna]", "[users.zoe]"));
+        let removed = parse(&base.replace("[users.anna]", "[users.zoe]"));
         assert_eq!(
             old.revocation(&removed, "anna", "studio"),
             Some("user removed")
         );
         assert_eq!(old.revocation(&removed, "mario", "studio"), None);
-        let disabled = parse(&format!("{BASE}disabled = true\n"));
+        let disabled = parse(&format!("{base}disabled = true\n"));
         assert_eq!(
             old.revocation(&disabled, "anna", "studio"),
             Some("user disabled")
         );
         let folders =
-            parse(&BASE.replace(r#"folders = ["INBOX"]"#, r#"folders = ["INBOX", "Sent"]"#));
+            parse(&base.replace(r#"folders = ["INBOX"]"#, r#"folders = ["INBOX", "Sent"]"#));
         assert_eq!(
             old.revocation(&folders, "mario", "studio"),
             Some("folders or permissions changed")
         );
-        let moved = parse(&BASE.replace(r#"mailboxes = ["studio"]"#, r#"mailboxes = ["legal"]"#));
+        let moved = parse(&base.replace(r#"mailboxes = ["studio"]"#, r#"mailboxes = ["legal"]"#));
         assert_eq!(
             old.revocation(&moved, "mario", "studio"),
             Some("mailbox no longer granted")
         );
-        let provider = parse(&BASE.replace("login = \"studio\"", "login = \"studio2\""));
+        let provider = parse(&base.replace("login = \"studio\"", "login = \"studio2\""));
         assert_eq!(
             old.revocation(&provider, "mario", "studio"),
             Some("mailbox settings changed")
