@@ -31,6 +31,7 @@ pub const DEFAULT_MAX_PREAUTH_PER_ADDRESS: usize = 64;
 pub const DEFAULT_MAX_SESSIONS_PER_USER: usize = 20;
 pub const DEFAULT_LOGIN_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_PROVIDER_TIMEOUT_SECS: u64 = 60;
+pub const DEFAULT_CONNECTION_WAIT_SECS: u64 = 30;
 pub const DEFAULT_LOCKOUT_ADDRESS_FAILURES: u32 = 10;
 pub const DEFAULT_LOCKOUT_USER_FAILURES: u32 = 20;
 pub const DEFAULT_LOCKOUT_WINDOW_SECS: u64 = 900;
@@ -89,6 +90,8 @@ pub struct GatewayConfig {
     pub login_timeout: Duration,
     /// Time the provider gets to connect, log in, or answer a command.
     pub provider_timeout: Duration,
+    /// How long a login waits for one of its mailbox's provider connections to be free.
+    pub connection_wait: Duration,
     /// Brute-force lockout.
     pub lockout: LockoutConfig,
     /// Below this much free space in `state_dir`, pecgate warns.
@@ -676,6 +679,7 @@ struct RawGateway {
     max_sessions_per_user: Option<usize>,
     login_timeout_secs: Option<u64>,
     provider_timeout_secs: Option<u64>,
+    connection_wait_secs: Option<u64>,
     lockout_address_failures: Option<u32>,
     lockout_user_failures: Option<u32>,
     lockout_window_secs: Option<u64>,
@@ -1131,6 +1135,13 @@ impl Config {
                     "gateway.provider_timeout_secs",
                     g.provider_timeout_secs
                         .unwrap_or(DEFAULT_PROVIDER_TIMEOUT_SECS),
+                ),
+            ),
+            connection_wait: Duration::from_secs(
+                p.at_least_one(
+                    "gateway.connection_wait_secs",
+                    g.connection_wait_secs
+                        .unwrap_or(DEFAULT_CONNECTION_WAIT_SECS),
                 ),
             ),
             lockout: LockoutConfig {

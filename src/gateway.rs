@@ -1,6 +1,6 @@
 //! The daemon's shared runtime state, in two parts:
 //! - [`Carried`]: what outlives a configuration (audit log, ledger, session registry,
-//!   admission counters, login throttle, provider connection budgets, send-rate windows,
+//!   admission counters, login throttle, provider connection pools, send-rate windows,
 //!   metrics), created once at start-up;
 //! - [`Gateway`]: one *generation* built from a configuration and the vault (TLS acceptor,
 //!   per-mailbox provider settings and passwords) over the carried state. A reload builds a
@@ -23,7 +23,8 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::smtp::checks::RateLimiter;
 use crate::tls::{self, TlsError};
-use crate::upstream::{ConnectionBudget, ProviderTarget};
+use crate::upstream::ProviderTarget;
+use crate::upstream::pool::{Pool, PoolFigures};
 use crate::vault::{SecretString, Vault};
 
 /// Per-mailbox runtime state.
@@ -31,7 +32,9 @@ pub struct MailboxRuntime {
     pub name: String,
     pub config: MailboxConfig,
     pub provider_tls: Arc<rustls::ClientConfig>,
-    pub budget: ConnectionBudget,
+    /// The mailbox's provider connections (`max_connections`), shared by its sessions and
+    /// its receipts worker; carried across reloads.
+    pub pool: Pool,
     /// The provider password, from the vault. `None` when the vault has no entry: logins to
     /// this mailbox then fail with `NO [UNAVAILABLE]` and a log line telling the admin why.
     pub password: Option<SecretString>,
@@ -105,9 +108,9 @@ pub struct Carried {
     pub admission: Arc<Admission>,
     pub logins: Arc<LoginGate>,
     pub metrics: Arc<Metrics>,
-    /// Provider connection budgets by mailbox name: connections opened under one generation
-    /// count against the next.
-    budgets: Mutex<HashMap<String, ConnectionBudget>>,
+    /// Provider connection pools by mailbox name: connections opened under one generation
+    /// count against the next, and a limit the provider taught is kept.
+    pools: Mutex<HashMap<String, Pool>>,
     /// `send_rate` windows by mailbox name: a reload does not reset a sending limit.
     rates: Mutex<HashMap<String, KeptRate>>,
 }
@@ -125,22 +128,26 @@ impl Carried {
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
             metrics: Arc::new(Metrics::new()),
-            budgets: Mutex::new(HashMap::new()),
+            pools: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
         })
     }
 
-    /// The budget of `mailbox`: the same one as before unless its limit changed.
-    fn budget(&self, mailbox: &str, limit: u32) -> ConnectionBudget {
-        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        match budgets.get(mailbox) {
-            Some(budget) if budget.limit() == limit => budget.clone(),
-            _ => {
-                // A new limit: connections still open under the old one keep their permits
-                // until they close (the provider may briefly see both).
-                let budget = ConnectionBudget::new(limit);
-                budgets.insert(mailbox.to_owned(), budget.clone());
-                budget
+    /// The pool of `mailbox`, with `limit` as its ceiling: the same pool as before (a new
+    /// limit applies to it in place, so connections still open count against it).
+    fn pool(&self, mailbox: &str, limit: u32) -> Pool {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        match pools.get(mailbox) {
+            Some(pool) => {
+                if pool.ceiling() != limit {
+                    pool.set_ceiling(limit);
+                }
+                pool.clone()
+            }
+            None => {
+                let pool = Pool::new(mailbox, limit);
+                pools.insert(mailbox.to_owned(), pool.clone());
+                pool
             }
         }
     }
@@ -158,12 +165,12 @@ impl Carried {
         }
     }
 
-    /// Provider connections open per mailbox, for the metrics.
-    pub fn provider_connections(&self) -> Vec<(String, u32)> {
-        let budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        budgets
+    /// Each mailbox's pool figures, for the metrics.
+    pub fn provider_connections(&self) -> Vec<(String, PoolFigures)> {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools
             .iter()
-            .map(|(name, budget)| (name.clone(), budget.in_use()))
+            .map(|(name, pool)| (name.clone(), pool.figures()))
             .collect()
     }
 }
@@ -257,7 +264,7 @@ impl Gateway {
                     name: name.clone(),
                     config: mailbox.clone(),
                     provider_tls,
-                    budget: carried.budget(name, mailbox.max_connections),
+                    pool: carried.pool(name, mailbox.max_connections),
                     password,
                 },
             );

@@ -455,7 +455,7 @@ fn check_live(config: &Config) -> anyhow::Result<ExitCode> {
     use pecgate::imap::listing::{ListRequest, visible_listing};
     use pecgate::imap::mutf7;
     use pecgate::policy::FolderPolicy;
-    use pecgate::upstream::{self, ConnectionBudget};
+    use pecgate::upstream;
 
     let key = vault::load_key(&config.vault_key_path())?;
     let vault = Vault::open(&config.vault_path(), key)?;
@@ -478,10 +478,7 @@ fn check_live(config: &Config) -> anyhow::Result<ExitCode> {
             timeout: std::time::Duration::from_secs(30),
         };
         let folders = runtime.block_on(async {
-            let permit = ConnectionBudget::new(1)
-                .try_acquire()
-                .expect("a fresh budget");
-            let mut connection = upstream::connect(&target, permit)
+            let mut connection = upstream::connect(&target)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let folders = connection

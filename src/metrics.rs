@@ -12,6 +12,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
+use crate::upstream::pool::PoolFigures;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
     outcome: String,
@@ -49,6 +51,9 @@ pub struct Metrics {
     revoked: Counter,
     sessions: Family<Session, Gauge>,
     provider_connections: Family<Mailbox, Gauge>,
+    provider_cap: Family<Mailbox, Gauge>,
+    provider_waiting: Family<Mailbox, Gauge>,
+    provider_limit_refusals: Family<Mailbox, Counter>,
     audit_queue_depth: Gauge,
 }
 
@@ -70,6 +75,9 @@ impl Metrics {
             revoked: Counter::default(),
             sessions: Family::default(),
             provider_connections: Family::default(),
+            provider_cap: Family::default(),
+            provider_waiting: Family::default(),
+            provider_limit_refusals: Family::default(),
             audit_queue_depth: Gauge::default(),
         };
         // Counters are exported with the `_total` suffix.
@@ -107,6 +115,21 @@ impl Metrics {
             "pecgate_provider_connections",
             "Provider connections open per mailbox",
             metrics.provider_connections.clone(),
+        );
+        registry.register(
+            "pecgate_provider_connection_cap",
+            "Provider connections pecgate allows itself per mailbox now: max_connections, or fewer while the provider refuses logins for its own limit",
+            metrics.provider_cap.clone(),
+        );
+        registry.register(
+            "pecgate_provider_waiting",
+            "Logins and background work waiting for a provider connection, per mailbox",
+            metrics.provider_waiting.clone(),
+        );
+        registry.register(
+            "pecgate_provider_limit_refusals",
+            "Provider logins refused for the provider's own connection limit, per mailbox",
+            metrics.provider_limit_refusals.clone(),
         );
         registry.register(
             "pecgate_audit_queue_depth",
@@ -156,12 +179,13 @@ impl Metrics {
 
     /// The text of `/metrics`, with the gauges set from what is true now: sessions per
     /// (protocol, mailbox), provider connections per mailbox (every configured mailbox
-    /// appears, 0 included) and the audit queue.
+    /// appears, 0 included; then the pool's cap, waiters and limit refusals) and the audit
+    /// queue.
     pub fn render(
         &self,
         sessions: impl IntoIterator<Item = ((String, String), usize)>,
         mailboxes: impl IntoIterator<Item = String>,
-        provider_connections: impl IntoIterator<Item = (String, u32)>,
+        provider_connections: impl IntoIterator<Item = (String, PoolFigures)>,
         audit_queue_depth: usize,
     ) -> String {
         self.sessions.clear();
@@ -176,10 +200,22 @@ impl Metrics {
                 .provider_connections
                 .get_or_create(&Mailbox { mailbox });
         }
-        for (mailbox, n) in provider_connections {
+        self.provider_cap.clear();
+        self.provider_waiting.clear();
+        for (mailbox, figures) in provider_connections {
+            let label = Mailbox { mailbox };
             self.provider_connections
-                .get_or_create(&Mailbox { mailbox })
-                .set(i64::from(n));
+                .get_or_create(&label)
+                .set(i64::from(figures.open));
+            self.provider_cap
+                .get_or_create(&label)
+                .set(i64::from(figures.cap));
+            self.provider_waiting
+                .get_or_create(&label)
+                .set(figures.waiting as i64);
+            // The pool counts since start; the counter catches up with it.
+            let counter = self.provider_limit_refusals.get_or_create(&label);
+            counter.inc_by(figures.limit_refusals.saturating_sub(counter.get()));
         }
         self.audit_queue_depth.set(audit_queue_depth as i64);
         let mut text = String::new();
@@ -203,7 +239,16 @@ mod tests {
         let text = metrics.render(
             [(("imap".to_owned(), "studio".to_owned()), 3)],
             ["studio".to_owned(), "legal".to_owned()],
-            [("studio".to_owned(), 2)],
+            [(
+                "studio".to_owned(),
+                PoolFigures {
+                    open: 2,
+                    cap: 3,
+                    ceiling: 5,
+                    waiting: 4,
+                    limit_refusals: 6,
+                },
+            )],
             7,
         );
         assert!(
@@ -217,6 +262,12 @@ mod tests {
         assert!(text.contains("pecgate_sessions{protocol=\"imap\",mailbox=\"studio\"} 3"));
         assert!(text.contains("pecgate_provider_connections{mailbox=\"legal\"} 0"));
         assert!(text.contains("pecgate_provider_connections{mailbox=\"studio\"} 2"));
+        assert!(text.contains("pecgate_provider_connection_cap{mailbox=\"studio\"} 3"));
+        assert!(text.contains("pecgate_provider_waiting{mailbox=\"studio\"} 4"));
+        assert!(
+            text.contains("pecgate_provider_limit_refusals_total{mailbox=\"studio\"} 6"),
+            "{text}"
+        );
         assert!(text.contains("pecgate_audit_queue_depth 7"));
         assert!(text.ends_with("# EOF\n"));
     }

@@ -105,6 +105,37 @@ fn parse_status(word: &[u8]) -> Option<Status> {
     })
 }
 
+/// Whether a refusal (a `NO`/`BAD` to a login, or a `BYE` greeting) says the provider has
+/// reached its limit of simultaneous connections, rather than that the credentials are wrong
+/// or the server is down. Servers word it differently (Dovecot: `NO [UNAVAILABLE] Maximum
+/// number of connections from user+IP exceeded`; Gmail: `NO [ALERT] Too many simultaneous
+/// connections`), so the test is on the text: it names connections and a limit, and carries no
+/// response code that means something else (`[AUTHENTICATIONFAILED]`...).
+pub fn names_connection_limit(line: &[u8]) -> bool {
+    let refusal = matches!(
+        classify(line),
+        ResponseKind::Tagged {
+            status: Status::No | Status::Bad,
+            ..
+        } | ResponseKind::UntaggedStatus(Status::Bye)
+    );
+    if !refusal {
+        return false;
+    }
+    let text = String::from_utf8_lossy(line).to_ascii_lowercase();
+    let code = text
+        .split_once('[')
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(code, _)| code.split(' ').next().unwrap_or_default().to_owned());
+    let code_fits = code
+        .as_deref()
+        .is_none_or(|code| matches!(code, "unavailable" | "limit" | "alert" | "inuse"));
+    let names_limit = ["too many", "maximum", "exceeded", "limit"]
+        .iter()
+        .any(|word| text.contains(word));
+    code_fits && text.contains("connection") && names_limit
+}
+
 /// Whether the response line carries a capability list that must be replaced. Called on every
 /// provider line, so it looks before it allocates: FETCH lines can be long.
 pub fn carries_capabilities(line: &[u8]) -> bool {
@@ -281,5 +312,31 @@ mod tests {
             capabilities_in(b"a OK [CAPABILITY IMAP4rev1 IDLE] hi\r\n"),
             ["IMAP4rev1", "IDLE"]
         );
+    }
+
+    #[test]
+    fn connection_limit_refusals_are_told_from_other_refusals() {
+        for limit in [
+            &b"s1 NO [UNAVAILABLE] Maximum number of connections from user+IP exceeded (mail_max_userip_connections=10)\r\n"[..],
+            b"s1 NO [ALERT] Too many simultaneous connections. (Failure)\r\n",
+            b"s1 NO [LIMIT] Connection limit reached\r\n",
+            b"* BYE Too many connections from your account\r\n",
+        ] {
+            assert!(names_connection_limit(limit), "{}", String::from_utf8_lossy(limit));
+        }
+        for other in [
+            &b"s1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"[..],
+            b"s1 NO [AUTHENTICATIONFAILED] Too many failed logins: connection limit\r\n",
+            b"s1 NO [UNAVAILABLE] Temporary authentication failure\r\n",
+            b"* BYE Server shutting down\r\n",
+            b"s1 OK Too many connections are fine\r\n",
+            b"* OK [ALERT] Maximum connections exceeded\r\n",
+        ] {
+            assert!(
+                !names_connection_limit(other),
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! config and the vault, then the relay.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -11,6 +12,7 @@ use zeroize::Zeroizing;
 
 use crate::audit::{Outcome, Protocol};
 use crate::gateway::Live;
+use crate::gateway::MailboxRuntime;
 use crate::guard::{AdmissionRefused, Ticket};
 use crate::imap::authorize::SessionPolicy;
 use crate::imap::command;
@@ -23,7 +25,9 @@ use crate::login::{self, LoginRefusal};
 use crate::policy::FolderPolicy;
 use crate::registry::Stop;
 use crate::session::{self, HandshakeFailure, ListenerKind, SessionContext};
-use crate::upstream::{self, ProviderConnection};
+use crate::upstream::pool::PoolError;
+use crate::upstream::slots::Class;
+use crate::upstream::{ProviderConnection, ProviderTarget};
 
 /// Limits before login: nobody unauthenticated gets to make pecgate buffer much. A line fits
 /// an ID at RFC 2971's limits (30 pairs of 30-octet names and 1024-octet values).
@@ -276,7 +280,7 @@ async fn serve_preauth(
                 command,
                 login,
                 secret,
-            } => match log_in(ctx, ticket, &tag, command, &login, secret).await {
+            } => match log_in(ctx, ticket, &mut stream, &tag, command, &login, secret).await {
                 LoginResult::Success {
                     provider,
                     capabilities,
@@ -316,6 +320,7 @@ enum LoginResult {
 async fn log_in(
     ctx: &mut SessionContext,
     ticket: &mut Ticket,
+    stream: &mut BoxStream,
     tag: &str,
     command: &str,
     login: &str,
@@ -404,23 +409,35 @@ async fn log_in(
                 unavailable("The mailbox is not configured on the gateway yet; tell IT".to_owned()),
             ))
         }
-        Some(provider_target) => match mailbox.budget.try_acquire() {
-            None => {
-                tracing::warn!(
-                    limit = mailbox.budget.limit(),
-                    "all provider connections of this mailbox are in use"
-                );
-                Err((
-                    format!("max_connections={} reached", mailbox.budget.limit()),
-                    unavailable(format!(
-                        "All {} connections to the PEC provider for this mailbox are in use; try again in a moment",
-                        mailbox.budget.limit()
-                    )),
-                ))
-            }
-            Some(permit) => match upstream::connect(&provider_target, permit).await {
+        Some(provider_target) => {
+            let user = target.user.clone();
+            let wait = gateway.config.gateway.connection_wait;
+            match provider_connection(stream, mailbox, &provider_target, &user, wait).await {
                 Ok(provider) => Ok(provider),
-                Err(error) => {
+                Err(PoolError::Busy { ceiling, waited }) => {
+                    tracing::warn!(
+                        max_connections = ceiling,
+                        waited,
+                        "every provider connection of this mailbox stayed busy: login refused"
+                    );
+                    Err((
+                        format!("max_connections={ceiling} busy for {waited}s"),
+                        unavailable(format!(
+                            "Every connection to the PEC provider for this mailbox ({ceiling} at most) stayed busy for {waited} seconds; try again in a moment"
+                        )),
+                    ))
+                }
+                Err(error @ PoolError::ProviderLimit { .. }) => {
+                    tracing::warn!(%error, "login refused: the provider's connection limit");
+                    Err((
+                        error.to_string(),
+                        unavailable(
+                            "The PEC provider accepts no more connections for this mailbox right now (its own limit, which other programs using the mailbox share); try again in a moment"
+                                .to_owned(),
+                        ),
+                    ))
+                }
+                Err(PoolError::Upstream(error)) => {
                     tracing::error!(%error, "cannot open the provider session");
                     let _ = ctx
                         .audit("upstream-error", None, error.to_string(), Outcome::Error)
@@ -433,8 +450,8 @@ async fn log_in(
                         ),
                     ))
                 }
-            },
-        },
+            }
+        }
     };
     match outcome {
         Ok(provider) => {
@@ -472,3 +489,37 @@ async fn log_in(
         }
     }
 }
+
+/// A provider connection from the mailbox's pool, waiting up to `wait` for a free one. A
+/// waiting client is told so every few seconds (an untagged `OK`, which also keeps its own
+/// timers from firing), then gets its login answer.
+async fn provider_connection(
+    stream: &mut BoxStream,
+    mailbox: &MailboxRuntime,
+    target: &ProviderTarget<'_>,
+    user: &str,
+    wait: Duration,
+) -> Result<ProviderConnection, PoolError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let connect = mailbox
+        .pool
+        .connect(target, user, Class::Interactive, Some(deadline));
+    tokio::pin!(connect);
+    let every = (wait / 3).clamp(Duration::from_secs(1), WAITING_NOTE_EVERY);
+    let mut note = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut notes_reach_client = true;
+    loop {
+        tokio::select! {
+            result = &mut connect => return result,
+            _ = note.tick(), if notes_reach_client => {
+                // A client gone meanwhile finds out at its answer; the wait goes on regardless.
+                notes_reach_client = send(stream, WAITING_NOTE).await.is_ok();
+            }
+        }
+    }
+}
+
+/// How often a login waiting for a provider connection hears from pecgate, at most.
+const WAITING_NOTE_EVERY: Duration = Duration::from_secs(15);
+const WAITING_NOTE: &[u8] =
+    b"* OK Waiting for a free connection to the PEC provider for this mailbox\r\n";

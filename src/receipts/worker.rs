@@ -35,7 +35,8 @@ use crate::gateway::{Gateway, Live};
 use crate::imap::response::{self, ResponseKind};
 use crate::io::LineError;
 use crate::ledger::LedgerError;
-use crate::upstream::{self, UpstreamError};
+use crate::upstream::pool::PoolError;
+use crate::upstream::slots::Class;
 
 /// Longest wait between two attempts after a failure.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -46,7 +47,7 @@ const OVERDUE_CHECK_EVERY: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(transparent)]
-    Connect(#[from] UpstreamError),
+    Connect(#[from] PoolError),
     #[error("provider connection: {0}")]
     Line(#[from] LineError),
     #[error("the provider did not answer within {0:?}")]
@@ -239,8 +240,11 @@ impl Worker {
         let runtime = &self.gateway.mailboxes[&self.mailbox];
         let timeout = self.gateway.provider_timeout;
         let target = runtime.target(timeout).ok_or(WorkerError::NoPassword)?;
-        let permit = runtime.budget.acquire().await;
-        let inner = upstream::connect(&target, permit).await?;
+        // Background work: it waits for a connection behind every client, as long as it takes.
+        let inner = runtime
+            .pool
+            .connect(&target, "", Class::Background, None)
+            .await?;
         // A unit may hold a whole message, up to the mailbox's size limit.
         let unit_max = usize::try_from(runtime.config.max_message_bytes)
             .unwrap_or(usize::MAX)

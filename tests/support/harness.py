@@ -520,7 +520,7 @@ first_valid_gid = 0
 mail_fsync = never
 mail_max_userip_connections = 1000
 protocol imap {
-  mail_max_userip_connections = 1000
+  mail_max_userip_connections = ${max_userip}
   imap_idle_notify_interval = 120 secs
 ${rawlog_23}}
 passdb {
@@ -572,7 +572,7 @@ first_valid_gid = 0
 mail_fsync = never
 mail_max_userip_connections = 1000
 protocol imap {
-  mail_max_userip_connections = 1000
+  mail_max_userip_connections = ${max_userip}
   imap_idle_notify_interval = 120 secs
 ${rawlog_24}}
 passdb passwd-file {
@@ -707,17 +707,22 @@ class Dovecot(_Daemon):
 
     ``config_format``: ``"2.3"`` or ``"2.4"`` (see ``DOVECOT_CONF``); by default the one
     the installed Dovecot reads (``dovecot --version``).
+
+    ``max_userip_connections``: IMAP connections Dovecot accepts per user and address
+    (``mail_max_userip_connections``); a provider's own connection limit in small.
     """
 
     LAYOUTS = {"default": ("/", ""), "aruba": (".", "INBOX.")}
 
     def __init__(self, base_dir=None, imaps_port=None, imap_port=None, lmtp_port=None, *,
-                 layout: str = "default", rawlog=False, config_format: str | None = None):
+                 layout: str = "default", rawlog=False, config_format: str | None = None,
+                 max_userip_connections: int = 1000):
         if layout not in self.LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}")
         if config_format is not None and config_format not in DOVECOT_CONF:
             raise ValueError(f"unknown Dovecot configuration format {config_format!r}")
         self.config_format = config_format
+        self.max_userip_connections = max_userip_connections
         self.layout = layout
         self.separator, self.prefix = self.LAYOUTS[layout]
         self.rawlog = rawlog if isinstance(rawlog, bool) else tuple(rawlog)
@@ -809,6 +814,7 @@ default_login_user = {user}
             host=HOST, run=run, state=state, log=self.log_path, ident=ident,
             cert=self.cert, key=self.key, user=user, group=group, passwd=passwd,
             separator=self.separator, prefix=self.prefix,
+            max_userip=self.max_userip_connections,
             rawlog_23=f"  rawlog_dir = {rawlog_dirs}/%u\n" if rawlog_dirs else "",
             rawlog_24=f"  rawlog_dir = {rawlog_dirs}/%{{user}}\n" if rawlog_dirs else "",
         )

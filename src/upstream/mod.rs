@@ -2,15 +2,18 @@
 //!
 //! A [`ProviderConnection`] is a logged-in provider session, kept apart from the client
 //! session it serves (the client's state lives in the relay) so that a later version can park
-//! and re-acquire provider connections under a live client. Each holds a permit from its
-//! mailbox's [`ConnectionBudget`]: dropping the connection returns the permit.
+//! and re-acquire provider connections under a live client. Sessions and the receipts worker
+//! get theirs from the mailbox's [`pool::Pool`], and the connection carries its place there:
+//! dropping the connection gives the place to the next waiter.
+
+pub mod pool;
+pub mod slots;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use zeroize::Zeroizing;
 
 use crate::config::{UpstreamEndpoint, UpstreamSecurity};
@@ -35,51 +38,13 @@ pub enum UpstreamError {
         login: String,
         reply: String,
     },
+    /// The provider refused the login for its own limit on simultaneous connections.
+    #[error("{endpoint} refused another connection for its connection limit: {reply}")]
+    ConnectionLimit { endpoint: String, reply: String },
     #[error("{endpoint} sent an unexpected greeting: {reply}")]
     Greeting { endpoint: String, reply: String },
     #[error("{endpoint}: protocol error: {reason}")]
     Protocol { endpoint: String, reason: String },
-}
-
-/// How many provider sessions a mailbox may have open at once (`max_connections`).
-#[derive(Debug, Clone)]
-pub struct ConnectionBudget {
-    slots: Arc<Semaphore>,
-    limit: u32,
-}
-
-impl ConnectionBudget {
-    pub fn new(limit: u32) -> Self {
-        ConnectionBudget {
-            slots: Arc::new(Semaphore::new(limit as usize)),
-            limit,
-        }
-    }
-
-    /// A permit if one is free now. Never waits: a client must get a prompt answer.
-    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
-        self.slots.clone().try_acquire_owned().ok()
-    }
-
-    /// A permit, waiting for one to be free: for background work (the receipts worker),
-    /// which can wait where a client could not.
-    pub async fn acquire(&self) -> OwnedSemaphorePermit {
-        self.slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the budget's semaphore is never closed")
-    }
-
-    pub fn limit(&self) -> u32 {
-        self.limit
-    }
-
-    /// Connections open under this budget now.
-    pub fn in_use(&self) -> u32 {
-        self.limit
-            .saturating_sub(self.slots.available_permits() as u32)
-    }
 }
 
 /// Everything needed to open a provider session for one mailbox.
@@ -101,8 +66,9 @@ pub struct ProviderConnection {
     pub capabilities: Vec<String>,
     /// The provider's hierarchy delimiter (`None`: a flat namespace).
     pub delimiter: Option<char>,
-    /// Held for the connection's lifetime; returned to the mailbox's budget on drop.
-    _permit: OwnedSemaphorePermit,
+    /// The connection's place in its mailbox's pool (`None` outside one, e.g. `check
+    /// --live`), given back when the connection is dropped.
+    pub slot: Option<pool::Slot>,
 }
 
 impl ProviderConnection {
@@ -150,19 +116,15 @@ impl ProviderConnection {
 }
 
 /// Open a session to the provider and log in with the mailbox's credentials.
-pub async fn connect(
-    target: &ProviderTarget<'_>,
-    permit: OwnedSemaphorePermit,
-) -> Result<ProviderConnection, UpstreamError> {
+pub async fn connect(target: &ProviderTarget<'_>) -> Result<ProviderConnection, UpstreamError> {
     let endpoint = target.endpoint.to_string();
-    tokio::time::timeout(target.timeout, connect_inner(target, permit, &endpoint))
+    tokio::time::timeout(target.timeout, connect_inner(target, &endpoint))
         .await
         .map_err(|_| TransportError::timeout(&endpoint, target.timeout))?
 }
 
 async fn connect_inner(
     target: &ProviderTarget<'_>,
-    permit: OwnedSemaphorePermit,
     endpoint: &str,
 ) -> Result<ProviderConnection, UpstreamError> {
     let protocol = |reason: String| UpstreamError::Protocol {
@@ -178,6 +140,12 @@ async fn connect_inner(
         .await
         .map_err(line_error)?;
     if response::classify(&greeting) != ResponseKind::UntaggedStatus(Status::Ok) {
+        if response::names_connection_limit(&greeting) {
+            return Err(UpstreamError::ConnectionLimit {
+                endpoint: endpoint.to_owned(),
+                reply: printable(&greeting),
+            });
+        }
         return Err(UpstreamError::Greeting {
             endpoint: endpoint.to_owned(),
             reply: printable(&greeting),
@@ -227,11 +195,7 @@ async fn connect_inner(
                 .await
                 .map_err(line_error)?;
             if response::classify(&line) != ResponseKind::Continuation {
-                return Err(UpstreamError::LoginRejected {
-                    endpoint: endpoint.to_owned(),
-                    login: target.login.to_owned(),
-                    reply: printable(&line),
-                });
+                return Err(login_refused(endpoint, target.login, &line));
             }
         }
     }
@@ -250,11 +214,7 @@ async fn connect_inner(
             status: Status::Ok,
         })
     {
-        return Err(UpstreamError::LoginRejected {
-            endpoint: endpoint.to_owned(),
-            login: target.login.to_owned(),
-            reply: printable(&reply),
-        });
+        return Err(login_refused(endpoint, target.login, &reply));
     }
     if login_caps.is_empty() {
         stream
@@ -290,7 +250,7 @@ async fn connect_inner(
         buffer,
         capabilities: login_caps,
         delimiter,
-        _permit: permit,
+        slot: None,
     })
 }
 
@@ -386,6 +346,23 @@ fn list_delimiter(line: &[u8]) -> Option<Option<char>> {
     response::list_entry(line).map(|entry| entry.delimiter)
 }
 
+/// A refused login: for the provider's connection limit (the pool then waits and retries)
+/// or for anything else.
+fn login_refused(endpoint: &str, login: &str, reply: &[u8]) -> UpstreamError {
+    if response::names_connection_limit(reply) {
+        UpstreamError::ConnectionLimit {
+            endpoint: endpoint.to_owned(),
+            reply: printable(reply),
+        }
+    } else {
+        UpstreamError::LoginRejected {
+            endpoint: endpoint.to_owned(),
+            login: login.to_owned(),
+            reply: printable(reply),
+        }
+    }
+}
+
 fn printable(line: &[u8]) -> String {
     crate::text::printable(line, 300)
 }
@@ -428,15 +405,5 @@ mod tests {
             Some(None)
         );
         assert_eq!(list_delimiter(b"s3 OK done\r\n"), None);
-    }
-
-    #[test]
-    fn budget_counts_permits() {
-        let budget = ConnectionBudget::new(2);
-        let a = budget.try_acquire().unwrap();
-        let _b = budget.try_acquire().unwrap();
-        assert!(budget.try_acquire().is_none());
-        drop(a);
-        assert!(budget.try_acquire().is_some());
     }
 }
