@@ -32,6 +32,7 @@ pub const DEFAULT_MAX_SESSIONS_PER_USER: usize = 20;
 pub const DEFAULT_LOGIN_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_PROVIDER_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_CONNECTION_WAIT_SECS: u64 = 30;
+pub const DEFAULT_PROVIDER_IDLE_KEEP_SECS: u64 = 300;
 pub const DEFAULT_LOCKOUT_ADDRESS_FAILURES: u32 = 10;
 pub const DEFAULT_LOCKOUT_USER_FAILURES: u32 = 20;
 pub const DEFAULT_LOCKOUT_WINDOW_SECS: u64 = 900;
@@ -92,6 +93,9 @@ pub struct GatewayConfig {
     pub provider_timeout: Duration,
     /// How long a login waits for one of its mailbox's provider connections to be free.
     pub connection_wait: Duration,
+    /// How long a provider connection whose session ended waits, logged in, for the next
+    /// session (zero: it is closed with its session).
+    pub provider_idle_keep: Duration,
     /// Brute-force lockout.
     pub lockout: LockoutConfig,
     /// Below this much free space in `state_dir`, pecgate warns.
@@ -680,6 +684,7 @@ struct RawGateway {
     login_timeout_secs: Option<u64>,
     provider_timeout_secs: Option<u64>,
     connection_wait_secs: Option<u64>,
+    provider_idle_keep_secs: Option<u64>,
     lockout_address_failures: Option<u32>,
     lockout_user_failures: Option<u32>,
     lockout_window_secs: Option<u64>,
@@ -1143,6 +1148,10 @@ impl Config {
                     g.connection_wait_secs
                         .unwrap_or(DEFAULT_CONNECTION_WAIT_SECS),
                 ),
+            ),
+            provider_idle_keep: Duration::from_secs(
+                g.provider_idle_keep_secs
+                    .unwrap_or(DEFAULT_PROVIDER_IDLE_KEEP_SECS),
             ),
             lockout: LockoutConfig {
                 address_failures: p.at_least_one(
@@ -1899,6 +1908,10 @@ disabled = true
         assert_eq!(c.gateway.login_failure_delay, Duration::from_millis(1500));
         assert_eq!(c.gateway.idle_timeout, Duration::from_secs(1800));
         assert_eq!(c.gateway.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(
+            (c.gateway.connection_wait, c.gateway.provider_idle_keep),
+            (Duration::from_secs(30), Duration::from_secs(300))
+        );
         assert_eq!(c.imap.listen_tls, ["0.0.0.0:993".parse().unwrap()]);
         assert_eq!(c.imap.listen_starttls, ["[::]:143".parse().unwrap()]);
         assert_eq!(c.imap.max_literal_bytes, 65536);
@@ -2300,6 +2313,14 @@ disabled = true
                     "state_dir = \"s\"\nidle_timeout_secs = 0",
                 )],
                 "gateway.idle_timeout_secs",
+                "at least 1",
+            ),
+            (
+                &[(
+                    "state_dir = \"state\"",
+                    "state_dir = \"s\"\nconnection_wait_secs = 0",
+                )],
+                "gateway.connection_wait_secs",
                 "at least 1",
             ),
             (

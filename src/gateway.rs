@@ -135,9 +135,9 @@ impl Carried {
 
     /// The pool of `mailbox`, with `limit` as its ceiling: the same pool as before (a new
     /// limit applies to it in place, so connections still open count against it).
-    fn pool(&self, mailbox: &str, limit: u32) -> Pool {
+    fn pool(&self, mailbox: &str, limit: u32, keep_idle: Duration) -> Pool {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        match pools.get(mailbox) {
+        let pool = match pools.get(mailbox) {
             Some(pool) => {
                 if pool.ceiling() != limit {
                     pool.set_ceiling(limit);
@@ -149,7 +149,15 @@ impl Carried {
                 pools.insert(mailbox.to_owned(), pool.clone());
                 pool
             }
-        }
+        };
+        pool.set_keep_idle(keep_idle);
+        pool
+    }
+
+    /// Every mailbox's pool (for tending their idle connections).
+    pub fn pools(&self) -> Vec<Pool> {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.values().cloned().collect()
     }
 
     /// The send-rate window of `mailbox`: the same one unless its rate changed.
@@ -264,7 +272,11 @@ impl Gateway {
                     name: name.clone(),
                     config: mailbox.clone(),
                     provider_tls,
-                    pool: carried.pool(name, mailbox.max_connections),
+                    pool: carried.pool(
+                        name,
+                        mailbox.max_connections,
+                        config.gateway.provider_idle_keep,
+                    ),
                     password,
                 },
             );

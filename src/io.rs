@@ -197,6 +197,10 @@ impl<S> Watched<S> {
     pub fn new(inner: S, wait: std::sync::Arc<ReadWait>) -> Watched<S> {
         Watched { inner, wait }
     }
+
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<W: AsyncWrite + Unpin> AsyncWrite for Watched<W> {

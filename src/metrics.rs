@@ -53,6 +53,7 @@ pub struct Metrics {
     provider_connections: Family<Mailbox, Gauge>,
     provider_cap: Family<Mailbox, Gauge>,
     provider_waiting: Family<Mailbox, Gauge>,
+    provider_idle: Family<Mailbox, Gauge>,
     provider_limit_refusals: Family<Mailbox, Counter>,
     audit_queue_depth: Gauge,
 }
@@ -77,6 +78,7 @@ impl Metrics {
             provider_connections: Family::default(),
             provider_cap: Family::default(),
             provider_waiting: Family::default(),
+            provider_idle: Family::default(),
             provider_limit_refusals: Family::default(),
             audit_queue_depth: Gauge::default(),
         };
@@ -125,6 +127,11 @@ impl Metrics {
             "pecgate_provider_waiting",
             "Logins and background work waiting for a provider connection, per mailbox",
             metrics.provider_waiting.clone(),
+        );
+        registry.register(
+            "pecgate_provider_idle",
+            "Provider connections logged in and waiting for the next session, per mailbox",
+            metrics.provider_idle.clone(),
         );
         registry.register(
             "pecgate_provider_limit_refusals",
@@ -202,6 +209,7 @@ impl Metrics {
         }
         self.provider_cap.clear();
         self.provider_waiting.clear();
+        self.provider_idle.clear();
         for (mailbox, figures) in provider_connections {
             let label = Mailbox { mailbox };
             self.provider_connections
@@ -213,6 +221,9 @@ impl Metrics {
             self.provider_waiting
                 .get_or_create(&label)
                 .set(figures.waiting as i64);
+            self.provider_idle
+                .get_or_create(&label)
+                .set(figures.idle as i64);
             // The pool counts since start; the counter catches up with it.
             let counter = self.provider_limit_refusals.get_or_create(&label);
             counter.inc_by(figures.limit_refusals.saturating_sub(counter.get()));
@@ -246,6 +257,7 @@ mod tests {
                     cap: 3,
                     ceiling: 5,
                     waiting: 4,
+                    idle: 1,
                     limit_refusals: 6,
                 },
             )],
@@ -264,6 +276,7 @@ mod tests {
         assert!(text.contains("pecgate_provider_connections{mailbox=\"studio\"} 2"));
         assert!(text.contains("pecgate_provider_connection_cap{mailbox=\"studio\"} 3"));
         assert!(text.contains("pecgate_provider_waiting{mailbox=\"studio\"} 4"));
+        assert!(text.contains("pecgate_provider_idle{mailbox=\"studio\"} 1"));
         assert!(
             text.contains("pecgate_provider_limit_refusals_total{mailbox=\"studio\"} 6"),
             "{text}"

@@ -11,6 +11,7 @@
 //! (`* BYE` / `421`), and `run` returns once they are gone (or the grace period is over).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -18,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::gateway::{Gateway, Live};
+use crate::gateway::{Carried, Gateway, Live};
 use crate::guard::AdmissionRefused;
 use crate::registry::Stop;
 use crate::session::ListenerKind;
@@ -187,6 +188,7 @@ pub async fn run(live: Live, listeners: Listeners, shutdown: CancellationToken, 
         gateway.config.gateway.min_free_space_bytes,
         shutdown.clone(),
     ));
+    tracker.spawn(tend_pools(gateway.carried.clone(), shutdown.clone()));
     // The receipts workers, one per mailbox, follow the generations themselves.
     tracker.spawn(crate::receipts::worker::supervise(
         live.clone(),
@@ -268,6 +270,34 @@ pub async fn run(live: Live, listeners: Listeners, shutdown: CancellationToken, 
             "sessions still running after the grace period; exiting anyway"
         );
     }
+}
+
+/// How often idle provider connections are looked at.
+const TEND_EVERY: Duration = Duration::from_secs(1);
+
+/// Log out the idle provider connections that waited longer than `provider_idle_keep_secs`
+/// (or that a lowered cap has no room for); at shutdown, every one, politely and at once.
+async fn tend_pools(carried: Arc<Carried>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(TEND_EVERY) => {}
+            () = shutdown.cancelled() => break,
+        }
+        for pool in carried.pools() {
+            for connection in pool.expired() {
+                connection.logout().await;
+            }
+        }
+    }
+    let mut goodbyes = tokio::task::JoinSet::new();
+    for pool in carried.pools() {
+        // Sessions still ending during the grace period close theirs themselves.
+        pool.set_keep_idle(Duration::ZERO);
+        for connection in pool.drain_idle() {
+            goodbyes.spawn(connection.logout());
+        }
+    }
+    while goodbyes.join_next().await.is_some() {}
 }
 
 async fn accept_loop(

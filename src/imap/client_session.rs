@@ -8,7 +8,8 @@
 //!
 //! The states: *authenticated* (no folder selected), *selected* (`selected` is set), *idle*
 //! (an IDLE in flight), *append in progress* (the driver streams a message after an
-//! [`Request::AppendHead`]), *logout* (a LOGOUT in flight). The machine does not assume a
+//! [`Request::AppendHead`]), *logout* (answered locally: the provider connection is the
+//! driver's to close or keep). The machine does not assume a
 //! dedicated provider connection: it emits requests under fresh upstream tags and accepts
 //! completions by tag.
 //!
@@ -313,6 +314,24 @@ impl ClientSession {
         {
             return Submit::Wait(command);
         }
+        if class.handling == Handling::Logout {
+            // Answered here, with nothing in flight (LOGOUT runs alone): the provider
+            // connection is pecgate's to close, or to keep for the next session.
+            self.logging_out = true;
+            return Submit::Ready(vec![
+                audit(
+                    &summary.name,
+                    summary.folder.clone(),
+                    summary.detail.clone(),
+                    Outcome::Ok,
+                ),
+                Action::Client(
+                    format!("* BYE Logging out\r\n{client_tag} OK LOGOUT completed\r\n")
+                        .into_bytes(),
+                ),
+                Action::End(Ending::Logout),
+            ]);
+        }
         let substitutions = match authorize(&mut command, &self.policy) {
             Decision::Allow => Vec::new(),
             Decision::AsNonexistent { substitutions } => substitutions,
@@ -349,16 +368,12 @@ impl ClientSession {
             },
             (None, None) => Request::Command(command),
         };
-        match class.handling {
-            Handling::Idle => {
-                self.idle = Some(Idle {
-                    upstream_tag: upstream_tag.clone(),
-                    phase: IdlePhase::Starting,
-                    broken: None,
-                })
-            }
-            Handling::Logout => self.logging_out = true,
-            _ => {}
+        if class.handling == Handling::Idle {
+            self.idle = Some(Idle {
+                upstream_tag: upstream_tag.clone(),
+                phase: IdlePhase::Starting,
+                broken: None,
+            });
         }
         self.listing.clear();
         // A SUBSCRIBE of a hidden folder goes up with its placeholder, so the client gets the
@@ -568,9 +583,6 @@ impl ClientSession {
             }
         };
         actions.push(Action::Client(line));
-        if done.class.handling == Handling::Logout {
-            actions.push(Action::End(Ending::Logout));
-        }
         actions
     }
 

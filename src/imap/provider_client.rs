@@ -111,6 +111,12 @@ impl ProviderClient {
         !self.in_flight.is_empty() && self.idling.is_none()
     }
 
+    /// Whether nothing at all is in flight (not even an IDLE): the connection is between
+    /// commands, fit to be handed to another session.
+    pub fn quiet(&self) -> bool {
+        self.in_flight.is_empty() && self.awaiting.is_none() && self.idling.is_none()
+    }
+
     /// Register that the next `+` answers the literal announcement of `tag` about to be sent.
     pub fn expect_continuation(&mut self, tag: &str) {
         self.awaiting = Some(tag.to_owned());

@@ -34,7 +34,7 @@ use crate::imap::listing::answer_list;
 use crate::imap::provider_client::{ProviderClient, ProviderEvent, Untagged};
 use crate::io::{self, BoxStream, CopyError, ReadWait, Watched};
 use crate::session::SessionContext;
-use crate::upstream::{ProviderConnection, read_unit};
+use crate::upstream::{self, ProviderConnection, read_unit};
 
 /// Longest response line relayed (literals excluded: those stream). A SEARCH result over a
 /// very large mailbox is the longest line a provider sends in practice.
@@ -42,9 +42,6 @@ const MAX_RESPONSE_LINE: usize = 16 * 1024 * 1024;
 
 /// Largest mailbox-data response (LIST/LSUB/STATUS) gathered for filtering.
 const MAX_MAILBOX_DATA: usize = 64 * 1024;
-
-/// How long the provider has to confirm a LOGOUT before the session is closed anyway.
-const LOGOUT_GRACE: Duration = Duration::from_secs(10);
 
 /// Writes are buffered (64 KiB) and flushed when a loop is about to wait: a FETCH of many
 /// messages goes out in large TLS records instead of one per provider read.
@@ -99,6 +96,9 @@ struct Shared<'a> {
     /// The provider has part of an APPEND and no end yet: only closing can end it cleanly
     /// (it then discards the message).
     mid_command: std::sync::atomic::AtomicBool,
+    /// The downward loop is inside a response unit (the provider stream is not at a unit
+    /// boundary): the connection cannot be handed to another session.
+    mid_unit: std::sync::atomic::AtomicBool,
     /// The upward loop waiting for the provider's `+` to a literal of this tag.
     literal_wait: Mutex<Option<(String, oneshot::Sender<bool>)>>,
 }
@@ -125,7 +125,10 @@ pub async fn run(
         reader: provider_reader,
         writer: provider_writer,
         buffer: mut provider_buffer,
-        ..
+        capabilities: provider_capabilities,
+        delimiter,
+        slot,
+        identity,
     } = provider;
     let provider_wait = ReadWait::new();
     let mut provider_reader = Watched::new(provider_reader, provider_wait.clone());
@@ -142,6 +145,7 @@ pub async fn run(
         completed: Notify::new(),
         uploading: std::sync::atomic::AtomicBool::new(false),
         mid_command: std::sync::atomic::AtomicBool::new(false),
+        mid_unit: std::sync::atomic::AtomicBool::new(false),
         literal_wait: Mutex::new(None),
     };
     let limits = CommandLimits {
@@ -154,15 +158,7 @@ pub async fn run(
         let watchdog = watch_provider(&shared, &provider_wait, ctx.gateway.provider_timeout);
         tokio::pin!(up, down, watchdog);
         tokio::select! {
-            end = &mut up => match end {
-                // The provider's BYE and tagged OK still have to reach the client.
-                None => tokio::select! {
-                    end = &mut down => end,
-                    end = &mut watchdog => end,
-                    () = tokio::time::sleep(LOGOUT_GRACE) => SessionEnd::Timeout,
-                },
-                Some(end) => end,
-            },
+            end = &mut up => end,
             end = &mut down => end,
             end = &mut watchdog => end,
         }
@@ -172,33 +168,69 @@ pub async fn run(
     for record in orphans {
         let _ = record_event(ctx, record).await;
     }
-    if !matches!(
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    let (quiet, selected, done) = {
+        let mut core = shared.core();
+        let quiet = core.provider.quiet();
+        (
+            quiet,
+            core.session.selected().is_some(),
+            core.provider.done(),
+        )
+    };
+    let quiet = quiet && !shared.mid_command.load(relaxed) && !shared.mid_unit.load(relaxed);
+    let provider_failed = matches!(
         end,
-        SessionEnd::Logout
-            | SessionEnd::UpstreamClosed
+        SessionEnd::UpstreamClosed
             | SessionEnd::ProviderViolation(_)
             | SessionEnd::ProviderStalled(_)
-    ) && !shared
-        .mid_command
-        .load(std::sync::atomic::Ordering::Relaxed)
-    {
-        // A polite goodbye; an IDLE is ended first, since an idling provider reads any other
-        // line as the end of IDLE.
-        let done = shared.core().provider.done();
-        let mut provider = shared.provider.lock().await;
-        let _ = tokio::time::timeout(Duration::from_secs(3), async {
-            if let Some(done) = done {
-                provider.write_all(done).await?;
-            }
-            provider.write_all(b"s9 LOGOUT\r\n").await?;
-            provider.flush().await
-        })
-        .await;
-    }
+    );
+    // The client first: it should not wait on pecgate's housekeeping with the provider.
     let mut client_writer = shared.client.into_inner();
     let _ = tokio::time::timeout(Duration::from_secs(3), client_writer.shutdown()).await;
+    drop(client_writer);
+    if provider_failed || shared.mid_command.load(relaxed) {
+        // Nothing more to say to a provider that failed, or that holds part of an APPEND
+        // (closing is the only clean end of it: it discards the message).
+        return end;
+    }
+    let mut writer = shared.provider.into_inner();
+    // However the client went (LOGOUT, closed, timed out), a provider stream at a response
+    // boundary with nothing owed is as good as new. A session stopped by pecgate (shutdown,
+    // reload, kick) says goodbye to the provider instead.
+    let reusable = quiet && !matches!(end, SessionEnd::Shutdown) && writer.flush().await.is_ok();
+    let mut connection = ProviderConnection {
+        reader: provider_reader.into_inner(),
+        writer: writer.into_inner().into_inner(),
+        buffer: provider_buffer,
+        capabilities: provider_capabilities,
+        delimiter,
+        slot,
+        identity,
+    };
+    if reusable
+        && upstream::pool::would_keep(&connection)
+        && (!selected || connection.unselect(HOUSEKEEPING).await)
+    {
+        // In the authenticated state with nothing in flight: fit for the next session.
+        upstream::pool::give_back(connection).await;
+        return end;
+    }
+    // A polite goodbye; an IDLE is ended first, since an idling provider reads any other
+    // line as the end of IDLE.
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        if let Some(done) = done {
+            connection.writer.write_all(done).await?;
+        }
+        connection.writer.write_all(b"s9 LOGOUT\r\n").await?;
+        connection.writer.flush().await
+    })
+    .await;
     end
 }
+
+/// How long the provider has to answer pecgate's own UNSELECT after a session.
+const HOUSEKEEPING: Duration = Duration::from_secs(5);
 
 /// A flag raised for as long as this value lives.
 struct Raised<'a>(&'a std::sync::atomic::AtomicBool);
@@ -283,20 +315,20 @@ async fn answer(client: &Writer, bytes: &[u8]) -> Result<(), SessionEnd> {
     result.map_err(|_| SessionEnd::ClientClosed)
 }
 
-/// Client → provider. `None` once a LOGOUT has been sent (the downward loop finishes it).
+/// Client → provider, until the session ends.
 async fn upward(
     shared: &Shared<'_>,
     client: &mut ReadHalf<BoxStream>,
     mut buffer: BytesMut,
     limits: CommandLimits,
-) -> Option<SessionEnd> {
+) -> SessionEnd {
     let idle_timeout = shared.ctx.gateway.config.gateway.idle_timeout;
     let mut assembler = CommandAssembler::new(limits);
     macro_rules! try_end {
         ($result:expr) => {
             match $result {
                 Ok(value) => value,
-                Err(end) => return Some(end),
+                Err(end) => return end,
             }
         };
     }
@@ -315,12 +347,12 @@ async fn upward(
             Assembled::NeedMore => {
                 match tokio::time::timeout(idle_timeout, io::fill(client, &mut buffer)).await {
                     Ok(Ok(true)) => continue,
-                    Ok(Ok(false)) => return Some(SessionEnd::ClientClosed),
-                    Ok(Err(e)) => return Some(SessionEnd::Error(e.to_string())),
+                    Ok(Ok(false)) => return SessionEnd::ClientClosed,
+                    Ok(Err(e)) => return SessionEnd::Error(e.to_string()),
                     Err(_) => {
                         let _ = answer(&shared.client, b"* BYE Autologout: idle for too long\r\n")
                             .await;
-                        return Some(SessionEnd::Timeout);
+                        return SessionEnd::Timeout;
                     }
                 }
             }
@@ -374,9 +406,6 @@ async fn upward(
         };
         for action in actions {
             try_end!(perform_upward(shared, action, client, &mut buffer).await);
-        }
-        if shared.core().session.is_logging_out() {
-            return None;
         }
     }
 }
@@ -595,7 +624,13 @@ async fn downward(
     provider: &mut ProviderReader,
     buffer: &mut BytesMut,
 ) -> SessionEnd {
+    let mid_unit = |inside: bool| {
+        shared
+            .mid_unit
+            .store(inside, std::sync::atomic::Ordering::Relaxed)
+    };
     loop {
+        mid_unit(false);
         // Between responses: the only place where the session may stop cleanly.
         if !buffer.contains(&b'\n') {
             if shared.client.lock().await.flush().await.is_err() {
@@ -605,9 +640,6 @@ async fn downward(
                 read = io::fill(provider, buffer) => match read {
                     Ok(true) => continue,
                     Ok(false) | Err(_) => {
-                        if shared.core().session.is_logging_out() {
-                            return SessionEnd::Logout;
-                        }
                         tracing::warn!("the provider closed the connection");
                         let _ = answer(&shared.client, b"* BYE The PEC provider closed the connection\r\n").await;
                         return SessionEnd::UpstreamClosed;
@@ -621,7 +653,10 @@ async fn downward(
             }
         }
         let line = match io::next_line(provider, buffer, MAX_RESPONSE_LINE).await {
-            Ok(line) => line,
+            Ok(line) => {
+                mid_unit(true);
+                line
+            }
             Err(error) => {
                 return provider_failed(shared, &error, "provider stream ended mid-response").await;
             }

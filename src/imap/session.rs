@@ -97,10 +97,7 @@ async fn run(
         permissions: config.permissions(&user, &mailbox),
         delimiter: provider.delimiter,
         max_message_bytes: config.mailboxes[&mailbox].max_message_bytes,
-        provider_unselect: provider
-            .capabilities
-            .iter()
-            .any(|c| c.eq_ignore_ascii_case("UNSELECT")),
+        provider_unselect: provider.has("UNSELECT"),
     };
     let end = relay::run(ctx, stream, buffer, provider, capabilities, policy).await;
     let (command, outcome) = match &end {

@@ -38,10 +38,7 @@ impl Conn {
     }
 
     pub fn has(&self, capability: &str) -> bool {
-        self.inner
-            .capabilities
-            .iter()
-            .any(|c| c.eq_ignore_ascii_case(capability))
+        self.inner.has(capability)
     }
 
     pub async fn send(&mut self, text: &str) -> Result<String, WorkerError> {

@@ -47,6 +47,25 @@ pub enum UpstreamError {
     Protocol { endpoint: String, reason: String },
 }
 
+impl ProviderTarget<'_> {
+    /// What a connection opened for this target is logged in to: endpoint, login and a
+    /// digest of the password. A connection kept idle is reused only for the same (a reload
+    /// may have changed any of them).
+    pub fn identity(&self) -> [u8; 32] {
+        use sha2::Digest as _;
+        let mut hash = sha2::Sha256::new();
+        for part in [
+            self.endpoint.to_string().as_str(),
+            self.login,
+            self.password,
+        ] {
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part.as_bytes());
+        }
+        hash.finalize().into()
+    }
+}
+
 /// Everything needed to open a provider session for one mailbox.
 pub struct ProviderTarget<'a> {
     pub endpoint: &'a UpstreamEndpoint,
@@ -69,14 +88,14 @@ pub struct ProviderConnection {
     /// The connection's place in its mailbox's pool (`None` outside one, e.g. `check
     /// --live`), given back when the connection is dropped.
     pub slot: Option<pool::Slot>,
+    /// [`ProviderTarget::identity`] of the target it was opened for.
+    pub identity: [u8; 32],
 }
 
 impl ProviderConnection {
     /// Whether the provider accepts non-synchronising literals.
     pub fn literal_plus(&self) -> bool {
-        self.capabilities
-            .iter()
-            .any(|c| c.eq_ignore_ascii_case("LITERAL+"))
+        self.has("LITERAL+")
     }
 
     /// Best-effort polite goodbye; the connection is dropped either way.
@@ -96,6 +115,61 @@ impl ProviderConnection {
         let _ = tokio::time::timeout(Duration::from_secs(3), goodbye).await;
     }
 }
+
+impl ProviderConnection {
+    /// A NOOP answered `OK` within `limit`: an idle connection is still logged in and in step.
+    pub async fn still_there(&mut self, limit: Duration) -> bool {
+        self.simple("s5", "NOOP", limit).await == Some(Status::Ok)
+    }
+
+    /// Back to the authenticated state after a session that had a folder selected, with
+    /// `UNSELECT` (never CLOSE: that would expunge). `false` when the provider lacks UNSELECT
+    /// or did not say OK: the connection is not fit for another session.
+    pub async fn unselect(&mut self, limit: Duration) -> bool {
+        self.has("UNSELECT") && self.simple("s6", "UNSELECT", limit).await == Some(Status::Ok)
+    }
+
+    pub fn has(&self, capability: &str) -> bool {
+        self.capabilities
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(capability))
+    }
+
+    /// One of pecgate's own commands without arguments, its untagged answers (literals
+    /// included) read and dropped; the tagged status, or `None` (closed, garbled, too slow).
+    async fn simple(&mut self, tag: &str, command: &str, limit: Duration) -> Option<Status> {
+        let exchange = async {
+            self.writer
+                .write_all(format!("{tag} {command}\r\n").as_bytes())
+                .await?;
+            self.writer.flush().await?;
+            loop {
+                let line =
+                    io::next_line(&mut self.reader, &mut self.buffer, SETUP_LINE_MAX).await?;
+                match response::classify(&line) {
+                    ResponseKind::Tagged { tag: t, status } if t == tag => {
+                        return Ok::<_, LineError>(Some(status));
+                    }
+                    ResponseKind::Tagged { .. }
+                    | ResponseKind::Continuation
+                    | ResponseKind::Garbage
+                    | ResponseKind::UntaggedStatus(Status::Bye) => return Ok(None),
+                    _ => {
+                        read_unit(&mut self.reader, &mut self.buffer, &line, MAX_UNIT).await?;
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(limit, exchange)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten()
+    }
+}
+
+/// Largest untagged answer read (and dropped) during pecgate's own NOOP or UNSELECT.
+const MAX_UNIT: usize = 16 * 1024 * 1024;
 
 impl ProviderConnection {
     /// `LIST "" "*"`: every folder of the mailbox (for `pecgate check --live`).
@@ -251,6 +325,7 @@ async fn connect_inner(
         capabilities: login_caps,
         delimiter,
         slot: None,
+        identity: target.identity(),
     })
 }
 

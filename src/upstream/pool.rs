@@ -4,6 +4,13 @@
 //! cap and waits again instead of failing. A [`Slot`] travels with the connection it paid for;
 //! dropping the connection gives the place to the next waiter.
 //!
+//! A session that ends cleanly gives its connection back ([`give_back`]): pecgate has put it
+//! in the authenticated state (nothing selected, nothing in flight), so it goes straight to
+//! the next waiter, or waits idle (logged in, `[gateway] provider_idle_keep_secs`) for the
+//! next login, which then costs a NOOP instead of a TCP, TLS and LOGIN round. Idle
+//! connections are checked with a NOOP before reuse and closed with a LOGOUT when they have
+//! waited too long ([`Pool::expired`]) or at shutdown ([`Pool::drain_idle`]).
+//!
 //! Clients wait up to `[gateway] connection_wait_secs`; background work (the receipts worker)
 //! waits as long as it takes and never before a client.
 
@@ -40,6 +47,8 @@ pub struct PoolFigures {
     pub cap: u32,
     pub ceiling: u32,
     pub waiting: usize,
+    /// Connections logged in and waiting for a session.
+    pub idle: usize,
     pub limit_refusals: u64,
 }
 
@@ -57,7 +66,24 @@ struct Inner {
 struct State {
     slots: Slots,
     /// How to wake each queued waiter.
-    wake: HashMap<WaiterId, oneshot::Sender<()>>,
+    wake: HashMap<WaiterId, oneshot::Sender<Grant>>,
+    /// Logged-in connections nobody uses, newest last; each holds a place in `slots`.
+    idle: Vec<IdleConnection>,
+    /// How long an idle connection is kept (zero: none is).
+    keep_idle: Duration,
+}
+
+struct IdleConnection {
+    connection: ProviderConnection,
+    since: Instant,
+}
+
+/// What a waiter is given.
+enum Grant {
+    /// A place under the cap, to open a connection in.
+    Place,
+    /// A connection another session gave back, in its place.
+    Connection(Box<ProviderConnection>),
 }
 
 impl State {
@@ -67,15 +93,44 @@ impl State {
         while !served.is_empty() {
             let mut returned = 0;
             for id in served.drain(..) {
-                let delivered = self.wake.remove(&id).is_some_and(|tx| tx.send(()).is_ok());
+                let delivered = self
+                    .wake
+                    .remove(&id)
+                    .is_some_and(|tx| tx.send(Grant::Place).is_ok());
                 if !delivered {
                     returned += 1;
                 }
             }
             for _ in 0..returned {
-                served.extend(self.slots.release(Instant::now().into_std()));
+                served.extend(self.slots.release(now()));
             }
         }
+    }
+
+    /// Whether a connection given back is kept: a waiter wants one, or idle connections are
+    /// kept and the cap has room for this one.
+    fn keeps_one(&self) -> bool {
+        self.slots.waiting() > 0
+            || (self.slots.open() <= self.slots.live_cap() && !self.keep_idle.is_zero())
+    }
+
+    /// A clean connection (its place still counted): to the waiter whose turn it is, else
+    /// idle.
+    fn place(&mut self, mut connection: ProviderConnection) {
+        while let Some(id) = self.slots.next_waiter() {
+            let Some(tx) = self.wake.remove(&id) else {
+                continue;
+            };
+            match tx.send(Grant::Connection(Box::new(connection))) {
+                Ok(()) => return,
+                Err(Grant::Connection(back)) => connection = *back,
+                Err(Grant::Place) => unreachable!("sent a connection"),
+            }
+        }
+        self.idle.push(IdleConnection {
+            connection,
+            since: Instant::now(),
+        });
     }
 }
 
@@ -87,6 +142,8 @@ impl Pool {
                 state: Mutex::new(State {
                     slots: Slots::new(ceiling),
                     wake: HashMap::new(),
+                    idle: Vec::new(),
+                    keep_idle: Duration::ZERO,
                 }),
             }),
         }
@@ -109,6 +166,67 @@ impl Pool {
         state.hand_over(served);
     }
 
+    /// How long a connection given back may wait idle for the next session (a reload may
+    /// change it; zero closes connections with their sessions).
+    pub fn set_keep_idle(&self, keep: Duration) {
+        self.state().keep_idle = keep;
+    }
+
+    /// Idle connections that waited longer than they may, or that the cap no longer has room
+    /// for (the provider lowered it, or a reload did): out of the pool, each with its place,
+    /// for the caller to log out (dropping one frees its place).
+    pub fn expired(&self) -> Vec<ProviderConnection> {
+        let mut state = self.state();
+        let keep = state.keep_idle;
+        let mut over = state.slots.open().saturating_sub(state.slots.live_cap()) as usize;
+        let mut out = Vec::new();
+        let mut kept = Vec::new();
+        // Oldest first: they go first when the cap has no room.
+        for idle in std::mem::take(&mut state.idle) {
+            if over > 0 || idle.since.elapsed() >= keep {
+                over = over.saturating_sub(1);
+                out.push(idle.connection);
+            } else {
+                kept.push(idle);
+            }
+        }
+        state.idle = kept;
+        drop(state);
+        out.into_iter().map(|c| self.with_place(c)).collect()
+    }
+
+    /// Every idle connection, for a polite LOGOUT at shutdown.
+    pub fn drain_idle(&self) -> Vec<ProviderConnection> {
+        let idle = std::mem::take(&mut self.state().idle);
+        idle.into_iter()
+            .map(|i| self.with_place(i.connection))
+            .collect()
+    }
+
+    /// A connection out of the idle list or a hand-over gets its place back as a [`Slot`].
+    fn with_place(&self, mut connection: ProviderConnection) -> ProviderConnection {
+        connection.slot = Some(Slot::new(self.clone()));
+        connection
+    }
+
+    /// The newest idle connection logged in to `identity`, if one is fresh enough to try.
+    fn take_idle(&self, identity: &[u8; 32]) -> Option<ProviderConnection> {
+        let mut state = self.state();
+        let keep = state.keep_idle;
+        while let Some(idle) = state.idle.pop() {
+            let connection = self.with_place(idle.connection);
+            if idle.since.elapsed() < keep && connection.identity == *identity {
+                return Some(connection);
+            }
+            // Waited too long, or opened for settings a reload has changed: closed (its
+            // place freed) without a word.
+            drop(state);
+            drop(connection);
+            state = self.state();
+        }
+        None
+    }
+
     pub fn figures(&self) -> PoolFigures {
         let state = self.state();
         PoolFigures {
@@ -116,6 +234,7 @@ impl Pool {
             cap: state.slots.live_cap(),
             ceiling: state.slots.ceiling(),
             waiting: state.slots.waiting(),
+            idle: state.idle.len(),
             limit_refusals: state.slots.limit_refusals(),
         }
     }
@@ -130,21 +249,43 @@ impl Pool {
         deadline: Option<Instant>,
     ) -> Result<ProviderConnection, PoolError> {
         let started = Instant::now();
+        let identity = target.identity();
         let mut retry = false;
         loop {
-            let Some(slot) = self.acquire(user, class, deadline, retry).await else {
-                let state = self.state();
-                return Err(if state.slots.limited_by_provider() {
-                    PoolError::ProviderLimit {
-                        cap: state.slots.live_cap(),
-                        ceiling: state.slots.ceiling(),
+            if !retry && let Some(mut connection) = self.take_idle(&identity) {
+                if connection
+                    .still_there(REUSE_CHECK.min(target.timeout))
+                    .await
+                {
+                    return Ok(connection);
+                }
+                // Dropped: the provider ended it while it was idle; its place is free again.
+                continue;
+            }
+            let slot = match self.acquire(user, class, deadline, retry).await {
+                Some(Grant::Connection(connection)) => {
+                    let connection = self.with_place(*connection);
+                    if connection.identity == identity {
+                        return Ok(connection);
                     }
-                } else {
-                    PoolError::Busy {
-                        ceiling: state.slots.ceiling(),
-                        waited: started.elapsed().as_secs(),
-                    }
-                });
+                    // Opened for settings a reload has changed since: closed, try again.
+                    continue;
+                }
+                Some(Grant::Place) => Slot::new(self.clone()),
+                None => {
+                    let state = self.state();
+                    return Err(if state.slots.limited_by_provider() {
+                        PoolError::ProviderLimit {
+                            cap: state.slots.live_cap(),
+                            ceiling: state.slots.ceiling(),
+                        }
+                    } else {
+                        PoolError::Busy {
+                            ceiling: state.slots.ceiling(),
+                            waited: started.elapsed().as_secs(),
+                        }
+                    });
+                }
             };
             match super::connect(target).await {
                 Ok(mut connection) => {
@@ -169,12 +310,12 @@ impl Pool {
         class: Class,
         deadline: Option<Instant>,
         retry: bool,
-    ) -> Option<Slot> {
+    ) -> Option<Grant> {
         let (tx, rx) = oneshot::channel();
         let id = {
             let mut state = self.state();
             if !retry && state.slots.try_take(class, now()) {
-                return Some(Slot::new(self.clone()));
+                return Some(Grant::Place);
             }
             let id = state.slots.enqueue(user, class, retry);
             state.wake.insert(id, tx);
@@ -195,11 +336,10 @@ impl Pool {
             let soon = Instant::now() + RECHECK;
             let wake = self.state().slots.next_wake().map(Instant::from_std);
             tokio::select! {
-                served = &mut waiting.rx => {
-                    // The sender is only ever used to serve (never dropped while queued).
-                    debug_assert!(served.is_ok());
+                grant = &mut waiting.rx => {
                     waiting.served = true;
-                    return Some(Slot::new(self.clone()));
+                    // The sender is only ever used to serve (never dropped while queued).
+                    return Some(grant.unwrap_or(Grant::Place));
                 }
                 () = tokio::time::sleep_until(wake.map_or(soon, |w| w.min(soon))) => {
                     let mut state = self.state();
@@ -223,6 +363,38 @@ impl Pool {
     }
 }
 
+/// Give a session's connection back to its pool: pecgate has left it in the authenticated
+/// state with nothing in flight. It goes to the next waiter, or idle; when the pool keeps
+/// no idle connection or has no room for it, it is logged out.
+pub async fn give_back(mut connection: ProviderConnection) {
+    let Some(pool) = connection.slot.as_ref().and_then(|slot| slot.pool.clone()) else {
+        connection.logout().await;
+        return;
+    };
+    {
+        let mut state = pool.state();
+        if state.keeps_one() {
+            connection.slot.take().map(Slot::keep);
+            state.place(connection);
+            return;
+        }
+    }
+    connection.logout().await;
+}
+
+/// Whether [`give_back`] would keep `connection` for another session (a waiter wants one,
+/// or the pool keeps idle connections and has room): otherwise there is no point in
+/// cleaning it up first.
+pub fn would_keep(connection: &ProviderConnection) -> bool {
+    let Some(pool) = connection.slot.as_ref().and_then(|slot| slot.pool.as_ref()) else {
+        return false;
+    };
+    pool.state().keeps_one()
+}
+
+/// How long a reused idle connection has to answer its NOOP.
+const REUSE_CHECK: Duration = Duration::from_secs(5);
+
 /// How often a waiter looks at the books even when nothing woke it.
 const RECHECK: Duration = Duration::from_secs(1);
 
@@ -242,7 +414,7 @@ fn now() -> std::time::Instant {
 struct Waiting<'a> {
     pool: &'a Pool,
     id: WaiterId,
-    rx: oneshot::Receiver<()>,
+    rx: oneshot::Receiver<Grant>,
     served: bool,
 }
 
@@ -254,9 +426,14 @@ impl Drop for Waiting<'_> {
         let mut state = self.pool.state();
         state.wake.remove(&self.id);
         if !state.slots.cancel(self.id) {
-            // Served between the last poll and now: the place is ours to return.
-            let served = state.slots.release(now());
-            state.hand_over(served);
+            // Served between the last poll and now: what was given is ours to pass on.
+            match self.rx.try_recv() {
+                Ok(Grant::Connection(connection)) => state.place(*connection),
+                Ok(Grant::Place) | Err(_) => {
+                    let served = state.slots.release(now());
+                    state.hand_over(served);
+                }
+            }
         }
     }
 }
@@ -269,6 +446,11 @@ pub struct Slot {
 impl Slot {
     fn new(pool: Pool) -> Slot {
         Slot { pool: Some(pool) }
+    }
+
+    /// Its place stays counted, now by an idle or handed-over connection.
+    fn keep(mut self) -> Pool {
+        self.pool.take().expect("a slot is used once")
     }
 
     /// The provider refused the login made in this place for its connection limit.

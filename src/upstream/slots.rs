@@ -239,23 +239,29 @@ impl Slots {
         self.open < self.live_cap && self.paused_until.is_none_or(|until| now >= until)
     }
 
-    /// Hand free slots to waiters: interactive ones in turn by user, then background ones.
+    /// The waiter whose turn it is (interactive ones in turn by user, then background
+    /// ones), out of the queue; its place is not counted: for handing over a connection
+    /// that is already open.
+    pub fn next_waiter(&mut self) -> Option<WaiterId> {
+        if let Some((user, mut queue)) = self.interactive.pop_front() {
+            let id = queue.pop_front().expect("empty queues are removed");
+            if !queue.is_empty() {
+                // The user goes to the back of the turn.
+                self.interactive.push_back((user, queue));
+            }
+            return Some(id);
+        }
+        self.background.pop_front()
+    }
+
+    /// Hand free slots to waiters, in turn.
     fn serve(&mut self, now: Instant) -> Vec<WaiterId> {
         if self.paused_until.is_some_and(|until| now >= until) {
             self.paused_until = None;
         }
         let mut served = Vec::new();
         while self.can_open(now) {
-            let next = if let Some((user, mut queue)) = self.interactive.pop_front() {
-                let id = queue.pop_front().expect("empty queues are removed");
-                if !queue.is_empty() {
-                    // The user goes to the back of the turn.
-                    self.interactive.push_back((user, queue));
-                }
-                id
-            } else if let Some(id) = self.background.pop_front() {
-                id
-            } else {
+            let Some(next) = self.next_waiter() else {
                 break;
             };
             self.open += 1;

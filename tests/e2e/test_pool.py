@@ -6,8 +6,10 @@ pool shrink and the client wait, never see the refusal; only a wait that runs ou
 
 from __future__ import annotations
 
+import os
 import re
 import select
+import signal
 import time
 import urllib.request
 
@@ -195,3 +197,92 @@ def test_a_wait_on_the_providers_limit_names_that_limit(capped, clients):
     assert row["outcome"] == "no", row
     assert "its own limit" in row["detail"] and "pecgate uses 2 of max_connections=4" in row["detail"], row
     assert "login refused: the provider's connection limit" in gw.log_text()
+
+
+# ---------------------------------------------------------------------------
+# Connections outlive their sessions: the next login reuses one
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_provider(pecgate_binary):
+    """A provider of this test's own (its log counts only this test's logins), recording the
+    raw IMAP of pecgate's connections."""
+    d = Dovecot(rawlog=[PROVIDER_ADDRESS])
+    d.add_user(PROVIDER_ADDRESS, "provider-" + harness.secrets.token_hex(8))
+    with d:
+        with harness.gateways(d, binary=pecgate_binary, metrics="127.0.0.1:0") as make:
+            yield d, make
+
+
+def provider_logins(dovecot) -> int:
+    return len(re.findall(r"imap-login: .*Login: user=<" + re.escape(PROVIDER_ADDRESS), dovecot.log_text()))
+
+
+def test_the_next_login_reuses_the_connection_a_session_gave_back(own_provider, clients):
+    dovecot, make = own_provider
+    gw = make(gateway_options={"provider_idle_keep_secs": 60})
+    first = held(gw, clients, "mario")
+    logout(first)
+    wait_until(lambda: metric(gw, "pecgate_provider_idle") == 1, 10, "the connection to wait idle")
+    assert metric(gw, "pecgate_provider_connections") == 1
+
+    second = clients(gw.raw(tls=True, timeout=30))
+    second.login("anna", gw.password("anna"))
+    # It starts where a fresh connection would: nothing selected (pecgate unselected it).
+    _, tagged = second.command("F1", "FETCH 1 (FLAGS)")
+    assert tagged.startswith((b"F1 BAD", b"F1 NO")), tagged
+    _, tagged = second.command("S1", "SELECT INBOX")
+    assert tagged.startswith(b"S1 OK"), tagged
+    _, tagged = second.command("F2", "UID FETCH 1:* (FLAGS)")
+    assert tagged.startswith(b"F2 OK"), tagged
+    assert (metric(gw, "pecgate_provider_idle"), metric(gw, "pecgate_provider_connections")) == (0, 1)
+    assert provider_logins(dovecot) == 1, "the second session logged in to the provider again"
+    (conn,) = dovecot.rawlog_connections()
+    commands = [line.split(b" ", 2)[1].upper() for line in conn.received.splitlines() if b" " in line]
+    # The first session's EXAMINE, pecgate's UNSELECT and NOOP, the second's commands.
+    assert b"UNSELECT" in commands and b"NOOP" in commands, commands
+    assert b"LOGOUT" not in commands and b"CLOSE" not in commands, commands
+    # A client that just goes away (no LOGOUT) gives its connection back too.
+    second.close()
+    wait_until(lambda: metric(gw, "pecgate_provider_idle") == 1, 10,
+               "the connection of a client that closed to wait idle")
+    assert provider_logins(dovecot) == 1
+
+
+def test_an_idle_connection_the_provider_dropped_is_replaced_unseen(own_provider, clients):
+    dovecot, make = own_provider
+    gw = make(gateway_options={"provider_idle_keep_secs": 60})
+    logout(held(gw, clients, "mario"))
+    wait_until(lambda: metric(gw, "pecgate_provider_idle") == 1, 10, "the connection to wait idle")
+    (conn,) = dovecot.rawlog_connections()
+    os.kill(conn.pid, signal.SIGKILL)
+
+    again = held(gw, clients, "anna")
+    _, tagged = again.command("N1", "NOOP")
+    assert tagged.startswith(b"N1 OK"), tagged
+    assert provider_logins(dovecot) == 2
+    assert metric(gw, "pecgate_provider_connections") == 1
+
+
+def test_idle_connections_are_logged_out_after_their_time(own_provider, clients):
+    dovecot, make = own_provider
+    gw = make(gateway_options={"provider_idle_keep_secs": 1})
+    logout(held(gw, clients, "mario"))
+    wait_until(lambda: metric(gw, "pecgate_provider_connections") == 0, 15,
+               "the idle connection to be closed after provider_idle_keep_secs")
+    (conn,) = dovecot.rawlog_connections()
+    dovecot.wait_rawlogs_closed([conn])
+    assert conn.received.rstrip().endswith(b"s9 LOGOUT"), conn.received[-200:]
+
+
+def test_a_session_ending_mid_command_does_not_hand_on_its_connection(own_provider, clients):
+    dovecot, make = own_provider
+    gw = make(gateway_options={"provider_idle_keep_secs": 60})
+    r = held(gw, clients, "mario")
+    r.send(b"I1 IDLE\r\n")
+    assert r.read_line().startswith(b"+"), "no IDLE continuation"
+    r.close()
+    wait_until(lambda: metric(gw, "pecgate_provider_connections") == 0, 15,
+               "the connection of a session that ended in IDLE to be closed")
+    assert metric(gw, "pecgate_provider_idle") == 0

@@ -1347,7 +1347,8 @@ class Pecgate:
         """``smtp_url``: the mailbox's provider SMTP URL (``PecProvider.smtps_url``);
         ``mailbox_options``: extra keys of the mailbox table (``max_message_bytes``,
         ``send_rate``...); ``gateway_options``: extra keys of ``[gateway]``
-        (``lockout_address_failures``, ``provider_timeout_secs``...). SMTP listeners are
+        (``lockout_address_failures``, ``provider_timeout_secs``...; ``provider_idle_keep_secs``
+        is 0 unless given there). SMTP listeners are
         always configured. ``metrics``: ``[metrics] listen`` (e.g. ``"127.0.0.1:0"``; the
         real port is read back into ``metrics_port``), off when None. ``receipts``: the
         ``[receipts]`` table (``{}`` for the defaults: the worker on); when None the worker is
@@ -1411,6 +1412,10 @@ class Pecgate:
             toml_table("gateway", {
                 "state_dir": str(self.state_dir),
                 "login_failure_delay_ms": self.login_failure_delay_ms,
+                # Each session's provider connection ends with it (no idle reuse), so tests
+                # reading a connection's complete rawlog can wait for it to close; the pool's
+                # reuse is tested where it is asked for (test_pool.py).
+                "provider_idle_keep_secs": 0,
                 **self.gateway_options,
             }),
             toml_table("tls", {"cert": str(self.cert), "key": str(self.key)}),

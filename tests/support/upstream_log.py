@@ -56,7 +56,9 @@ RELAYED = STATE_CHANGING | {"SELECT", "EXAMINE", "FETCH", "UID FETCH", "SEARCH",
 NAMING = {"SELECT": 0, "EXAMINE": 0, "STATUS": 0, "CREATE": 0, "DELETE": 0, "RENAME": 0,
           "SUBSCRIBE": 0, "UNSUBSCRIBE": 0, "APPEND": 0, "COPY": 1, "UID COPY": 1, "MOVE": 1,
           "UID MOVE": 1}
-OWN_COMMANDS = {"CAPABILITY", "LIST", "LOGOUT"}
+# Set-up and teardown, plus the housekeeping of a connection the pool keeps between sessions
+# (NOOP before reuse, UNSELECT after a session that had a folder selected).
+OWN_COMMANDS = {"CAPABILITY", "LIST", "LOGOUT", "NOOP", "UNSELECT"}
 FINAL_OUTCOMES = {"ok", "no", "bad", "denied", "error"}
 
 
