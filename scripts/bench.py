@@ -22,6 +22,9 @@ import argparse
 import base64
 import concurrent.futures
 import contextlib
+import re
+import selectors
+import urllib.request
 import hashlib
 import math
 import os
@@ -659,6 +662,131 @@ class Bench:
             "no_reuse_p99_ms": pct(cold, 99) * 1000,
         }
 
+    def bench_parked(self):
+        """The shared pool: N client sessions in IDLE on INBOX over a pool of K provider
+        connections, and a Dovecot that refuses more than K + 2 per login (so the pool really
+        is the budget). Opening them, pecgate RSS per parked session, provider connections in
+        use, the time for a new message (LMTP) to reach every idler, and the cost of waking:
+        DONE → OK (a pooled connection, SELECT, UID SEARCH), then `UID FETCH 1:* (FLAGS)`,
+        against the same FETCH on a direct connection."""
+        a = self.a
+        n, k = a.parked_sessions, a.parked_pool
+        provider = Dovecot(max_userip_connections=k + 2)
+        provider.add_user(PROVIDER_ADDRESS, self.provider_pw)
+        provider.start()
+        for i in range(20):
+            provider.append(PROVIDER_ADDRESS, "INBOX", _head(f"seed {i}") + b"\r\nbody\r\n")
+        gw = Pecgate(
+            provider,
+            users={USER: {"password": self.user_pw, "roles": ["segreteria"]}},
+            max_connections=k,
+            binary=a.binary,
+            metrics="127.0.0.1:0",
+            gateway_options={"max_sessions": n + 100, "max_sessions_per_user": n + 100,
+                             "max_preauth_per_address": 1000,
+                             "provider_idle_keep_secs": DEFAULT_IDLE_KEEP_SECS},
+            imap_options={"park_idle": True},
+        )
+        gw.setup()
+        gw.start()
+        sessions: list[Conn] = []
+        try:
+            def scrape(name: str) -> int:
+                with urllib.request.urlopen(f"http://{HOST}:{gw.metrics_port}/metrics", timeout=10) as r:
+                    text = r.read().decode()
+                m = re.search(rf'^{name}{{mailbox="studio"}} (\d+)$', text, re.M)
+                return int(m.group(1)) if m else -1
+
+            def open_one(_):
+                c = Conn(gw.tls_port, gw.cert)
+                c.login(USER, self.user_pw)
+                c.run("SELECT INBOX")
+                c.sock.sendall(b"i IDLE\r\n")
+                line = c.readline()
+                if not line.startswith(b"+"):
+                    raise ImapError(f"IDLE answered {line!r}")
+                return c
+
+            open_one(0).close()
+            pid = gw.proc.pid
+            base = settle_rss(pid, 1.0)
+            t0 = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                sessions.extend(pool.map(open_one, range(n)))
+            opened = time.perf_counter() - t0
+            after = settle_rss(pid, 2.0)
+            in_use = scrape("pecgate_provider_connections")
+
+            # New mail: every idler must hear EXISTS.
+            sel = selectors.DefaultSelector()
+            for c in sessions:
+                sel.register(c.sock, selectors.EVENT_READ, c)
+            t0 = time.perf_counter()
+            provider.deliver(PROVIDER_ADDRESS, _head("nuova PEC") + b"\r\nbody\r\n")
+            waits: list[float] = []
+            pending = len(sessions)
+            deadline = t0 + 60
+            while pending and time.perf_counter() < deadline:
+                for key, _ in sel.select(timeout=1):
+                    c = key.data
+                    line = c.readline()
+                    if line.endswith(b"EXISTS"):
+                        waits.append(time.perf_counter() - t0)
+                        sel.unregister(c.sock)
+                        pending -= 1
+            sel.close()
+            if pending:
+                raise ImapError(f"{pending} of {n} idle sessions never heard of the new message")
+
+            # Waking: DONE → OK, a FETCH of every message's flags, IDLE again (as Thunderbird).
+            active = sessions[: a.parked_active]
+            wakes, fetches = [], []
+            for _ in range(3):
+                for c in active:
+                    started = time.perf_counter()
+                    c.sock.sendall(b"DONE\r\n")
+                    while not c.readline().startswith(b"i OK"):
+                        pass
+                    woke = time.perf_counter()
+                    c.run("UID FETCH 1:* (FLAGS)")
+                    fetched = time.perf_counter()
+                    c.sock.sendall(b"i IDLE\r\n")
+                    while not c.readline().startswith(b"+"):
+                        pass
+                    wakes.append(woke - started)
+                    fetches.append(fetched - woke)
+            def timed_fetches(c: Conn) -> list[float]:
+                c.run("SELECT INBOX")
+                out = []
+                for _ in range(len(fetches)):
+                    started = time.perf_counter()
+                    c.run("UID FETCH 1:* (FLAGS)")
+                    out.append(time.perf_counter() - started)
+                c.close()
+                return out
+
+            direct_fetches = timed_fetches(
+                Conn(provider.imaps_port, provider.cert).login(PROVIDER_ADDRESS, self.provider_pw))
+            # A session that never idles: attached for its whole life, as every session was
+            # before the pool (one-to-one).
+            attached_fetches = timed_fetches(Conn(gw.tls_port, gw.cert).login(USER, self.user_pw))
+            refused = provider.log_text().count("Maximum number of connections")
+            self.results["parked"] = {
+                "n": n, "k": k, "opened_s": opened, "base": base, "after": after,
+                "in_use": in_use, "new_mail_p50_ms": pct(waits, 50) * 1000,
+                "new_mail_max_ms": max(waits) * 1000, "active": len(active),
+                "wake_p50_ms": pct(wakes, 50) * 1000, "wake_p99_ms": pct(wakes, 99) * 1000,
+                "fetch_p50_ms": pct(fetches, 50) * 1000,
+                "direct_fetch_p50_ms": pct(direct_fetches, 50) * 1000,
+                "attached_fetch_p50_ms": pct(attached_fetches, 50) * 1000,
+                "refused": refused,
+            }
+        finally:
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                list(pool.map(Conn.close, sessions))
+            gw.cleanup()
+            provider.cleanup()
+
     def set_keep_idle(self, seconds: int):
         """Restart pecgate with ``provider_idle_keep_secs`` set."""
         self.gw.gateway_options["provider_idle_keep_secs"] = seconds
@@ -777,6 +905,22 @@ class Bench:
             per = (i["after"] - i["base"]) / i["n"]
             p(f"| Idle: {i['n']} logged-in sessions, INBOX selected (pecgate RSS, before → after) "
               f"| — | {mib(i['base'])} → {mib(i['after'])} | {per:.0f} KiB/session | — | |")
+        if "parked" in r:
+            q = r["parked"]
+            per = (q["after"] - q["base"]) / q["n"]
+            p(f"| Shared pool: {q['n']} sessions in IDLE on INBOX over `max_connections = {q['k']}` "
+              f"(Dovecot capped at {q['k'] + 2}): provider connections in use / opened in / pecgate RSS "
+              f"| — | {q['in_use']} / {q['opened_s']:.1f} s / {mib(q['base'])} → {mib(q['after'])} "
+              f"| {per:.0f} KiB/session | ≤ {q['k']} connections | {ok(q['in_use'] <= q['k'])} |")
+            p(f"| New mail (LMTP) heard by every one of the {q['n']} idle sessions, p50 / last "
+              f"| — | {q['new_mail_p50_ms']:.0f} / {q['new_mail_max_ms']:.0f} ms | — | ≤ 2 s "
+              f"| {ok(q['new_mail_max_ms'] <= 2000)} |")
+            ratio = q["fetch_p50_ms"] / q["attached_fetch_p50_ms"]
+            p(f"| {q['active']} sessions waking (DONE → OK, then `UID FETCH 1:* (FLAGS)`, IDLE again), "
+              f"wake p50 / p99; FETCH p50 (direct / a one-to-one session through pecgate) "
+              f"| {q['direct_fetch_p50_ms']:.2f} ms | {q['wake_p50_ms']:.2f} / {q['wake_p99_ms']:.2f} ms; "
+              f"FETCH {q['fetch_p50_ms']:.2f} ms (one-to-one {q['attached_fetch_p50_ms']:.2f} ms) "
+              f"| FETCH {ratio:.2f}× one-to-one | ≤ 1.5× one-to-one | {ok(ratio <= 1.5)} |")
         p("")
         notes = []
         if "bulk" in r:
@@ -833,14 +977,17 @@ def main(argv=None) -> int:
     ap.add_argument("--stream-clients", type=int, default=None, help="concurrent streaming clients (default 10)")
     ap.add_argument("--idle-sessions", type=int, default=None, help="idle sessions to open (default 500)")
     ap.add_argument("--logins", type=int, default=None, help="repeat logins timed (default 500)")
-    ap.add_argument("--only", default="bulk,mbsync,rtt,stream,idle,logins", help="comma-separated subset of sections")
+    ap.add_argument("--parked-sessions", type=int, default=None, help="sessions parked in IDLE (default 1000)")
+    ap.add_argument("--parked-pool", type=int, default=10, help="max_connections for the parked section (default 10)")
+    ap.add_argument("--parked-active", type=int, default=50, help="parked sessions woken in turn (default 50)")
+    ap.add_argument("--only", default="bulk,mbsync,rtt,stream,idle,logins,parked", help="comma-separated subset of sections")
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, few iterations")
     a = ap.parse_args(argv)
     defaults = dict(messages=3000, runs=3, rtt=2000, big_mb=50, stream_clients=10, idle_sessions=500,
-                    logins=500)
+                    logins=500, parked_sessions=1000)
     if a.quick:
         defaults = dict(messages=300, runs=1, rtt=300, big_mb=10, stream_clients=4, idle_sessions=50,
-                        logins=50)
+                        logins=50, parked_sessions=100)
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -852,7 +999,7 @@ def main(argv=None) -> int:
               "binary) or set PECGATE_BIN", file=sys.stderr)
         return 2
     sections = [s.strip() for s in a.only.split(",") if s.strip()]
-    unknown = set(sections) - {"bulk", "mbsync", "rtt", "stream", "idle", "logins"}
+    unknown = set(sections) - {"bulk", "mbsync", "rtt", "stream", "idle", "logins", "parked"}
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}")
 
@@ -861,7 +1008,7 @@ def main(argv=None) -> int:
                  "--idle-sessions + --stream-clients under 900")
 
     soft, _ = raise_nofile()  # inherited by Dovecot and pecgate too
-    need = a.idle_sessions * 2 + 200
+    need = max(a.idle_sessions, a.parked_sessions) * 2 + 200
     if soft < need:
         print(f"RLIMIT_NOFILE is {soft}, {need} needed for {a.idle_sessions} idle sessions", file=sys.stderr)
         return 2

@@ -151,6 +151,9 @@ pub struct ImapConfig {
     pub listen_tls: Vec<SocketAddr>,
     pub listen_starttls: Vec<SocketAddr>,
     pub max_literal_bytes: u32,
+    /// A client in IDLE on a folder holds no provider connection: one watcher per folder
+    /// serves every idling session (`[imap] park_idle`, default on).
+    pub park_idle: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -721,6 +724,7 @@ struct RawImap {
     #[serde(default)]
     listen_starttls: Vec<String>,
     max_literal_bytes: Option<u32>,
+    park_idle: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1204,6 +1208,7 @@ impl Config {
                     .max_literal_bytes
                     .unwrap_or(DEFAULT_MAX_LITERAL_BYTES),
             ),
+            park_idle: raw.imap.park_idle.unwrap_or(true),
         };
         let smtp = SmtpConfig {
             listen_tls: p.listeners("smtp", "listen_tls", &raw.smtp.listen_tls, &mut seen),

@@ -113,6 +113,8 @@ pub struct Carried {
     pools: Mutex<HashMap<String, Pool>>,
     /// `send_rate` windows by mailbox name: a reload does not reset a sending limit.
     rates: Mutex<HashMap<String, KeptRate>>,
+    /// The folder watchers of parked IMAP sessions.
+    pub watchers: crate::imap::watcher::Watchers,
 }
 
 impl Carried {
@@ -130,6 +132,7 @@ impl Carried {
             metrics: Arc::new(Metrics::new()),
             pools: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
+            watchers: Default::default(),
         })
     }
 

@@ -276,7 +276,8 @@ pub async fn run(live: Live, listeners: Listeners, shutdown: CancellationToken, 
 const TEND_EVERY: Duration = Duration::from_secs(1);
 
 /// Log out the idle provider connections that waited longer than `provider_idle_keep_secs`
-/// (or that a lowered cap has no room for); at shutdown, every one, politely and at once.
+/// (or that a lowered cap has no room for); at shutdown, stop the folder watchers and log
+/// out every idle connection, politely and at once.
 async fn tend_pools(carried: Arc<Carried>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
@@ -289,6 +290,8 @@ async fn tend_pools(carried: Arc<Carried>, shutdown: CancellationToken) {
             }
         }
     }
+    // Folder watchers first: their connections are the pools' too.
+    carried.watchers.shutdown().await;
     let mut goodbyes = tokio::task::JoinSet::new();
     for pool in carried.pools() {
         // Sessions still ending during the grace period close theirs themselves.

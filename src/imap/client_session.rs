@@ -135,6 +135,9 @@ struct InFlight {
     substitutions: Vec<(String, String)>,
     /// For SELECT/EXAMINE: the folder selected on success.
     select_target: Option<String>,
+    /// For SELECT/EXAMINE of a granted folder: the command, to select the folder again on
+    /// another provider connection when a parked session comes back.
+    reselect: Option<Command<'static>>,
     runs_alone: bool,
     /// A FETCH rewritten to `.PEEK` whose `RFC822` items must be renamed back (it runs alone,
     /// so every FETCH line while it is in flight answers it).
@@ -156,6 +159,12 @@ enum IdlePhase {
     DoneSent,
 }
 
+/// A parked IDLE: the client's tag and the event to write when it ends.
+struct Parked {
+    client_tag: String,
+    summary: CommandSummary,
+}
+
 struct Idle {
     upstream_tag: String,
     phase: IdlePhase,
@@ -170,8 +179,12 @@ pub struct ClientSession {
     capabilities: Vec<String>,
     /// The folder selected on the provider connection, as known from completions.
     selected: Option<String>,
+    /// The SELECT/EXAMINE that selected it.
+    reselect: Option<Command<'static>>,
     in_flight: Vec<InFlight>,
     idle: Option<Idle>,
+    /// An IDLE served by pecgate while the session holds no provider connection.
+    parked: Option<Parked>,
     /// Entries of the LIST/LSUB in flight.
     listing: Vec<ListEntry>,
     logging_out: bool,
@@ -185,8 +198,10 @@ impl ClientSession {
             policy,
             capabilities,
             selected: None,
+            reselect: None,
             in_flight: Vec::new(),
             idle: None,
+            parked: None,
             listing: Vec::new(),
             logging_out: false,
             identities: Identities::default(),
@@ -348,6 +363,8 @@ impl ClientSession {
         let select_target = (class.selection == Selection::Select)
             .then(|| summary.folder.clone())
             .flatten();
+        let reselect =
+            (select_target.is_some() && substitutions.is_empty()).then(|| command.clone());
         let mut actions = Vec::new();
         if class.changes_state {
             actions.push(Action::Audit(AuditRecord {
@@ -389,6 +406,7 @@ impl ClientSession {
             class,
             substitutions,
             select_target,
+            reselect,
             runs_alone,
             renames,
             list,
@@ -435,6 +453,7 @@ impl ClientSession {
             // Like every command carrying a placeholder, its outcome is recorded as `denied`.
             substitutions: substitutions.to_vec(),
             select_target: None,
+            reselect: None,
             runs_alone: false,
             renames: false,
             list: None,
@@ -479,6 +498,68 @@ impl ClientSession {
         }
     }
 
+    /// Park the IDLE just submitted under `upstream_tag` instead of sending it: pecgate
+    /// answers the client's IDLE itself while the session holds no provider connection.
+    /// `None` (nothing changes) unless that IDLE is the only command in flight and a folder
+    /// the session can select again is selected.
+    pub fn park_idle(&mut self, upstream_tag: &str) -> Option<Vec<Action>> {
+        let idle = self.idle.as_ref()?;
+        if idle.upstream_tag != upstream_tag
+            || idle.phase != IdlePhase::Starting
+            || self.in_flight.len() != 1
+            || self.reselect.is_none()
+        {
+            return None;
+        }
+        self.idle = None;
+        let done = self.in_flight.pop().expect("checked: one in flight");
+        self.parked = Some(Parked {
+            client_tag: done.client_tag,
+            summary: done.summary,
+        });
+        Some(vec![Action::Client(b"+ idling\r\n".to_vec())])
+    }
+
+    /// The SELECT/EXAMINE that selects the session's folder on another connection.
+    pub fn reselect(&self) -> Option<&Command<'static>> {
+        self.reselect.as_ref()
+    }
+
+    /// The parked IDLE ends: `line` is what the client sent (DONE, or anything else, which
+    /// ends it with BAD as a server would). `how` says how it was served, for the audit.
+    pub fn unpark(&mut self, line: &[u8], how: &str) -> Vec<Action> {
+        let Some(parked) = self.parked.take() else {
+            return Vec::new();
+        };
+        let trimmed = line.strip_suffix(b"\n").unwrap_or(line);
+        let trimmed = trimmed.strip_suffix(b"\r").unwrap_or(trimmed);
+        let done = trimmed.eq_ignore_ascii_case(b"DONE");
+        let mut detail = join_detail(&parked.summary.detail, how);
+        if !done {
+            detail = join_detail(
+                &format!(
+                    "client sent {:?} instead of DONE",
+                    crate::text::printable(trimmed, 200)
+                ),
+                &detail,
+            );
+        }
+        let reply = if done {
+            format!("{} OK IDLE terminated\r\n", parked.client_tag)
+        } else {
+            format!("{} BAD Expected DONE to end IDLE\r\n", parked.client_tag)
+        };
+        vec![
+            audit(
+                &parked.summary.name,
+                parked.summary.folder.clone(),
+                detail,
+                if done { Outcome::Ok } else { Outcome::Bad },
+            ),
+            Action::Client(reply.into_bytes()),
+        ]
+    }
+
     /// The provider's `+` for the IDLE in flight (`line` is the continuation as sent).
     pub fn on_idle_continuation(&mut self, tag: &str, line: &[u8]) -> Vec<Action> {
         let Some(idle) = self.idle.as_mut().filter(|idle| idle.upstream_tag == tag) else {
@@ -514,11 +595,13 @@ impl ClientSession {
         let done = self.in_flight.remove(position);
         match (done.class.selection, status) {
             (Selection::Select, Status::Ok) if done.substitutions.is_empty() => {
-                self.selected = done.select_target.clone()
+                self.selected = done.select_target.clone();
+                self.reselect = done.reselect.clone();
             }
             // A failed SELECT leaves no folder selected (RFC 3501 6.3.1); BAD was not run.
             (Selection::Select, Status::Ok | Status::No) | (Selection::Deselect, Status::Ok) => {
-                self.selected = None
+                self.selected = None;
+                self.reselect = None;
             }
             _ => {}
         }
@@ -710,6 +793,13 @@ impl ClientSession {
                     Outcome::Error,
                     Some("no answer from the provider before the session ended"),
                 )
+            }))
+            .chain(self.parked.take().map(|p| AuditRecord {
+                command: p.summary.name,
+                folder: p.summary.folder,
+                detail: join_detail(&p.summary.detail, "parked; the session ended in IDLE"),
+                outcome: Outcome::Ok,
+                durable: false,
             }))
             .collect()
     }

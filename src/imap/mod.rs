@@ -12,8 +12,12 @@
 //!   attribution of every response);
 //! - [`preauth`]: the not-authenticated state (served locally), as decisions;
 //! - [`client_session`]: one logged-in client session as a state machine;
+//! - [`view`]: a parked session's view of its folder, and the provider news that moves it;
+//! - [`phase`]: what a session carries between its attached and parked phases, how it ends;
 //! - [`session`]: one connection: TLS, not-authenticated state, login;
-//! - [`relay`]: drives the two machines over the client and provider sockets.
+//! - [`relay`]: drives the two machines over the client and provider sockets, and parks a
+//!   session in IDLE (no provider connection held);
+//! - [`watcher`]: one connection per watched folder keeping parked sessions up to date.
 
 pub mod authorize;
 pub mod classify;
@@ -23,8 +27,12 @@ pub mod framing;
 pub mod identity;
 pub mod listing;
 pub mod mutf7;
+pub mod park;
+pub mod phase;
 pub mod preauth;
 pub mod provider_client;
 pub mod relay;
 pub mod response;
 pub mod session;
+pub mod view;
+pub mod watcher;

@@ -23,6 +23,8 @@ use bytes::BytesMut;
 use tokio::io::{AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::{Notify, oneshot};
 
+use imap_codec::imap_types::command::{Command, CommandBody};
+
 use crate::imap::authorize::{SessionPolicy, rename_rfc822_items};
 use crate::imap::client_session::{
     Action, AuditRecord, ClientSession, Ending, Request, Submit, UntaggedPlan,
@@ -31,7 +33,10 @@ use crate::imap::command::{UpstreamStep, append_skeleton, parse_command};
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, literal_at_end, tag_of};
 use crate::imap::identity::{self, FetchTap};
 use crate::imap::listing::answer_list;
+use crate::imap::park;
+use crate::imap::phase::{Attachment, ClientWriter, Core, SessionEnd, stop_bye};
 use crate::imap::provider_client::{ProviderClient, ProviderEvent, Untagged};
+use crate::imap::watcher;
 use crate::io::{self, BoxStream, CopyError, ReadWait, Watched};
 use crate::session::SessionContext;
 use crate::upstream::{self, ProviderConnection, read_unit};
@@ -47,41 +52,11 @@ const MAX_MAILBOX_DATA: usize = 64 * 1024;
 /// messages goes out in large TLS records instead of one per provider read.
 const WRITE_BUFFER: usize = 64 * 1024;
 
-type Writer = tokio::sync::Mutex<BufWriter<WriteHalf<BoxStream>>>;
+type Writer = tokio::sync::Mutex<ClientWriter>;
 /// The provider's halves measure how long pecgate has waited for it since it last sent it
 /// something, for the stall watchdog.
 type ProviderReader = Watched<ReadHalf<BoxStream>>;
 type ProviderWriter = BufWriter<Watched<WriteHalf<BoxStream>>>;
-
-/// How a session ended (for the log and the audit trail).
-#[derive(Debug)]
-pub enum SessionEnd {
-    Logout,
-    ClientClosed,
-    Timeout,
-    Shutdown,
-    AuditFailed,
-    UpstreamClosed,
-    /// The provider sent something pecgate could not attribute.
-    ProviderViolation(String),
-    /// The provider owed an answer and moved no byte for this long.
-    ProviderStalled(Duration),
-    Error(String),
-}
-
-/// What an IMAP client is told when its session is asked to end.
-pub fn stop_bye(ctx: &SessionContext) -> Vec<u8> {
-    match ctx.stop_reason() {
-        Some(reason) => format!("* BYE [UNAVAILABLE] Session ended: {reason}\r\n").into_bytes(),
-        None => b"* BYE pecgate is shutting down\r\n".to_vec(),
-    }
-}
-
-/// The two machines of one session.
-struct Core {
-    session: ClientSession,
-    provider: ProviderClient,
-}
 
 /// What both loops share.
 struct Shared<'a> {
@@ -101,6 +76,11 @@ struct Shared<'a> {
     mid_unit: std::sync::atomic::AtomicBool,
     /// The upward loop waiting for the provider's `+` to a literal of this tag.
     literal_wait: Mutex<Option<(String, oneshot::Sender<bool>)>>,
+    /// A parked IDLE's subscription to its folder's watcher, set by the upward loop, which
+    /// then signals `park_now`: the downward loop ends the attached phase at the next
+    /// response boundary.
+    parking: Mutex<Option<watcher::Subscription>>,
+    park_now: Notify,
 }
 
 impl Shared<'_> {
@@ -111,7 +91,8 @@ impl Shared<'_> {
     }
 }
 
-/// Relay until the session ends.
+/// Relay until the session ends. The session alternates between *attached* (relaying over a
+/// provider connection) and, in IDLE, *parked* (no provider connection; see [`super::park`]).
 pub async fn run(
     ctx: &SessionContext,
     client: BoxStream,
@@ -120,40 +101,94 @@ pub async fn run(
     capabilities: Vec<String>,
     policy: SessionPolicy,
 ) -> SessionEnd {
-    let literal_plus = provider.literal_plus();
-    let ProviderConnection {
-        reader: provider_reader,
-        writer: provider_writer,
-        buffer: mut provider_buffer,
-        capabilities: provider_capabilities,
-        delimiter,
-        slot,
-        identity,
-    } = provider;
+    let (mut client_reader, client_writer) = tokio::io::split(client);
+    let mut client_buffer = client_buffer;
+    let mut assembler = CommandAssembler::new(CommandLimits {
+        max_literal: ctx.gateway.config.imap.max_literal_bytes,
+        ..CommandLimits::default()
+    });
+    let mut core = Core {
+        session: ClientSession::new(Arc::new(policy), capabilities),
+        provider: ProviderClient::new(provider.literal_plus()),
+    };
+    let mut client_writer = BufWriter::with_capacity(WRITE_BUFFER, client_writer);
+    let mut provider = provider;
+    loop {
+        let attachment = Attachment {
+            core,
+            client_writer,
+            provider,
+        };
+        let parked = match attached(
+            ctx,
+            attachment,
+            &mut client_reader,
+            &mut client_buffer,
+            &mut assembler,
+        )
+        .await
+        {
+            Detached::Ended(end) => return end,
+            Detached::Parking(parked) => parked,
+        };
+        match park::serve(
+            ctx,
+            *parked,
+            &mut client_reader,
+            &mut client_buffer,
+            &mut assembler,
+        )
+        .await
+        {
+            park::Outcome::Resumed(attachment) => {
+                let attachment = *attachment;
+                core = attachment.core;
+                client_writer = attachment.client_writer;
+                provider = attachment.provider;
+            }
+            park::Outcome::Ended(end) => return end,
+        }
+    }
+}
+
+/// How an attached phase ended.
+enum Detached {
+    Ended(SessionEnd),
+    Parking(Box<park::Parking>),
+}
+
+/// Relay over one provider connection until the session ends or parks in IDLE.
+async fn attached(
+    ctx: &SessionContext,
+    attachment: Attachment,
+    client_reader: &mut ReadHalf<BoxStream>,
+    client_buffer: &mut BytesMut,
+    assembler: &mut CommandAssembler,
+) -> Detached {
+    let Attachment {
+        core,
+        client_writer,
+        provider,
+    } = attachment;
+    let (provider_reader, provider_writer, mut provider_buffer, rest) = provider.split_io();
     let provider_wait = ReadWait::new();
     let mut provider_reader = Watched::new(provider_reader, provider_wait.clone());
     let provider_writer = Watched::new(provider_writer, provider_wait.clone());
-    let (mut client_reader, client_writer) = tokio::io::split(client);
     let shared = Shared {
         ctx,
-        core: Mutex::new(Core {
-            session: ClientSession::new(Arc::new(policy), capabilities),
-            provider: ProviderClient::new(literal_plus),
-        }),
-        client: tokio::sync::Mutex::new(BufWriter::with_capacity(WRITE_BUFFER, client_writer)),
+        core: Mutex::new(core),
+        client: tokio::sync::Mutex::new(client_writer),
         provider: tokio::sync::Mutex::new(BufWriter::with_capacity(WRITE_BUFFER, provider_writer)),
         completed: Notify::new(),
         uploading: std::sync::atomic::AtomicBool::new(false),
         mid_command: std::sync::atomic::AtomicBool::new(false),
         mid_unit: std::sync::atomic::AtomicBool::new(false),
         literal_wait: Mutex::new(None),
-    };
-    let limits = CommandLimits {
-        max_literal: ctx.gateway.config.imap.max_literal_bytes,
-        ..CommandLimits::default()
+        parking: Mutex::new(None),
+        park_now: Notify::new(),
     };
     let end = {
-        let up = upward(&shared, &mut client_reader, client_buffer, limits);
+        let up = upward(&shared, client_reader, client_buffer, assembler);
         let down = downward(&shared, &mut provider_reader, &mut provider_buffer);
         let watchdog = watch_provider(&shared, &provider_wait, ctx.gateway.provider_timeout);
         tokio::pin!(up, down, watchdog);
@@ -163,12 +198,32 @@ pub async fn run(
             end = &mut watchdog => end,
         }
     };
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    if matches!(end, SessionEnd::Parking) {
+        let subscription = shared
+            .parking
+            .lock()
+            .expect("never poisoned")
+            .take()
+            .expect("parking is requested with its subscription");
+        let mut writer = shared.provider.into_inner();
+        let _ = writer.flush().await;
+        return Detached::Parking(Box::new(park::Parking {
+            core: shared.core.into_inner().expect("never poisoned"),
+            client_writer: shared.client.into_inner(),
+            provider: rest.join(
+                provider_reader.into_inner(),
+                writer.into_inner().into_inner(),
+                provider_buffer,
+            ),
+            subscription,
+        }));
+    }
     // Commands the provider never completed are still recorded, as errors.
     let orphans = shared.core().session.abandon();
     for record in orphans {
         let _ = record_event(ctx, record).await;
     }
-    let relaxed = std::sync::atomic::Ordering::Relaxed;
     let (quiet, selected, done) = {
         let mut core = shared.core();
         let quiet = core.provider.quiet();
@@ -192,29 +247,25 @@ pub async fn run(
     if provider_failed || shared.mid_command.load(relaxed) {
         // Nothing more to say to a provider that failed, or that holds part of an APPEND
         // (closing is the only clean end of it: it discards the message).
-        return end;
+        return Detached::Ended(end);
     }
     let mut writer = shared.provider.into_inner();
     // However the client went (LOGOUT, closed, timed out), a provider stream at a response
     // boundary with nothing owed is as good as new. A session stopped by pecgate (shutdown,
     // reload, kick) says goodbye to the provider instead.
     let reusable = quiet && !matches!(end, SessionEnd::Shutdown) && writer.flush().await.is_ok();
-    let mut connection = ProviderConnection {
-        reader: provider_reader.into_inner(),
-        writer: writer.into_inner().into_inner(),
-        buffer: provider_buffer,
-        capabilities: provider_capabilities,
-        delimiter,
-        slot,
-        identity,
-    };
+    let mut connection = rest.join(
+        provider_reader.into_inner(),
+        writer.into_inner().into_inner(),
+        provider_buffer,
+    );
     if reusable
         && upstream::pool::would_keep(&connection)
         && (!selected || connection.unselect(HOUSEKEEPING).await)
     {
         // In the authenticated state with nothing in flight: fit for the next session.
         upstream::pool::give_back(connection).await;
-        return end;
+        return Detached::Ended(end);
     }
     // A polite goodbye; an IDLE is ended first, since an idling provider reads any other
     // line as the end of IDLE.
@@ -226,7 +277,7 @@ pub async fn run(
         connection.writer.flush().await
     })
     .await;
-    end
+    Detached::Ended(end)
 }
 
 /// How long the provider has to answer pecgate's own UNSELECT after a session.
@@ -319,11 +370,10 @@ async fn answer(client: &Writer, bytes: &[u8]) -> Result<(), SessionEnd> {
 async fn upward(
     shared: &Shared<'_>,
     client: &mut ReadHalf<BoxStream>,
-    mut buffer: BytesMut,
-    limits: CommandLimits,
+    buffer: &mut BytesMut,
+    assembler: &mut CommandAssembler,
 ) -> SessionEnd {
     let idle_timeout = shared.ctx.gateway.config.gateway.idle_timeout;
-    let mut assembler = CommandAssembler::new(limits);
     macro_rules! try_end {
         ($result:expr) => {
             match $result {
@@ -337,15 +387,15 @@ async fn upward(
         // In IDLE the client's next command is framed like any other (a LITERAL+ belongs to
         // it and is dropped with it), but a synchronising literal is never invited: no `+`.
         let assembled = if client_idling {
-            assembler.poll(&mut buffer, |_, literal| literal.sync)
+            assembler.poll(buffer, |_, literal| literal.sync)
         } else {
-            assembler.poll(&mut buffer, |head, literal| {
+            assembler.poll(buffer, |head, literal| {
                 append_skeleton(head, literal).is_some()
             })
         };
         let actions = match assembled {
             Assembled::NeedMore => {
-                match tokio::time::timeout(idle_timeout, io::fill(client, &mut buffer)).await {
+                match tokio::time::timeout(idle_timeout, io::fill(client, buffer)).await {
                     Ok(Ok(true)) => continue,
                     Ok(Ok(false)) => return SessionEnd::ClientClosed,
                     Ok(Err(e)) => return SessionEnd::Error(e.to_string()),
@@ -399,15 +449,64 @@ async fn upward(
                     .any(|a| matches!(a, Action::Provider(Request::AppendHead { .. })));
                 if !sent && !literal.sync {
                     // Refused, but LITERAL+: the message is on its way regardless; drop it.
-                    try_end!(discard(client, &mut buffer, u64::from(literal.length)).await);
+                    try_end!(discard(client, buffer, u64::from(literal.length)).await);
                 }
                 actions
             }
         };
         for action in actions {
-            try_end!(perform_upward(shared, action, client, &mut buffer).await);
+            try_end!(perform_upward(shared, action, client, buffer).await);
         }
     }
+}
+
+/// pecgate's encoding of a command, to the provider.
+async fn send_command(shared: &Shared<'_>, command: Command<'static>) -> Result<(), SessionEnd> {
+    let steps = shared.core().provider.encode(&command);
+    let tag = command.tag.as_ref().to_owned();
+    let mut provider = shared.provider.lock().await;
+    send_steps(shared, &mut provider, &tag, &steps).await?;
+    provider
+        .flush()
+        .await
+        .map_err(|_| SessionEnd::UpstreamClosed)
+}
+
+/// Whether the client's IDLE can be served without a provider connection: parking is on, a
+/// folder is selected and nothing else is in flight, and the folder's watcher is ready. Then
+/// the machine answers the IDLE itself (its actions are returned) and the subscription is
+/// kept for the parked phase; otherwise (`None`) the IDLE goes to the provider as usual.
+async fn park_idle(shared: &Shared<'_>, command: &Command<'static>) -> Option<Vec<Action>> {
+    let ctx = shared.ctx;
+    if !ctx.gateway.config.imap.park_idle {
+        return None;
+    }
+    let folder = {
+        let core = shared.core();
+        if !core.provider.quiet() || core.session.selected().is_none() {
+            return None;
+        }
+        park::wire_folder(core.session.reselect()?)?
+    };
+    let mailbox = ctx.mailbox.clone()?;
+    let wait = ctx.gateway.config.gateway.connection_wait;
+    let subscribed = ctx
+        .gateway
+        .carried
+        .watchers
+        .subscribe(&ctx.gateway, &mailbox, &folder, wait)
+        .await;
+    let (subscription, _, _) = match subscribed {
+        Ok(found) => found,
+        Err(error) => {
+            tracing::info!(%error, "IDLE not parked: the folder watcher is not available");
+            return None;
+        }
+    };
+    let tag = command.tag.as_ref().to_owned();
+    let actions = shared.core().session.park_idle(&tag)?;
+    *shared.parking.lock().expect("never poisoned") = Some(subscription);
+    Some(actions)
 }
 
 async fn audit_healthy(shared: &Shared<'_>) -> Result<(), SessionEnd> {
@@ -453,16 +552,20 @@ async fn perform_upward(
         Action::ClientListing { .. } => unreachable!("listings come with completions"),
         Action::End(ending) => Err(ending_to_end(ending)),
         Action::Provider(Request::Done) => send_done(shared).await,
-        Action::Provider(Request::Command(command)) => {
-            let steps = shared.core().provider.encode(&command);
-            let tag = command.tag.as_ref().to_owned();
-            let mut provider = shared.provider.lock().await;
-            send_steps(shared, &mut provider, &tag, &steps).await?;
-            provider
-                .flush()
-                .await
-                .map_err(|_| SessionEnd::UpstreamClosed)
+        Action::Provider(Request::Command(command))
+            if matches!(command.body, CommandBody::Idle) =>
+        {
+            if let Some(actions) = park_idle(shared, &command).await {
+                for action in actions {
+                    Box::pin(perform_upward(shared, action, client, buffer)).await?;
+                }
+                // The downward loop ends the phase at its next response boundary.
+                shared.park_now.notify_one();
+                return std::future::pending().await;
+            }
+            send_command(shared, command).await
         }
+        Action::Provider(Request::Command(command)) => send_command(shared, command).await,
         Action::Provider(Request::AppendHead {
             skeleton,
             length,
@@ -650,6 +753,8 @@ async fn downward(
                     let _ = answer(&shared.client, &bye).await;
                     return SessionEnd::Shutdown;
                 }
+                // Between responses with nothing owed: the connection can leave the session.
+                () = shared.park_now.notified() => return SessionEnd::Parking,
             }
         }
         let line = match io::next_line(provider, buffer, MAX_RESPONSE_LINE).await {

@@ -17,8 +17,9 @@ use crate::guard::{AdmissionRefused, Ticket};
 use crate::imap::authorize::SessionPolicy;
 use crate::imap::command;
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, tag_of};
+use crate::imap::phase::{SessionEnd, stop_bye};
 use crate::imap::preauth;
-use crate::imap::relay::{self, SessionEnd};
+use crate::imap::relay;
 use crate::imap::response;
 use crate::io::{self, BoxStream};
 use crate::login::{self, LoginRefusal};
@@ -216,7 +217,7 @@ async fn serve_preauth(
                         return PreAuthEnd::Closed(SessionEnd::Timeout);
                     }
                     () = stop.stopped() => {
-                        let _ = send(&mut stream, &relay::stop_bye(ctx)).await;
+                        let _ = send(&mut stream, &stop_bye(ctx)).await;
                         return PreAuthEnd::Closed(SessionEnd::Shutdown);
                     }
                 }

@@ -92,7 +92,53 @@ pub struct ProviderConnection {
     pub identity: [u8; 32],
 }
 
+/// What a [`ProviderConnection`] is besides its stream, kept aside while a driver uses the
+/// stream halves on their own (the relay) and joined back afterwards.
+pub struct ConnectionRest {
+    capabilities: Vec<String>,
+    delimiter: Option<char>,
+    slot: Option<pool::Slot>,
+    identity: [u8; 32],
+}
+
+impl ConnectionRest {
+    pub fn join(
+        self,
+        reader: ReadHalf<BoxStream>,
+        writer: WriteHalf<BoxStream>,
+        buffer: BytesMut,
+    ) -> ProviderConnection {
+        ProviderConnection {
+            reader,
+            writer,
+            buffer,
+            capabilities: self.capabilities,
+            delimiter: self.delimiter,
+            slot: self.slot,
+            identity: self.identity,
+        }
+    }
+}
+
 impl ProviderConnection {
+    /// The stream halves and unread bytes, and the rest to [`ConnectionRest::join`] them with.
+    pub fn split_io(
+        self,
+    ) -> (
+        ReadHalf<BoxStream>,
+        WriteHalf<BoxStream>,
+        BytesMut,
+        ConnectionRest,
+    ) {
+        let rest = ConnectionRest {
+            capabilities: self.capabilities,
+            delimiter: self.delimiter,
+            slot: self.slot,
+            identity: self.identity,
+        };
+        (self.reader, self.writer, self.buffer, rest)
+    }
+
     /// Whether the provider accepts non-synchronising literals.
     pub fn literal_plus(&self) -> bool {
         self.has("LITERAL+")

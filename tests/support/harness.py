@@ -1343,7 +1343,8 @@ class Pecgate:
                  env: dict | None = None, smtp_url: str | None = None,
                  mailbox_options: dict | None = None, smtp_tls_port: int | None = None,
                  smtp_starttls_port: int | None = None, gateway_options: dict | None = None,
-                 metrics: str | None = None, receipts: dict | None = None):
+                 metrics: str | None = None, receipts: dict | None = None,
+                 imap_options: dict | None = None):
         """``smtp_url``: the mailbox's provider SMTP URL (``PecProvider.smtps_url``);
         ``mailbox_options``: extra keys of the mailbox table (``max_message_bytes``,
         ``send_rate``...); ``gateway_options``: extra keys of ``[gateway]``
@@ -1352,7 +1353,10 @@ class Pecgate:
         always configured. ``metrics``: ``[metrics] listen`` (e.g. ``"127.0.0.1:0"``; the
         real port is read back into ``metrics_port``), off when None. ``receipts``: the
         ``[receipts]`` table (``{}`` for the defaults: the worker on); when None the worker is
-        off, so that tests counting provider connections count only their sessions'."""
+        off, so that tests counting provider connections count only their sessions'.
+        ``imap_options``: extra keys of ``[imap]``; ``park_idle`` is false unless given there,
+        so that tests reading the provider's side see each session's own IDLE (parking is
+        tested in test_parking.py)."""
         self.bin = Path(binary or pecgate_bin())
         self.dir, self._own_dir = _work_dir(base_dir, "pecgate-gw-")
         self.state_dir = self.dir / "state"
@@ -1372,6 +1376,7 @@ class Pecgate:
         self.metrics = metrics
         self.metrics_port: int | None = None
         self.receipts = receipts
+        self.imap_options = dict(imap_options or {})
         self.proc: subprocess.Popen | None = None
 
         if users is None:
@@ -1422,6 +1427,8 @@ class Pecgate:
             toml_table("imap", {
                 "listen_tls": [f"{HOST}:{self.tls_port}"],
                 "listen_starttls": [f"{HOST}:{self.starttls_port}"],
+                "park_idle": False,
+                **self.imap_options,
             }),
             toml_table("smtp", {
                 "listen_tls": [f"{HOST}:{self.smtp_tls_port}"],
