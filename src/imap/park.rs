@@ -135,6 +135,14 @@ pub async fn serve(
                     let _ = write(&mut client_writer, bye.as_bytes()).await;
                     SessionEnd::FolderGone(reason)
                 }
+                ParkError::Pool(
+                    error @ (PoolError::Busy { .. } | PoolError::ProviderLimit { .. }),
+                ) => {
+                    tracing::warn!(%error, "a parked IDLE found no provider connection to wake on");
+                    let bye = b"* BYE [UNAVAILABLE] Every connection to the PEC provider for this mailbox stayed busy; please reconnect\r\n";
+                    let _ = write(&mut client_writer, bye).await;
+                    SessionEnd::Error(error.to_string())
+                }
                 other => {
                     tracing::warn!(error = %other, "a parked IDLE could not go on");
                     let bye =

@@ -156,7 +156,7 @@ impl Watchers {
         let key = (mailbox.to_owned(), folder.to_owned());
         let watch = {
             let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-            match running.get(&key) {
+            let watch = match running.get(&key) {
                 Some(watch) => watch.clone(),
                 None => {
                     let (events, _) = broadcast::channel(BACKLOG);
@@ -187,13 +187,15 @@ impl Watchers {
                     self.tasks.spawn(task.instrument(span));
                     watch
                 }
-            }
-        };
-        {
+            };
+            // Counted under the registry's lock: a watcher retires only with the same lock
+            // held and nobody counted, so no one joins a watcher that is leaving.
             let mut state = watch.state();
             state.subscribers += 1;
             state.alone_since = None;
-        }
+            drop(state);
+            watch
+        };
         let subscription = Subscription {
             events: watch.events.subscribe(),
             watch: watch.clone(),
@@ -215,6 +217,20 @@ impl Watchers {
         let mut subscription = subscription;
         let (uidvalidity, uids) = subscription.resync();
         Ok((subscription, uidvalidity, uids))
+    }
+
+    /// Remove `watch` from the registry if nobody has subscribed to it for [`LINGER`]: it may
+    /// then stop (no subscriber can join it any more).
+    fn retire(&self, key: &(String, String), watch: &Watch) -> bool {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let registered = running
+            .get(key)
+            .is_some_and(|w| std::ptr::eq(Arc::as_ptr(w), watch));
+        if registered && lonely(watch) {
+            running.remove(key);
+            return true;
+        }
+        !registered
     }
 
     /// Remove a watcher that has stopped, so the next subscriber starts a new one.
@@ -246,15 +262,15 @@ async fn run(
     key: (String, String),
     stop: CancellationToken,
 ) {
-    let (mailbox, folder) = &key;
     let mut backoff = Duration::from_secs(1);
     loop {
         let outcome = tokio::select! {
-            outcome = follow(&watch, &gateway, mailbox, folder) => outcome,
+            outcome = follow(&watch, &gateway, &key) => outcome,
             () = stop.cancelled() => Err(WatchError::Stopped),
         };
         match outcome {
-            Ok(()) => break,
+            // Retired: out of the registry with nobody subscribed.
+            Ok(()) => return,
             Err(WatchError::Stopped) => break,
             Err(WatchError::Gone(reply)) => {
                 tracing::warn!(%reply, "folder watcher: the folder can no longer be opened; its parked sessions end");
@@ -270,8 +286,8 @@ async fn run(
                     // Nobody has been served yet: tell the waiting subscribers.
                     watch.ready.send_replace(Some(Err(error.to_string())));
                 }
-                if lonely(&watch) {
-                    break;
+                if gateway.carried.watchers.retire(&key, &watch) {
+                    return;
                 }
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
@@ -281,7 +297,8 @@ async fn run(
             }
         }
     }
-    // Gone from the registry first, so no new subscriber joins a watcher that has ended.
+    // Stopped or gone with subscribers: out of the registry first, so nobody new joins, then
+    // every subscriber is told.
     gateway.carried.watchers.forget(&key, &watch);
     watch.send(Signal::Invalidated("the folder watcher stopped".into()));
 }
@@ -371,9 +388,10 @@ impl Conn {
 async fn follow(
     watch: &Watch,
     gateway: &Arc<Gateway>,
-    mailbox: &str,
-    folder: &str,
+    key: &(String, String),
 ) -> Result<(), WatchError> {
+    let (mailbox, folder) = key;
+    let retire = || gateway.carried.watchers.retire(key, watch);
     let runtime = &gateway.mailboxes[mailbox];
     let target = runtime
         .target(gateway.provider_timeout)
@@ -424,7 +442,7 @@ async fn follow(
     watch.ready.send_replace(Some(Ok(())));
     tracing::debug!("folder watcher following");
     loop {
-        if !idle_once(watch, &mut conn, folder).await? {
+        if !idle_once(watch, &mut conn, folder, &retire).await? {
             break;
         }
     }
@@ -452,10 +470,15 @@ async fn search_all(conn: &mut Conn) -> Result<Vec<u32>, WatchError> {
 }
 
 /// One IDLE: news is turned into events as it comes; new messages end the IDLE so their UIDs
-/// can be read; trouble (`* NO` out of turn: Dovecot's answer once the folder is deleted) or
+/// can be read; `retire` is asked every few seconds whether the watcher may stop; trouble (`* NO` out of turn: Dovecot's answer once the folder is deleted) or
 /// [`VERIFY_EVERY`] ends it to check the folder. `Ok(false)`: nobody needs the watcher any
 /// more.
-async fn idle_once(watch: &Watch, conn: &mut Conn, folder: &str) -> Result<bool, WatchError> {
+async fn idle_once(
+    watch: &Watch,
+    conn: &mut Conn,
+    folder: &str,
+    retire: &(dyn Fn() -> bool + Sync),
+) -> Result<bool, WatchError> {
     if std::mem::take(&mut conn.trouble) && conn.verified.elapsed() >= TROUBLE_CHECK_GAP {
         verify_folder(watch, conn, folder).await?;
         catch_up(watch, conn).await?;
@@ -471,7 +494,7 @@ async fn idle_once(watch: &Watch, conn: &mut Conn, folder: &str) -> Result<bool,
         let unit = match conn.unit(wait).await {
             Ok(unit) => unit,
             Err(WatchError::Timeout(_)) if idling => {
-                alone = lonely(watch);
+                alone = retire();
                 verify = started.elapsed() >= VERIFY_EVERY;
                 if alone || verify {
                     break;

@@ -92,3 +92,34 @@ def test_curl_fetch_matches_direct(gateway, dovecot):
                 f"imaps://127.0.0.1:{gateway.tls_port}/INBOX;MAILINDEX=1")
     assert res.returncode == 0, res.stderr
     assert res.stdout == expected
+
+
+def test_mbsync_through_a_pool_of_two_beside_parked_idlers(make_gateway, dovecot, bulk_folder, tmp_path):
+    """Two provider connections for everything: a colleague's five clients idle on INBOX
+    (parked: the folder watcher holds one connection for all of them) while two full mbsync
+    pulls run one after the other on the other; both equal a direct sync."""
+    gw = make_gateway(max_connections=2, gateway_options={"provider_idle_keep_secs": 60},
+                      imap_options={"park_idle": True})
+    idlers = []
+    try:
+        for _ in range(5):
+            r = gw.raw(tls=True, timeout=30)
+            r.login("anna", gw.password("anna"))
+            _, tagged = r.command("S1", "SELECT INBOX")
+            assert tagged.startswith(b"S1 OK"), tagged
+            r.send(b"I1 IDLE\r\n")
+            assert r.read_line().startswith(b"+")
+            idlers.append(r)
+        for run in ("first", "second"):
+            via = mbsync_pull(gw.tls_port, "mario", gw.password("mario"), gw.cert,
+                              [BULK_FOLDER], tmp_path / run)
+            _check_mbsync(via, f"{run} pull through a pool of two")
+            assert maildir_digests(tmp_path / run / BULK_FOLDER) == bulk_folder
+        for r in idlers:
+            r.send(b"DONE\r\n")
+            _, tagged = r.read_until_tagged("I1", 30)
+            assert tagged == b"I1 OK IDLE terminated", tagged
+            _, tagged = r.command("L1", "LOGOUT")
+    finally:
+        for r in idlers:
+            r.close()
