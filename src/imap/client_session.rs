@@ -500,14 +500,17 @@ impl ClientSession {
 
     /// Park the IDLE just submitted under `upstream_tag` instead of sending it: pecgate
     /// answers the client's IDLE itself while the session holds no provider connection.
-    /// `None` (nothing changes) unless that IDLE is the only command in flight and a folder
-    /// the session can select again is selected.
+    /// `None` (nothing changes) unless that IDLE is the only command in flight and either no
+    /// folder or one the session can select again is selected.
     pub fn park_idle(&mut self, upstream_tag: &str) -> Option<Vec<Action>> {
         let idle = self.idle.as_ref()?;
+        // With a folder selected, it must be one pecgate can select again on another
+        // connection; with none (Outlook idles so at times) there is nothing to select.
+        let reselectable = self.selected.is_none() || self.reselect.is_some();
         if idle.upstream_tag != upstream_tag
             || idle.phase != IdlePhase::Starting
             || self.in_flight.len() != 1
-            || self.reselect.is_none()
+            || !reselectable
         {
             return None;
         }

@@ -49,7 +49,9 @@ pub struct Parking {
     pub core: Core,
     pub client_writer: ClientWriter,
     pub provider: ProviderConnection,
-    pub subscription: Subscription,
+    /// The folder's watcher; `None` for an IDLE with no folder selected (Outlook does that):
+    /// there is nothing to tell, only DONE to wait for.
+    pub subscription: Option<Subscription>,
 }
 
 pub enum Outcome {
@@ -99,7 +101,8 @@ pub async fn serve(
     } = parking;
     let outcome = async {
         // The client has its `+` already (the machine answered the IDLE).
-        let mut view = snapshot(ctx, provider, &mut client_writer).await?;
+        let watched = subscription.is_some();
+        let mut view = snapshot(ctx, provider, watched, &mut client_writer).await?;
         catch_up_events(&mut subscription, &mut view, &mut client_writer).await?;
         let line = wait_parked(
             ctx,
@@ -167,13 +170,19 @@ pub async fn serve(
     }
 }
 
-/// Answer the IDLE (`+`), read the session's UIDs on the connection it was attached to, and
+/// Read the session's UIDs on the connection it was attached to (none without a folder), and
 /// give that connection back.
 async fn snapshot(
     ctx: &SessionContext,
     mut provider: ProviderConnection,
+    watched: bool,
     client: &mut ClientWriter,
 ) -> Result<View, ParkError> {
+    if !watched {
+        // Nothing selected: the connection is as a fresh login leaves it.
+        pool::give_back(provider).await;
+        return Ok(View::default());
+    }
     let timeout = ctx.gateway.provider_timeout;
     let uids = own_command(&mut provider, "s7", "UID SEARCH ALL", timeout, Some(client)).await?;
     let view = View::new(uids.ok_or_else(|| {
@@ -227,10 +236,13 @@ async fn own_command(
 
 /// Events queued since the subscription began: applied to the fresh view (idempotently).
 async fn catch_up_events(
-    subscription: &mut Subscription,
+    subscription: &mut Option<Subscription>,
     view: &mut View,
     client: &mut ClientWriter,
 ) -> Result<(), ParkError> {
+    let Some(subscription) = subscription else {
+        return Ok(());
+    };
     loop {
         match subscription.events.try_recv() {
             Ok(signal) => tell(&signal, view, client).await?,
@@ -283,7 +295,7 @@ async fn resync(
 /// Serve the IDLE until the client sends a line; returns it.
 async fn wait_parked(
     ctx: &SessionContext,
-    subscription: &mut Subscription,
+    subscription: &mut Option<Subscription>,
     view: &mut View,
     client: &mut ClientWriter,
     client_reader: &mut ReadHalf<BoxStream>,
@@ -309,13 +321,7 @@ async fn wait_parked(
                 Ok(false) => return Err(ParkError::Client(SessionEnd::ClientClosed)),
                 Err(e) => return Err(ParkError::Client(SessionEnd::Error(e.to_string()))),
             },
-            signal = subscription.events.recv() => match signal {
-                Ok(signal) => tell(&signal, view, client).await?,
-                Err(RecvError::Lagged(_)) => resync(subscription, view, client).await?,
-                Err(RecvError::Closed) => {
-                    return Err(ParkError::Gone("the folder watcher stopped".into()));
-                }
-            },
+            signal = next_signal(subscription) => on_signal(signal, subscription, view, client).await?,
             _ = still_here.tick() => write(client, b"* OK Still here\r\n").await?,
             () = tokio::time::sleep_until(silent_until) => {
                 let _ = write(client, b"* BYE Autologout: idle for too long\r\n").await;
@@ -329,12 +335,36 @@ async fn wait_parked(
     }
 }
 
+/// The watcher's next signal; never, without a watcher.
+async fn next_signal(
+    subscription: &mut Option<Subscription>,
+) -> Result<std::sync::Arc<Signal>, RecvError> {
+    match subscription {
+        Some(subscription) => subscription.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Tell the client a signal, or resynchronise after falling behind.
+async fn on_signal(
+    signal: Result<std::sync::Arc<Signal>, RecvError>,
+    subscription: &mut Option<Subscription>,
+    view: &mut View,
+    client: &mut ClientWriter,
+) -> Result<(), ParkError> {
+    match (signal, subscription) {
+        (Ok(signal), _) => tell(&signal, view, client).await,
+        (Err(RecvError::Lagged(_)), Some(subscription)) => resync(subscription, view, client).await,
+        _ => Err(ParkError::Gone("the folder watcher stopped".into())),
+    }
+}
+
 /// Take a provider connection, select the session's folder on it and bring the client to
 /// the folder as that connection now numbers it.
 async fn resume(
     ctx: &SessionContext,
     core: &Core,
-    subscription: &mut Subscription,
+    subscription: &mut Option<Subscription>,
     view: &mut View,
     client: &mut ClientWriter,
 ) -> Result<ProviderConnection, ParkError> {
@@ -354,14 +384,12 @@ async fn resume(
     let mut provider = loop {
         tokio::select! {
             connected = &mut connect => break connected?,
-            signal = subscription.events.recv() => match signal {
-                Ok(signal) => tell(&signal, view, client).await?,
-                Err(RecvError::Lagged(_)) => resync(subscription, view, client).await?,
-                Err(RecvError::Closed) => {
-                    return Err(ParkError::Gone("the folder watcher stopped".into()));
-                }
-            },
+            signal = next_signal(subscription) => on_signal(signal, subscription, view, client).await?,
         }
+    };
+    let Some(subscription) = subscription else {
+        // Nothing was selected: the connection is ready as it is.
+        return Ok(provider);
     };
     let reselect = core
         .session

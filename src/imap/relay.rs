@@ -79,7 +79,8 @@ struct Shared<'a> {
     /// A parked IDLE's subscription to its folder's watcher, set by the upward loop, which
     /// then signals `park_now`: the downward loop ends the attached phase at the next
     /// response boundary.
-    parking: Mutex<Option<watcher::Subscription>>,
+    /// (`Some(None)`: an IDLE with no folder selected, which needs no watcher.)
+    parking: Mutex<Option<Option<watcher::Subscription>>>,
     park_now: Notify,
 }
 
@@ -483,24 +484,32 @@ async fn park_idle(shared: &Shared<'_>, command: &Command<'static>) -> Option<Ve
     }
     let folder = {
         let core = shared.core();
-        if !core.provider.quiet() || core.session.selected().is_none() {
+        if !core.provider.quiet() {
             return None;
         }
-        park::wire_folder(core.session.reselect()?)?
+        match core.session.selected() {
+            None => None,
+            Some(_) => Some(park::wire_folder(core.session.reselect()?)?),
+        }
     };
-    let mailbox = ctx.mailbox.clone()?;
-    let wait = ctx.gateway.config.gateway.connection_wait;
-    let subscribed = ctx
-        .gateway
-        .carried
-        .watchers
-        .subscribe(&ctx.gateway, &mailbox, &folder, wait)
-        .await;
-    let (subscription, _, _) = match subscribed {
-        Ok(found) => found,
-        Err(error) => {
-            tracing::info!(%error, "IDLE not parked: the folder watcher is not available");
-            return None;
+    let subscription = match folder {
+        None => None,
+        Some(folder) => {
+            let mailbox = ctx.mailbox.clone()?;
+            let wait = ctx.gateway.config.gateway.connection_wait;
+            let subscribed = ctx
+                .gateway
+                .carried
+                .watchers
+                .subscribe(&ctx.gateway, &mailbox, &folder, wait)
+                .await;
+            match subscribed {
+                Ok((subscription, _, _)) => Some(subscription),
+                Err(error) => {
+                    tracing::info!(%error, "IDLE not parked: the folder watcher is not available");
+                    return None;
+                }
+            }
         }
     };
     let tag = command.tag.as_ref().to_owned();

@@ -247,3 +247,22 @@ def test_an_idle_client_is_kept_alive_and_a_stop_reaches_it(office, clients):
     assert line.startswith(b"* BYE"), line
     row = wait_until(lambda: [r for r in gw.audit_rows() if r["command"] == "IDLE"], 10, "the IDLE row")
     assert "parked" in row[-1]["detail"], row
+
+
+def test_an_idle_with_no_folder_selected_holds_no_connection_either(office, clients):
+    """Outlook sometimes idles before selecting anything: nothing to watch, only DONE to wait
+    for; the connection goes back to the pool meanwhile."""
+    dovecot, gw, direct = office
+    r = clients(gw.raw(tls=True, timeout=30))
+    r.login("mario", gw.password("mario"))
+    r.send(b"I1 IDLE\r\n")
+    assert r.read_line() == b"+ idling"
+    wait_until(lambda: metric(gw, "pecgate_provider_idle") == 1, 10,
+               "the idling session's connection to wait in the pool")
+    r.send(b"DONE\r\n")
+    _, tagged = r.read_until_tagged("I1", 30)
+    assert tagged == b"I1 OK IDLE terminated", tagged
+    _, tagged = r.command("S1", "SELECT INBOX")
+    assert tagged.startswith(b"S1 OK"), tagged
+    rawlog = b"".join(c.received for c in dovecot.rawlog_connections())
+    assert not re.search(rb"^\S+ IDLE", rawlog, re.M), "an IDLE reached the provider"
