@@ -176,12 +176,21 @@ impl Carried {
         }
     }
 
-    /// Each mailbox's pool figures, for the metrics.
+    /// Each mailbox's pool figures, with its folder watchers and parked sessions, for the
+    /// metrics.
     pub fn provider_connections(&self) -> Vec<(String, PoolFigures)> {
+        let watched = self.watchers.figures();
         let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         pools
             .iter()
-            .map(|(name, pool)| (name.clone(), pool.figures()))
+            .map(|(name, pool)| {
+                let mut figures = pool.figures();
+                if let Some((_, watchers, parked)) = watched.iter().find(|(m, _, _)| m == name) {
+                    figures.watchers = *watchers;
+                    figures.parked = *parked;
+                }
+                (name.clone(), figures)
+            })
             .collect()
     }
 }

@@ -54,6 +54,8 @@ pub struct Metrics {
     provider_cap: Family<Mailbox, Gauge>,
     provider_waiting: Family<Mailbox, Gauge>,
     provider_idle: Family<Mailbox, Gauge>,
+    folder_watchers: Family<Mailbox, Gauge>,
+    parked_sessions: Family<Mailbox, Gauge>,
     provider_limit_refusals: Family<Mailbox, Counter>,
     audit_queue_depth: Gauge,
 }
@@ -79,6 +81,8 @@ impl Metrics {
             provider_cap: Family::default(),
             provider_waiting: Family::default(),
             provider_idle: Family::default(),
+            folder_watchers: Family::default(),
+            parked_sessions: Family::default(),
             provider_limit_refusals: Family::default(),
             audit_queue_depth: Gauge::default(),
         };
@@ -132,6 +136,16 @@ impl Metrics {
             "pecgate_provider_idle",
             "Provider connections logged in and waiting for the next session, per mailbox",
             metrics.provider_idle.clone(),
+        );
+        registry.register(
+            "pecgate_folder_watchers",
+            "Folder watchers (one provider connection each) serving parked IMAP sessions, per mailbox",
+            metrics.folder_watchers.clone(),
+        );
+        registry.register(
+            "pecgate_parked_sessions",
+            "IMAP sessions in IDLE on a watched folder, holding no provider connection, per mailbox",
+            metrics.parked_sessions.clone(),
         );
         registry.register(
             "pecgate_provider_limit_refusals",
@@ -210,6 +224,8 @@ impl Metrics {
         self.provider_cap.clear();
         self.provider_waiting.clear();
         self.provider_idle.clear();
+        self.folder_watchers.clear();
+        self.parked_sessions.clear();
         for (mailbox, figures) in provider_connections {
             let label = Mailbox { mailbox };
             self.provider_connections
@@ -224,6 +240,12 @@ impl Metrics {
             self.provider_idle
                 .get_or_create(&label)
                 .set(figures.idle as i64);
+            self.folder_watchers
+                .get_or_create(&label)
+                .set(figures.watchers as i64);
+            self.parked_sessions
+                .get_or_create(&label)
+                .set(figures.parked as i64);
             // The pool counts since start; the counter catches up with it.
             let counter = self.provider_limit_refusals.get_or_create(&label);
             counter.inc_by(figures.limit_refusals.saturating_sub(counter.get()));
@@ -259,6 +281,8 @@ mod tests {
                     waiting: 4,
                     idle: 1,
                     limit_refusals: 6,
+                    watchers: 2,
+                    parked: 40,
                 },
             )],
             7,
@@ -277,6 +301,8 @@ mod tests {
         assert!(text.contains("pecgate_provider_connection_cap{mailbox=\"studio\"} 3"));
         assert!(text.contains("pecgate_provider_waiting{mailbox=\"studio\"} 4"));
         assert!(text.contains("pecgate_provider_idle{mailbox=\"studio\"} 1"));
+        assert!(text.contains("pecgate_folder_watchers{mailbox=\"studio\"} 2"));
+        assert!(text.contains("pecgate_parked_sessions{mailbox=\"studio\"} 40"));
         assert!(
             text.contains("pecgate_provider_limit_refusals_total{mailbox=\"studio\"} 6"),
             "{text}"

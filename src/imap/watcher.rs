@@ -248,9 +248,22 @@ impl Watchers {
         self.tasks.wait().await;
     }
 
-    /// Watchers running now (for tests and metrics).
-    pub fn count(&self) -> usize {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).len()
+    /// Per mailbox: folder watchers running, and the sessions parked on them (for the
+    /// metrics).
+    pub fn figures(&self) -> Vec<(String, usize, usize)> {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(String, usize, usize)> = Vec::new();
+        for ((mailbox, _), watch) in running.iter() {
+            let parked = watch.state().subscribers;
+            match out.iter_mut().find(|(m, _, _)| m == mailbox) {
+                Some(entry) => {
+                    entry.1 += 1;
+                    entry.2 += parked;
+                }
+                None => out.push((mailbox.clone(), 1, parked)),
+            }
+        }
+        out
     }
 }
 

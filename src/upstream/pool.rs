@@ -50,6 +50,10 @@ pub struct PoolFigures {
     /// Connections logged in and waiting for a session.
     pub idle: usize,
     pub limit_refusals: u64,
+    /// Folder watchers of the mailbox (each holds one of its connections), and the sessions
+    /// parked on them: filled in by the caller, which knows the watchers (0 here).
+    pub watchers: usize,
+    pub parked: usize,
 }
 
 /// One mailbox's provider connections (cheap to clone: a handle).
@@ -236,6 +240,8 @@ impl Pool {
             waiting: state.slots.waiting(),
             idle: state.idle.len(),
             limit_refusals: state.slots.limit_refusals(),
+            watchers: 0,
+            parked: 0,
         }
     }
 

@@ -147,6 +147,7 @@ def test_idle_sessions_share_one_watcher_and_hear_every_change(office, clients):
     # Every session is parked: the provider sees the watcher and at most the pool's ceiling.
     wait_until(lambda: metric(gw, "pecgate_provider_connections") <= POOL, 10, "parked sessions to release their connections")
     assert metric(gw, "pecgate_provider_waiting") == 0
+    assert (metric(gw, "pecgate_folder_watchers"), metric(gw, "pecgate_parked_sessions")) == (1, SESSIONS)
     uids, _ = truth(direct)
 
     # New mail (LMTP): every session hears EXISTS with the new count.
