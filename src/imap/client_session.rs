@@ -187,7 +187,6 @@ pub struct ClientSession {
     parked: Option<Parked>,
     /// Entries of the LIST/LSUB in flight.
     listing: Vec<ListEntry>,
-    logging_out: bool,
     /// Which message each (folder, UID) is, as far as this session has seen.
     identities: Identities,
 }
@@ -203,7 +202,6 @@ impl ClientSession {
             idle: None,
             parked: None,
             listing: Vec::new(),
-            logging_out: false,
             identities: Identities::default(),
         }
     }
@@ -222,10 +220,6 @@ impl ClientSession {
         self.idle.as_ref().is_some_and(|idle| {
             idle.broken.is_none() && matches!(idle.phase, IdlePhase::Starting | IdlePhase::Idling)
         })
-    }
-
-    pub fn is_logging_out(&self) -> bool {
-        self.logging_out
     }
 
     /// A command the framer or the parser refused.
@@ -332,7 +326,6 @@ impl ClientSession {
         if class.handling == Handling::Logout {
             // Answered here, with nothing in flight (LOGOUT runs alone): the provider
             // connection is pecgate's to close, or to keep for the next session.
-            self.logging_out = true;
             return Submit::Ready(vec![
                 audit(
                     &summary.name,
@@ -680,7 +673,6 @@ impl ClientSession {
                 .any(|f| f.list.as_ref().is_some_and(|l| l.lsub == lsub))
         };
         match kind {
-            Untagged::Bye if self.logging_out => UntaggedPlan::Pass,
             Untagged::Bye => UntaggedPlan::PassThenEnd,
             Untagged::Capability | Untagged::State if response::carries_capabilities(line) => {
                 UntaggedPlan::Replace(response::replace_capabilities(line, &self.capabilities))

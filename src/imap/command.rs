@@ -246,6 +246,22 @@ pub fn wire_name(mailbox: &Mailbox<'_>) -> Vec<u8> {
     }
 }
 
+/// A folder name as an IMAP quoted string, for pecgate's own commands: the name is ASCII
+/// without control characters (from the configuration, checked, modified-UTF-7 encoded, or a
+/// wire name checked quotable by the caller).
+pub fn quoted(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 2);
+    out.push('"');
+    for c in name.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
 /// A mailbox name as text, in its wire form, escaped (for the audit log and logs): a name
 /// given as a literal may hold CR or LF.
 pub fn mailbox_name(mailbox: &Mailbox<'_>) -> String {
@@ -264,6 +280,11 @@ mod tests {
                 UpstreamStep::AwaitContinuation => "<wait>".to_owned(),
             })
             .collect()
+    }
+
+    #[test]
+    fn quoted_escapes_quotes_and_backslashes() {
+        assert_eq!(quoted("Ric\"e\\vute"), "\"Ric\\\"e\\\\vute\"");
     }
 
     #[test]

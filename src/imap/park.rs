@@ -26,14 +26,13 @@ use tokio::io::{AsyncWriteExt, ReadHalf};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::imap::client_session::Action;
-use crate::imap::command::wire_name;
+use crate::imap::command::{quoted, wire_name};
 use crate::imap::framing::{Assembled, CommandAssembler};
 use crate::imap::phase::{Attachment, ClientWriter, Core, SessionEnd, stop_bye};
 use crate::imap::response::{self, ResponseKind, Status};
 use crate::imap::view::{Diverged, News, View, news};
 use crate::imap::watcher::{Signal, Subscription};
 use crate::io::{self, BoxStream, LineError};
-use crate::receipts::scan::quoted;
 use crate::session::SessionContext;
 use crate::upstream::pool::{self, PoolError};
 use crate::upstream::slots::Class;
@@ -287,7 +286,7 @@ async fn resync(
     view: &mut View,
     client: &mut ClientWriter,
 ) -> Result<(), ParkError> {
-    let (_, uids) = subscription.resync();
+    let uids = subscription.resync();
     let bytes = view.reconcile(&uids).map_err(diverged)?;
     write(client, &bytes).await
 }

@@ -504,7 +504,7 @@ async fn park_idle(shared: &Shared<'_>, command: &Command<'static>) -> Option<Ve
                 .subscribe(&ctx.gateway, &mailbox, &folder, wait)
                 .await;
             match subscribed {
-                Ok((subscription, _, _)) => Some(subscription),
+                Ok(subscription) => Some(subscription),
                 Err(error) => {
                     tracing::info!(%error, "IDLE not parked: the folder watcher is not available");
                     return None;

@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::gateway::Gateway;
+use crate::imap::command::quoted;
 use crate::imap::response::{self, ResponseKind, Status};
 use crate::imap::view::{FolderEvent, News, changes, news};
 use crate::io::{self, LineError};
@@ -120,12 +121,12 @@ impl Subscription {
         self.watch.state().uidvalidity
     }
 
-    /// The folder's UIDVALIDITY and UIDs now, and a fresh event stream from this point (after
-    /// a subscriber fell behind).
-    pub fn resync(&mut self) -> (Option<u32>, Vec<u32>) {
+    /// The folder's UIDs now, and a fresh event stream from this point (after a subscriber
+    /// fell behind).
+    pub fn resync(&mut self) -> Vec<u32> {
         let state = self.watch.state();
         self.events = self.watch.events.subscribe();
-        (state.uidvalidity, state.uids.clone())
+        state.uids.clone()
     }
 }
 
@@ -141,15 +142,15 @@ impl Watch {
 
 impl Watchers {
     /// Watch `folder` (its provider name) of `mailbox`, starting a watcher if none runs, and
-    /// wait (up to `wait`) until it knows the folder. Returns the subscription with the
-    /// folder's UIDVALIDITY and UIDs at that moment.
+    /// wait (up to `wait`) until it knows the folder. Events from the moment of subscribing
+    /// are queued in the subscription.
     pub async fn subscribe(
         &self,
         gateway: &Arc<Gateway>,
         mailbox: &str,
         folder: &str,
         wait: Duration,
-    ) -> Result<(Subscription, Option<u32>, Vec<u32>), WatchError> {
+    ) -> Result<Subscription, WatchError> {
         if self.stop.is_cancelled() {
             return Err(WatchError::Stopped);
         }
@@ -214,9 +215,7 @@ impl Watchers {
             Ok(Err(_)) => return Err(WatchError::Stopped),
             Err(_) => return Err(WatchError::Timeout(wait)),
         }
-        let mut subscription = subscription;
-        let (uidvalidity, uids) = subscription.resync();
-        Ok((subscription, uidvalidity, uids))
+        Ok(subscription)
     }
 
     /// Remove `watch` from the registry if nobody has subscribed to it for [`LINGER`]: it may
@@ -584,15 +583,11 @@ async fn verify_folder(watch: &Watch, conn: &mut Conn, folder: &str) -> Result<(
 async fn examine(conn: &mut Conn, folder: &str) -> Result<Option<u32>, WatchError> {
     let mut uidvalidity = None;
     let examined = conn
-        .run(
-            "EXAMINE",
-            &format!("EXAMINE {}", crate::receipts::scan::quoted(folder)),
-            |n| {
-                if let News::UidValidity(v) = n {
-                    uidvalidity = Some(v);
-                }
-            },
-        )
+        .run("EXAMINE", &format!("EXAMINE {}", quoted(folder)), |n| {
+            if let News::UidValidity(v) = n {
+                uidvalidity = Some(v);
+            }
+        })
         .await;
     match examined {
         Err(WatchError::Refused { reply, .. }) => Err(WatchError::Gone(reply)),

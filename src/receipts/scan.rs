@@ -37,21 +37,6 @@ impl Disposition {
     }
 }
 
-/// A folder name as an IMAP quoted string. Names come from the configuration, already
-/// checked (no control characters) and modified-UTF-7 encoded (ASCII).
-pub fn quoted(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 2);
-    out.push('"');
-    for c in name.chars() {
-        if c == '"' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('"');
-    out
-}
-
 /// The wire name of a folder configured with `/` as separator, for a provider whose
 /// delimiter is `delimiter`, modified UTF-7 encoded.
 pub fn wire_name(configured: &str, delimiter: Option<char>) -> String {
@@ -205,7 +190,6 @@ mod tests {
     fn names_and_sets() {
         assert_eq!(uid_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");
         assert_eq!(uid_set(&[4]), "4");
-        assert_eq!(quoted("Ric\"e\\vute"), "\"Ric\\\"e\\\\vute\"");
         assert_eq!(wire_name("INBOX/Ricevute", Some('.')), "INBOX.Ricevute");
         assert_eq!(
             wire_name("Ricevute/Già lette", Some('/')),

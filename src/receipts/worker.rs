@@ -32,6 +32,7 @@ use super::conn::Conn;
 use super::scan::{self, Disposition, Untagged};
 use crate::audit::{AuditEvent, Outcome, Protocol};
 use crate::gateway::{Gateway, Live};
+use crate::imap::command::quoted;
 use crate::imap::response::{self, ResponseKind};
 use crate::io::LineError;
 use crate::ledger::LedgerError;
@@ -291,7 +292,7 @@ impl Worker {
             );
             self.audit(event).await?;
             let created = conn
-                .run("CREATE", &format!("CREATE {}", scan::quoted(&wire)))
+                .run("CREATE", &format!("CREATE {}", quoted(&wire)))
                 .await;
             let outcome = match &created {
                 Ok(_) => Outcome::Ok,
@@ -324,9 +325,7 @@ impl Worker {
 
     /// Whether `LIST "" name` names the folder.
     async fn folder_exists(&mut self, conn: &mut Conn, wire: &str) -> Result<bool, WorkerError> {
-        let tag = conn
-            .send(&format!("LIST \"\" {}", scan::quoted(wire)))
-            .await?;
+        let tag = conn.send(&format!("LIST \"\" {}", quoted(wire))).await?;
         let mut found = false;
         loop {
             let unit = conn.unit().await?;
@@ -347,7 +346,7 @@ impl Worker {
         let wire = scan::wire_name(folder, conn.inner.delimiter);
         // EXAMINE: read-only, so the worker never takes \Recent from a client.
         let opened = match conn
-            .run("EXAMINE", &format!("EXAMINE {}", scan::quoted(&wire)))
+            .run("EXAMINE", &format!("EXAMINE {}", quoted(&wire)))
             .await
         {
             Err(WorkerError::Refused { reply, .. }) if folder != "INBOX" => {
@@ -566,20 +565,14 @@ impl Worker {
             .await?;
         // Read-write for the move; EXAMINE again afterwards happens at the next scan.
         let moved = async {
-            conn.run("SELECT", &format!("SELECT {}", scan::quoted(wire)))
+            conn.run("SELECT", &format!("SELECT {}", quoted(wire)))
                 .await?;
             if conn.has("MOVE") {
-                conn.run(
-                    "UID MOVE",
-                    &format!("UID MOVE {set} {}", scan::quoted(target)),
-                )
-                .await?;
+                conn.run("UID MOVE", &format!("UID MOVE {set} {}", quoted(target)))
+                    .await?;
             } else {
-                conn.run(
-                    "UID COPY",
-                    &format!("UID COPY {set} {}", scan::quoted(target)),
-                )
-                .await?;
+                conn.run("UID COPY", &format!("UID COPY {set} {}", quoted(target)))
+                    .await?;
                 conn.run(
                     "UID STORE",
                     &format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"),
@@ -589,7 +582,7 @@ impl Worker {
                 conn.run("UID EXPUNGE", &format!("UID EXPUNGE {set}"))
                     .await?;
             }
-            conn.run("EXAMINE", &format!("EXAMINE {}", scan::quoted(wire)))
+            conn.run("EXAMINE", &format!("EXAMINE {}", quoted(wire)))
                 .await?;
             Ok::<_, WorkerError>(())
         }

@@ -1,8 +1,9 @@
 //! Connections to the PEC provider's IMAP server.
 //!
 //! A [`ProviderConnection`] is a logged-in provider session, kept apart from the client
-//! session it serves (the client's state lives in the relay) so that a later version can park
-//! and re-acquire provider connections under a live client. Sessions and the receipts worker
+//! session it serves (the client's state lives in the relay), so a session parked in IDLE
+//! gives it back and takes another when it wakes, and it outlives the session that opened it.
+//! Sessions, folder watchers and the receipts worker
 //! get theirs from the mailbox's [`pool::Pool`], and the connection carries its place there:
 //! dropping the connection gives the place to the next waiter.
 
