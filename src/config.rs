@@ -154,6 +154,9 @@ pub struct ImapConfig {
     /// A client in IDLE on a folder holds no provider connection: one watcher per folder
     /// serves every idling session (`[imap] park_idle`, default on).
     pub park_idle: bool,
+    /// A session between two commands lends its provider connection to one that waits for
+    /// a connection (`[imap] lend_between_commands`, default on).
+    pub lend_between_commands: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -725,6 +728,7 @@ struct RawImap {
     listen_starttls: Vec<String>,
     max_literal_bytes: Option<u32>,
     park_idle: Option<bool>,
+    lend_between_commands: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1209,6 +1213,7 @@ impl Config {
                     .unwrap_or(DEFAULT_MAX_LITERAL_BYTES),
             ),
             park_idle: raw.imap.park_idle.unwrap_or(true),
+            lend_between_commands: raw.imap.lend_between_commands.unwrap_or(true),
         };
         let smtp = SmtpConfig {
             listen_tls: p.listeners("smtp", "listen_tls", &raw.smtp.listen_tls, &mut seen),

@@ -57,6 +57,7 @@ pub struct Metrics {
     folder_watchers: Family<Mailbox, Gauge>,
     parked_sessions: Family<Mailbox, Gauge>,
     provider_limit_refusals: Family<Mailbox, Counter>,
+    provider_lends: Family<Mailbox, Counter>,
     audit_queue_depth: Gauge,
 }
 
@@ -84,6 +85,7 @@ impl Metrics {
             folder_watchers: Family::default(),
             parked_sessions: Family::default(),
             provider_limit_refusals: Family::default(),
+            provider_lends: Family::default(),
             audit_queue_depth: Gauge::default(),
         };
         // Counters are exported with the `_total` suffix.
@@ -151,6 +153,11 @@ impl Metrics {
             "pecgate_provider_limit_refusals",
             "Provider logins refused for the provider's own connection limit, per mailbox",
             metrics.provider_limit_refusals.clone(),
+        );
+        registry.register(
+            "pecgate_provider_lends",
+            "Provider connections lent by an IMAP session between two commands to a session waiting for one, per mailbox",
+            metrics.provider_lends.clone(),
         );
         registry.register(
             "pecgate_audit_queue_depth",
@@ -249,6 +256,8 @@ impl Metrics {
             // The pool counts since start; the counter catches up with it.
             let counter = self.provider_limit_refusals.get_or_create(&label);
             counter.inc_by(figures.limit_refusals.saturating_sub(counter.get()));
+            let counter = self.provider_lends.get_or_create(&label);
+            counter.inc_by(figures.lends.saturating_sub(counter.get()));
         }
         self.audit_queue_depth.set(audit_queue_depth as i64);
         let mut text = String::new();
@@ -281,6 +290,7 @@ mod tests {
                     waiting: 4,
                     idle: 1,
                     limit_refusals: 6,
+                    lends: 9,
                     watchers: 2,
                     parked: 40,
                 },

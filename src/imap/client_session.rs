@@ -39,7 +39,9 @@ use crate::imap::command::{CommandSummary, parse_command, summarize};
 use crate::imap::identity::{FetchSeen, Identities, uid_code};
 use crate::imap::listing::{ListRequest, status_visible};
 use crate::imap::provider_client::{Untagged, next_tag};
+use crate::imap::renumber::{Renumbered, Renumbering, Translation};
 use crate::imap::response::{self, ListEntry, Status, list_entry};
+use crate::imap::view::{News, news};
 
 /// Most commands of one session in flight at the provider: a client pipelining more waits
 /// (it is not read from) until some complete, so a session's state stays bounded.
@@ -116,6 +118,9 @@ pub enum UntaggedPlan {
     Pass,
     /// Relay it with FETCH item names restored (see [`rename_rfc822_items`]).
     PassRenamed,
+    /// Relay it with this first line instead (the client's message number: see
+    /// [`Renumbering`]); `rename` as for [`UntaggedPlan::PassRenamed`].
+    PassRenumbered { line: Vec<u8>, rename: bool },
     /// Write this instead (capabilities replaced).
     Replace(Vec<u8>),
     /// Read the whole response (literals included) and hand it to [`ClientSession::on_unit`].
@@ -145,6 +150,9 @@ struct InFlight {
     list: Option<ListRequest>,
     /// pecgate's own command, not the client's: its answer is audited, never relayed.
     internal: bool,
+    /// It named messages gone upstream that the client still counts: its OK says so, as
+    /// Dovecot's does (RFC 5530 `EXPUNGEISSUED`).
+    expunge_issued: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +189,11 @@ pub struct ClientSession {
     selected: Option<String>,
     /// The SELECT/EXAMINE that selected it.
     reselect: Option<Command<'static>>,
+    /// The selected folder's UIDVALIDITY, as its SELECT/EXAMINE answered.
+    uidvalidity: Option<u32>,
+    /// Set while the client's numbering differs from the provider connection's (after a
+    /// lent connection was replaced): see [`Renumbering`].
+    renumbering: Option<Renumbering>,
     in_flight: Vec<InFlight>,
     idle: Option<Idle>,
     /// An IDLE served by pecgate while the session holds no provider connection.
@@ -198,6 +211,8 @@ impl ClientSession {
             capabilities,
             selected: None,
             reselect: None,
+            uidvalidity: None,
+            renumbering: None,
             in_flight: Vec::new(),
             idle: None,
             parked: None,
@@ -316,7 +331,9 @@ impl ClientSession {
             return self.refuse(&client_tag, &summary, "LIST pattern too long");
         }
         let renames = renames_rfc822(&command, &self.policy);
-        let runs_alone = class.exclusive || renames;
+        // While the numberings differ, commands run one at a time: each is translated against
+        // the difference as it stands, and may end it.
+        let runs_alone = class.exclusive || renames || self.renumbering.is_some();
         if (runs_alone && !self.in_flight.is_empty())
             || self.in_flight.iter().any(|f| f.runs_alone)
             || self.in_flight.len() >= MAX_IN_FLIGHT
@@ -351,6 +368,24 @@ impl ClientSession {
             denial => return Submit::Ready(deny(&client_tag, &summary, &denial)),
         };
         force_peek(&mut command, &self.policy);
+        let mut told_first = Vec::new();
+        let mut expunge_issued = false;
+        if let Some(renumbering) = &self.renumbering {
+            match renumbering.translate(&mut command.body) {
+                Translation::FlushFirst => {
+                    told_first = self
+                        .renumbering
+                        .take()
+                        .map(Renumbering::flush)
+                        .unwrap_or_default();
+                }
+                Translation::Forget => self.renumbering = None,
+                Translation::Renumbered { skipped } => expunge_issued = skipped,
+                Translation::NothingLeft => {
+                    return self.nothing_left(&client_tag, &summary, &command);
+                }
+            }
+        }
         let upstream_tag = next_tag();
         command.tag = Tag::try_from(upstream_tag.clone()).expect("c<digits> is a valid tag");
         let select_target = (class.selection == Selection::Select)
@@ -359,6 +394,9 @@ impl ClientSession {
         let reselect =
             (select_target.is_some() && substitutions.is_empty()).then(|| command.clone());
         let mut actions = Vec::new();
+        if !told_first.is_empty() {
+            actions.push(Action::Client(told_first));
+        }
         if class.changes_state {
             actions.push(Action::Audit(AuditRecord {
                 durable: true,
@@ -404,6 +442,7 @@ impl ClientSession {
             renames,
             list,
             internal: false,
+            expunge_issued,
         });
         actions.push(Action::Provider(request));
         if let Some(undo) = undo {
@@ -451,8 +490,71 @@ impl ClientSession {
             renames: false,
             list: None,
             internal: true,
+            expunge_issued: false,
         });
         actions
+    }
+
+    /// A command naming only messages gone upstream (the client was not told yet): answered
+    /// as Dovecot answers them in its own session. COPY and MOVE may carry EXPUNGE, so the
+    /// client hears of the gone messages at once.
+    fn nothing_left(
+        &mut self,
+        tag: &str,
+        summary: &CommandSummary,
+        command: &Command<'_>,
+    ) -> Submit {
+        let copies = matches!(
+            command.body,
+            CommandBody::Copy { .. } | CommandBody::Move { .. }
+        );
+        let (outcome, mut answer) = if copies {
+            let told = self
+                .renumbering
+                .take()
+                .map(Renumbering::flush)
+                .unwrap_or_default();
+            (Outcome::No, told)
+        } else {
+            (Outcome::Ok, Vec::new())
+        };
+        let text = if copies {
+            "NO [EXPUNGEISSUED] Some of the requested messages no longer exist."
+        } else {
+            "OK [EXPUNGEISSUED] Some messages were already expunged."
+        };
+        answer.extend_from_slice(format!("{tag} {text}\r\n").as_bytes());
+        Submit::Ready(vec![
+            audit(
+                &summary.name,
+                summary.folder.clone(),
+                join_detail(&summary.detail, "only messages expunged by another session"),
+                outcome,
+            ),
+            Action::Client(answer),
+        ])
+    }
+
+    /// The session's connection selected its folder afresh while messages the client still
+    /// counts were gone: until they can be told, its numbering differs (`None`: it does not).
+    pub fn renumber(&mut self, renumbering: Option<Renumbering>) {
+        self.renumbering = renumbering;
+    }
+
+    /// The difference in numbering left, if any (a session lent again keeps it).
+    pub fn renumbering(&self) -> Option<&Renumbering> {
+        self.renumbering.as_ref()
+    }
+
+    /// The selected folder's UIDVALIDITY, when its SELECT/EXAMINE said it.
+    pub fn uidvalidity(&self) -> Option<u32> {
+        self.uidvalidity
+    }
+
+    /// Nothing is in flight and the client is not in IDLE: the provider connection may leave
+    /// the session until its next command.
+    pub fn between_commands(&self) -> bool {
+        self.in_flight.is_empty() && self.idle.is_none() && self.parked.is_none()
     }
 
     fn refuse(&self, tag: &str, summary: &CommandSummary, text: &str) -> Submit {
@@ -598,6 +700,7 @@ impl ClientSession {
             (Selection::Select, Status::Ok | Status::No) | (Selection::Deselect, Status::Ok) => {
                 self.selected = None;
                 self.reselect = None;
+                self.uidvalidity = None;
             }
             _ => {}
         }
@@ -654,7 +757,13 @@ impl ClientSession {
             None => {
                 let mut line = done.client_tag.clone().into_bytes();
                 line.push(b' ');
-                line.extend_from_slice(&substitute(text, &done.substitutions));
+                if done.expunge_issued && status == Status::Ok {
+                    line.extend_from_slice(
+                        b"OK [EXPUNGEISSUED] Some messages were already expunged.\r\n",
+                    );
+                } else {
+                    line.extend_from_slice(&substitute(text, &done.substitutions));
+                }
                 if response::carries_capabilities(&line) {
                     line = response::replace_capabilities(&line, &self.capabilities);
                 }
@@ -666,7 +775,23 @@ impl ClientSession {
     }
 
     /// An untagged provider response, by its first line.
-    pub fn plan_untagged(&self, kind: Untagged, line: &[u8]) -> UntaggedPlan {
+    pub fn plan_untagged(&mut self, kind: Untagged, line: &[u8]) -> UntaggedPlan {
+        if kind == Untagged::State {
+            self.on_untagged_code(line);
+        }
+        if let Some(renumbering) = &mut self.renumbering
+            && matches!(kind, Untagged::Fetch | Untagged::Other)
+        {
+            match renumbering.untagged(line) {
+                Renumbered::Same => {}
+                Renumbered::Held => return UntaggedPlan::Replace(Vec::new()),
+                Renumbered::Line(line) if kind == Untagged::Fetch => {
+                    let rename = self.in_flight.iter().any(|f| f.renames);
+                    return UntaggedPlan::PassRenumbered { line, rename };
+                }
+                Renumbered::Line(line) => return UntaggedPlan::Replace(line),
+            }
+        }
         let list_in_flight = |lsub: bool| {
             self.in_flight
                 .iter()
@@ -733,10 +858,19 @@ impl ClientSession {
     }
 
     /// An untagged `OK` carrying `[COPYUID …]` (what a MOVE answers before its expunges):
-    /// kept in the detail of the oldest MOVE in flight, so the audit can follow the message.
-    pub fn on_untagged_code(&mut self, line: &[u8]) {
+    /// kept in the detail of the oldest MOVE in flight, so the audit can follow the message;
+    /// `[UIDVALIDITY n]` while a SELECT/EXAMINE is in flight: the folder's UIDVALIDITY.
+    fn on_untagged_code(&mut self, line: &[u8]) {
         if !line.contains(&b'[') {
             return;
+        }
+        if let News::UidValidity(uidvalidity) = news(line)
+            && self
+                .in_flight
+                .iter()
+                .any(|f| f.class.selection == Selection::Select)
+        {
+            self.uidvalidity = Some(uidvalidity);
         }
         if let Some(code) = uid_code(line)
             && let Some(moving) = self.in_flight.iter_mut().find(|f| {

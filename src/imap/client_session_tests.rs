@@ -192,6 +192,7 @@ impl Rig {
                 UntaggedPlan::PassRenamed => vec![Action::Client(
                     crate::imap::authorize::rename_rfc822_items(line),
                 )],
+                UntaggedPlan::PassRenumbered { line, .. } => vec![Action::Client(line)],
                 UntaggedPlan::Replace(bytes) => vec![Action::Client(bytes)],
                 UntaggedPlan::Gather => self.session.on_unit(kind, line),
                 UntaggedPlan::Violation(reason) => self.session.on_violation(&reason),
@@ -925,4 +926,48 @@ fn replace_all(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+#[test]
+fn a_session_whose_numbering_differs_is_translated_until_it_can_be_told() {
+    let mut r = rig(&["INBOX", "Archive"], ALL);
+    r.client_sends(b"s SELECT INBOX\r\n");
+    let up = r.take_upstream();
+    r.provider_sends("* OK [UIDVALIDITY 7] UIDs valid\r\n");
+    r.provider_sends(&format!("{} OK [READ-WRITE] done\r\n", Rig::last_tag(&up)));
+    assert_eq!(r.session.uidvalidity(), Some(7));
+    r.take_client();
+    // Client: 1 live, 2 gone upstream, 3 live; the new connection numbers 1 and 2.
+    r.session
+        .renumber(crate::imap::renumber::Renumbering::new(vec![2], 2));
+    r.client_sends(b"f FETCH 1:* (UID FLAGS)\r\n");
+    let up = r.take_upstream();
+    assert!(up[0].ends_with(" FETCH 1:2 (UID FLAGS)\r\n"), "{up:?}");
+    r.provider_sends("* 1 FETCH (UID 10 FLAGS ())\r\n");
+    r.provider_sends("* 2 FETCH (UID 12 FLAGS (\\Seen))\r\n");
+    r.provider_sends("* 3 EXISTS\r\n");
+    // Pipelined behind it: waits, as every command does while the numberings differ.
+    r.client_sends(b"g FETCH 2 FLAGS\r\n");
+    assert_eq!(r.take_upstream().len(), 0);
+    r.provider_sends(&format!("{} OK Fetch completed\r\n", Rig::last_tag(&up)));
+    assert_eq!(
+        r.take_client(),
+        "* 1 FETCH (UID 10 FLAGS ())\r\n* 3 FETCH (UID 12 FLAGS (\\Seen))\r\n* 4 EXISTS\r\n\
+         f OK [EXPUNGEISSUED] Some messages were already expunged.\r\n\
+         g OK [EXPUNGEISSUED] Some messages were already expunged.\r\n"
+    );
+    assert!(
+        r.take_upstream().is_empty(),
+        "only a gone message: nothing to ask"
+    );
+    // COPY may carry EXPUNGE: told first, then the one numbering.
+    r.client_sends(b"c COPY 3 Archive\r\n");
+    let up = r.take_upstream();
+    assert!(up[0].ends_with(" COPY 2 Archive\r\n"), "{up:?}");
+    assert_eq!(r.take_client(), "* 2 EXPUNGE\r\n");
+    r.provider_sends(&format!("{} OK done\r\n", Rig::last_tag(&up)));
+    r.client_sends(b"n FETCH 2 FLAGS\r\n");
+    let up = r.take_upstream();
+    assert!(up[0].ends_with(" FETCH 2 FLAGS\r\n"), "{up:?}");
+    assert!(r.session.renumbering().is_none());
 }

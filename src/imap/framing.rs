@@ -159,7 +159,6 @@ impl CommandAssembler {
     }
 
     /// True when no command is partly assembled (the session is between commands).
-    #[cfg(test)]
     pub fn is_idle(&self) -> bool {
         self.command.is_empty() && self.discard_remaining == 0 && self.pending_refusal.is_none()
     }

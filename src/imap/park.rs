@@ -69,9 +69,9 @@ pub fn wire_folder(select: &Command<'_>) -> Option<String> {
     quotable.then(|| String::from_utf8(name).expect("ASCII"))
 }
 
-/// Why the parked phase cannot go on.
+/// Why the parked (or lent) phase cannot go on.
 #[derive(Debug, thiserror::Error)]
-enum ParkError {
+pub(super) enum ParkError {
     #[error("client: {0:?}")]
     Client(SessionEnd),
     #[error("provider: {0}")]
@@ -129,42 +129,112 @@ pub async fn serve(
                 provider,
             }))
         }
-        Err(error) => {
-            let end = match error {
-                ParkError::Client(end) => end,
-                ParkError::Gone(reason) => {
-                    let bye = format!("* BYE [UNAVAILABLE] {reason}; please reconnect\r\n");
-                    let _ = write(&mut client_writer, bye.as_bytes()).await;
-                    SessionEnd::FolderGone(reason)
-                }
-                ParkError::Pool(
-                    error @ (PoolError::Busy { .. } | PoolError::ProviderLimit { .. }),
-                ) => {
-                    tracing::warn!(%error, "a parked IDLE found no provider connection to wake on");
-                    let bye = b"* BYE [UNAVAILABLE] Every connection to the PEC provider for this mailbox stayed busy; please reconnect\r\n";
-                    let _ = write(&mut client_writer, bye).await;
-                    SessionEnd::Error(error.to_string())
-                }
-                other => {
-                    tracing::warn!(error = %other, "a parked IDLE could not go on");
-                    let bye =
-                        b"* BYE [UNAVAILABLE] The PEC provider cannot be reached right now\r\n";
-                    let _ = write(&mut client_writer, bye).await;
-                    SessionEnd::UpstreamClosed
-                }
-            };
-            for record in core.session.abandon() {
-                let _ = ctx
-                    .audit(
-                        &record.command,
-                        record.folder,
-                        record.detail,
-                        record.outcome,
-                    )
-                    .await;
+        Err(error) => ended(ctx, error, core, client_writer).await,
+    }
+}
+
+/// The session cannot go on without a provider connection: the client is told why, what
+/// was in flight is recorded as abandoned.
+pub(super) async fn ended(
+    ctx: &SessionContext,
+    error: ParkError,
+    mut core: Core,
+    mut client_writer: ClientWriter,
+) -> Outcome {
+    let end = match error {
+        ParkError::Client(end) => end,
+        ParkError::Gone(reason) => {
+            let bye = format!("* BYE [UNAVAILABLE] {reason}; please reconnect\r\n");
+            let _ = write(&mut client_writer, bye.as_bytes()).await;
+            SessionEnd::FolderGone(reason)
+        }
+        ParkError::Pool(error @ (PoolError::Busy { .. } | PoolError::ProviderLimit { .. })) => {
+            tracing::warn!(%error, "a session found no provider connection to go on with");
+            let bye = b"* BYE [UNAVAILABLE] Every connection to the PEC provider for this mailbox stayed busy; please reconnect\r\n";
+            let _ = write(&mut client_writer, bye).await;
+            SessionEnd::Error(error.to_string())
+        }
+        other => {
+            tracing::warn!(error = %other, "a session without its provider connection could not go on");
+            let bye = b"* BYE [UNAVAILABLE] The PEC provider cannot be reached right now\r\n";
+            let _ = write(&mut client_writer, bye).await;
+            SessionEnd::UpstreamClosed
+        }
+    };
+    for record in core.session.abandon() {
+        let _ = ctx
+            .audit(
+                &record.command,
+                record.folder,
+                record.detail,
+                record.outcome,
+            )
+            .await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(3), client_writer.shutdown()).await;
+    Outcome::Ended(end)
+}
+
+/// The folder's UIDs on `provider` (`UID SEARCH ALL`), with the untagged news about the
+/// folder that came meanwhile, in order (the connection's own numbering). Dovecot tells news
+/// at the end of a command, after the SEARCH answer it does not reflect: then the search is
+/// asked again, until an answer comes with no news after it, so the UIDs returned are the
+/// connection's numbering once every news item returned is applied.
+pub(super) async fn search_all(
+    provider: &mut ProviderConnection,
+    tag: &str,
+    timeout: Duration,
+) -> Result<(Vec<u32>, Vec<Vec<u8>>), ParkError> {
+    let mut told = Vec::new();
+    for _ in 0..SEARCH_ROUNDS {
+        let (uids, news_after) = search_once(provider, tag, timeout, &mut told).await?;
+        if !news_after {
+            return Ok((uids, told));
+        }
+    }
+    Err(ParkError::Gone(
+        "the folder kept changing while pecgate read it".into(),
+    ))
+}
+
+/// A folder changing faster than this many searches can follow is given up on.
+const SEARCH_ROUNDS: usize = 8;
+
+/// One `UID SEARCH ALL`: its UIDs and whether news came after them.
+async fn search_once(
+    provider: &mut ProviderConnection,
+    tag: &str,
+    timeout: Duration,
+    told: &mut Vec<Vec<u8>>,
+) -> Result<(Vec<u32>, bool), ParkError> {
+    send_own(provider, tag, "UID SEARCH ALL").await?;
+    let mut found = None::<Vec<u32>>;
+    let mut news_after = false;
+    loop {
+        let unit = next_unit(provider, timeout).await?;
+        match response::classify(&unit) {
+            ResponseKind::Tagged { tag: t, status } if t == tag => {
+                return match (status, found) {
+                    (Status::Ok, found) => Ok((found.unwrap_or_default(), news_after)),
+                    _ => Err(ParkError::Gone(
+                        "the folder could not be searched on the provider".into(),
+                    )),
+                };
             }
-            let _ = tokio::time::timeout(Duration::from_secs(3), client_writer.shutdown()).await;
-            Outcome::Ended(end)
+            ResponseKind::UntaggedStatus(Status::Bye) => return Err(LineError::Closed.into()),
+            ResponseKind::Tagged { .. } | ResponseKind::Continuation | ResponseKind::Garbage => {
+                return Err(ParkError::Gone(
+                    "the PEC provider answered out of turn".into(),
+                ));
+            }
+            _ => match news(&unit) {
+                News::Search(uids) => found.get_or_insert_default().extend(uids),
+                News::Expunge(_) | News::Exists(_) | News::Flags { .. } | News::FlagList(_) => {
+                    news_after |= found.is_some();
+                    told.push(unit);
+                }
+                _ => {}
+            },
         }
     }
 }
@@ -183,54 +253,19 @@ async fn snapshot(
         return Ok(View::default());
     }
     let timeout = ctx.gateway.provider_timeout;
-    let uids = own_command(&mut provider, "s7", "UID SEARCH ALL", timeout, Some(client)).await?;
-    let view = View::new(uids.ok_or_else(|| {
-        ParkError::Gone("the folder could not be searched on the provider".into())
-    })?);
+    let (uids, told) = search_all(&mut provider, "s7", timeout).await?;
+    // The connection was the client's: its news is the client's, and in IDLE all of it is
+    // allowed.
+    for unit in told {
+        write(client, &unit).await?;
+    }
+    let view = View::new(uids);
     if provider.unselect(Duration::from_secs(5)).await {
         pool::give_back(provider).await;
     } else {
         provider.logout().await;
     }
     Ok(view)
-}
-
-/// Send one of pecgate's own commands on `provider`; untagged news about the folder goes to
-/// `client` when given (the connection the client was attached to: its news is the client's,
-/// and in IDLE all of it is allowed), a SEARCH answer is returned. `Ok(None)`: the provider
-/// said NO.
-async fn own_command(
-    provider: &mut ProviderConnection,
-    tag: &str,
-    text: &str,
-    timeout: Duration,
-    mut client: Option<&mut ClientWriter>,
-) -> Result<Option<Vec<u32>>, ParkError> {
-    send_own(provider, tag, text).await?;
-    let mut found = Vec::new();
-    loop {
-        let unit = next_unit(provider, timeout).await?;
-        match response::classify(&unit) {
-            ResponseKind::Tagged { tag: t, status } if t == tag => {
-                return Ok((status == Status::Ok).then_some(found));
-            }
-            ResponseKind::UntaggedStatus(Status::Bye) => return Err(LineError::Closed.into()),
-            ResponseKind::Tagged { .. } | ResponseKind::Continuation | ResponseKind::Garbage => {
-                return Err(ParkError::Gone(
-                    "the PEC provider answered out of turn".into(),
-                ));
-            }
-            _ => match news(&unit) {
-                News::Search(uids) => found.extend(uids),
-                News::Expunge(_) | News::Exists(_) | News::Flags { .. } | News::FlagList(_) => {
-                    if let Some(client) = client.as_deref_mut() {
-                        write(client, &unit).await?;
-                    }
-                }
-                _ => {}
-            },
-        }
-    }
 }
 
 /// Events queued since the subscription began: applied to the fresh view (idempotently).
@@ -274,7 +309,7 @@ async fn tell(
     }
 }
 
-fn diverged(error: Diverged) -> ParkError {
+pub(super) fn diverged(error: Diverged) -> ParkError {
     ParkError::Gone(format!(
         "the folder changed in a way pecgate cannot follow ({error})"
     ))
@@ -410,11 +445,7 @@ async fn resume(
     }
     // The new connection's news describes its own fresh view: the reconcile below tells
     // the client what differs from the view it has.
-    let uids = own_command(&mut provider, "s8", "UID SEARCH ALL", timeout, None)
-        .await?
-        .ok_or_else(|| {
-            ParkError::Gone("the folder could not be searched on the provider".into())
-        })?;
+    let (uids, _) = search_all(&mut provider, "s8", timeout).await?;
     let bytes = view.reconcile(&uids).map_err(diverged)?;
     write(client, &bytes).await?;
     Ok(provider)
@@ -422,7 +453,7 @@ async fn resume(
 
 /// `SELECT`/`EXAMINE` the folder on a fresh connection; its answers are the connection's, not
 /// news for the client (the reconcile tells the client what differs). Returns UIDVALIDITY.
-async fn select_again(
+pub(super) async fn select_again(
     provider: &mut ProviderConnection,
     verb: &str,
     folder: &str,
@@ -508,7 +539,7 @@ async fn perform(
     Ok(())
 }
 
-async fn write(client: &mut ClientWriter, bytes: &[u8]) -> Result<(), ParkError> {
+pub(super) async fn write(client: &mut ClientWriter, bytes: &[u8]) -> Result<(), ParkError> {
     let result = async {
         client.write_all(bytes).await?;
         client.flush().await

@@ -33,10 +33,10 @@ use crate::imap::command::{UpstreamStep, append_skeleton, parse_command};
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, literal_at_end, tag_of};
 use crate::imap::identity::{self, FetchTap};
 use crate::imap::listing::answer_list;
-use crate::imap::park;
 use crate::imap::phase::{Attachment, ClientWriter, Core, SessionEnd, stop_bye};
 use crate::imap::provider_client::{ProviderClient, ProviderEvent, Untagged};
 use crate::imap::watcher;
+use crate::imap::{lend, park};
 use crate::io::{self, BoxStream, CopyError, ReadWait, Watched};
 use crate::session::SessionContext;
 use crate::upstream::{self, ProviderConnection, read_unit};
@@ -76,12 +76,19 @@ struct Shared<'a> {
     mid_unit: std::sync::atomic::AtomicBool,
     /// The upward loop waiting for the provider's `+` to a literal of this tag.
     literal_wait: Mutex<Option<(String, oneshot::Sender<bool>)>>,
-    /// A parked IDLE's subscription to its folder's watcher, set by the upward loop, which
-    /// then signals `park_now`: the downward loop ends the attached phase at the next
-    /// response boundary.
-    /// (`Some(None)`: an IDLE with no folder selected, which needs no watcher.)
-    parking: Mutex<Option<Option<watcher::Subscription>>>,
+    /// Why the connection leaves the session, set by the upward loop, which then signals
+    /// `park_now`: the downward loop ends the attached phase at the next response boundary.
+    leaving: Mutex<Option<Leaving>>,
     park_now: Notify,
+}
+
+/// Why an attached phase ends with the session going on.
+enum Leaving {
+    /// A parked IDLE, with its subscription to the folder's watcher (`None`: an IDLE with
+    /// no folder selected, which needs no watcher).
+    Park(Option<watcher::Subscription>),
+    /// Between two commands, the connection lent to a session waiting for one.
+    Lend,
 }
 
 impl Shared<'_> {
@@ -120,27 +127,31 @@ pub async fn run(
             client_writer,
             provider,
         };
-        let parked = match attached(
+        let detached = attached(
             ctx,
             attachment,
             &mut client_reader,
             &mut client_buffer,
             &mut assembler,
         )
-        .await
-        {
+        .await;
+        let outcome = match detached {
             Detached::Ended(end) => return end,
-            Detached::Parking(parked) => parked,
+            Detached::Parking(parked) => {
+                park::serve(
+                    ctx,
+                    *parked,
+                    &mut client_reader,
+                    &mut client_buffer,
+                    &mut assembler,
+                )
+                .await
+            }
+            Detached::Lending(lent) => {
+                lend::serve(ctx, *lent, &mut client_reader, &mut client_buffer).await
+            }
         };
-        match park::serve(
-            ctx,
-            *parked,
-            &mut client_reader,
-            &mut client_buffer,
-            &mut assembler,
-        )
-        .await
-        {
+        match outcome {
             park::Outcome::Resumed(attachment) => {
                 let attachment = *attachment;
                 core = attachment.core;
@@ -156,6 +167,7 @@ pub async fn run(
 enum Detached {
     Ended(SessionEnd),
     Parking(Box<park::Parking>),
+    Lending(Box<Attachment>),
 }
 
 /// Relay over one provider connection until the session ends or parks in IDLE.
@@ -185,7 +197,7 @@ async fn attached(
         mid_command: std::sync::atomic::AtomicBool::new(false),
         mid_unit: std::sync::atomic::AtomicBool::new(false),
         literal_wait: Mutex::new(None),
-        parking: Mutex::new(None),
+        leaving: Mutex::new(None),
         park_now: Notify::new(),
     };
     let end = {
@@ -200,25 +212,35 @@ async fn attached(
         }
     };
     let relaxed = std::sync::atomic::Ordering::Relaxed;
-    if matches!(end, SessionEnd::Parking) {
-        let subscription = shared
-            .parking
+    if matches!(end, SessionEnd::Detaching) {
+        let leaving = shared
+            .leaving
             .lock()
             .expect("never poisoned")
             .take()
-            .expect("parking is requested with its subscription");
+            .expect("leaving is requested with its reason");
         let mut writer = shared.provider.into_inner();
         let _ = writer.flush().await;
-        return Detached::Parking(Box::new(park::Parking {
-            core: shared.core.into_inner().expect("never poisoned"),
-            client_writer: shared.client.into_inner(),
-            provider: rest.join(
-                provider_reader.into_inner(),
-                writer.into_inner().into_inner(),
-                provider_buffer,
-            ),
-            subscription,
-        }));
+        let core = shared.core.into_inner().expect("never poisoned");
+        let client_writer = shared.client.into_inner();
+        let provider = rest.join(
+            provider_reader.into_inner(),
+            writer.into_inner().into_inner(),
+            provider_buffer,
+        );
+        return match leaving {
+            Leaving::Park(subscription) => Detached::Parking(Box::new(park::Parking {
+                core,
+                client_writer,
+                provider,
+                subscription,
+            })),
+            Leaving::Lend => Detached::Lending(Box::new(Attachment {
+                core,
+                client_writer,
+                provider,
+            })),
+        };
     }
     // Commands the provider never completed are still recorded, as errors.
     let orphans = shared.core().session.abandon();
@@ -396,7 +418,30 @@ async fn upward(
         };
         let actions = match assembled {
             Assembled::NeedMore => {
-                match tokio::time::timeout(idle_timeout, io::fill(client, buffer)).await {
+                // Between commands, the connection is offered to sessions waiting for one;
+                // with a command in flight, its completion is when to look again.
+                let completed = shared.completed.notified();
+                tokio::pin!(completed);
+                completed.as_mut().enable();
+                let offer = lendable(shared, assembler, buffer);
+                let asked = async {
+                    match &offer {
+                        Some(offer) => offer.asked().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let lending = shared.ctx.gateway.config.imap.lend_between_commands;
+                let read = tokio::select! {
+                    read = tokio::time::timeout(idle_timeout, io::fill(client, buffer)) => read,
+                    () = &mut completed, if lending && offer.is_none() => continue,
+                    () = asked => {
+                        *shared.leaving.lock().expect("never poisoned") = Some(Leaving::Lend);
+                        // The downward loop ends the phase at its next response boundary.
+                        shared.park_now.notify_one();
+                        return std::future::pending().await;
+                    }
+                };
+                match read {
                     Ok(Ok(true)) => continue,
                     Ok(Ok(false)) => return SessionEnd::ClientClosed,
                     Ok(Err(e)) => return SessionEnd::Error(e.to_string()),
@@ -461,6 +506,40 @@ async fn upward(
     }
 }
 
+/// The pool's offer of this session's connection, when it may leave the session: lending is
+/// on, nothing is in flight or half-sent either way, the client is between commands and not
+/// in IDLE, and a selected folder can be selected again by name.
+fn lendable(
+    shared: &Shared<'_>,
+    assembler: &CommandAssembler,
+    buffer: &BytesMut,
+) -> Option<upstream::pool::Offer> {
+    let ctx = shared.ctx;
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    if !ctx.gateway.config.imap.lend_between_commands
+        || !buffer.is_empty()
+        || !assembler.is_idle()
+        || shared.mid_command.load(relaxed)
+        || shared.mid_unit.load(relaxed)
+    {
+        return None;
+    }
+    {
+        let core = shared.core();
+        let reselectable = core.session.selected().is_none()
+            || core
+                .session
+                .reselect()
+                .and_then(park::wire_folder)
+                .is_some();
+        if !core.session.between_commands() || !core.provider.quiet() || !reselectable {
+            return None;
+        }
+    }
+    let mailbox = ctx.mailbox.as_deref()?;
+    Some(ctx.gateway.mailboxes.get(mailbox)?.pool.offer())
+}
+
 /// pecgate's encoding of a command, to the provider.
 async fn send_command(shared: &Shared<'_>, command: Command<'static>) -> Result<(), SessionEnd> {
     let steps = shared.core().provider.encode(&command);
@@ -514,7 +593,7 @@ async fn park_idle(shared: &Shared<'_>, command: &Command<'static>) -> Option<Ve
     };
     let tag = command.tag.as_ref().to_owned();
     let actions = shared.core().session.park_idle(&tag)?;
-    *shared.parking.lock().expect("never poisoned") = Some(subscription);
+    *shared.leaving.lock().expect("never poisoned") = Some(Leaving::Park(subscription));
     Some(actions)
 }
 
@@ -763,7 +842,7 @@ async fn downward(
                     return SessionEnd::Shutdown;
                 }
                 // Between responses with nothing owed: the connection can leave the session.
-                () = shared.park_now.notified() => return SessionEnd::Parking,
+                () = shared.park_now.notified() => return SessionEnd::Detaching,
             }
         }
         let line = match io::next_line(provider, buffer, MAX_RESPONSE_LINE).await {
@@ -818,11 +897,15 @@ async fn downward(
             ProviderEvent::Untagged(kind) => {
                 let plan = shared.core().session.plan_untagged(kind, &line);
                 match plan {
-                    UntaggedPlan::Pass | UntaggedPlan::PassRenamed => {
-                        let rename = plan == UntaggedPlan::PassRenamed;
-                        if kind == Untagged::State {
-                            shared.core().session.on_untagged_code(&line);
-                        }
+                    UntaggedPlan::Pass
+                    | UntaggedPlan::PassRenamed
+                    | UntaggedPlan::PassRenumbered { .. } => {
+                        let (line, rename) = match plan {
+                            UntaggedPlan::PassRenumbered { line, rename } => {
+                                (BytesMut::from(&line[..]), rename)
+                            }
+                            plan => (line, plan == UntaggedPlan::PassRenamed),
+                        };
                         // A FETCH answer is watched as it streams: which message it served.
                         let mut tap = (kind == Untagged::Fetch).then(FetchTap::default);
                         if let Err(end) = pass_through(

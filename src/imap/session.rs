@@ -3,7 +3,6 @@
 //! config and the vault, then the relay.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -12,12 +11,11 @@ use zeroize::Zeroizing;
 
 use crate::audit::{Outcome, Protocol};
 use crate::gateway::Live;
-use crate::gateway::MailboxRuntime;
 use crate::guard::{AdmissionRefused, Ticket};
 use crate::imap::authorize::SessionPolicy;
 use crate::imap::command;
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, tag_of};
-use crate::imap::phase::{SessionEnd, stop_bye};
+use crate::imap::phase::{SessionEnd, pool_connection, stop_bye};
 use crate::imap::preauth;
 use crate::imap::relay;
 use crate::imap::response;
@@ -26,9 +24,8 @@ use crate::login::{self, LoginRefusal};
 use crate::policy::FolderPolicy;
 use crate::registry::Stop;
 use crate::session::{self, HandshakeFailure, ListenerKind, SessionContext};
+use crate::upstream::ProviderConnection;
 use crate::upstream::pool::PoolError;
-use crate::upstream::slots::Class;
-use crate::upstream::{ProviderConnection, ProviderTarget};
 
 /// Limits before login: nobody unauthenticated gets to make pecgate buffer much. A line fits
 /// an ID at RFC 2971's limits (30 pairs of 30-octet names and 1024-octet values).
@@ -410,7 +407,7 @@ async fn log_in(
         Some(provider_target) => {
             let user = target.user.clone();
             let wait = gateway.config.gateway.connection_wait;
-            match provider_connection(stream, mailbox, &provider_target, &user, wait).await {
+            match pool_connection(stream, mailbox, &provider_target, &user, wait).await {
                 Ok(provider) => Ok(provider),
                 Err(PoolError::Busy { ceiling, waited }) => {
                     tracing::warn!(
@@ -487,37 +484,3 @@ async fn log_in(
         }
     }
 }
-
-/// A provider connection from the mailbox's pool, waiting up to `wait` for a free one. A
-/// waiting client is told so every few seconds (an untagged `OK`, which also keeps its own
-/// timers from firing), then gets its login answer.
-async fn provider_connection(
-    stream: &mut BoxStream,
-    mailbox: &MailboxRuntime,
-    target: &ProviderTarget<'_>,
-    user: &str,
-    wait: Duration,
-) -> Result<ProviderConnection, PoolError> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let connect = mailbox
-        .pool
-        .connect(target, user, Class::Interactive, Some(deadline));
-    tokio::pin!(connect);
-    let every = (wait / 3).clamp(Duration::from_secs(1), WAITING_NOTE_EVERY);
-    let mut note = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    let mut notes_reach_client = true;
-    loop {
-        tokio::select! {
-            result = &mut connect => return result,
-            _ = note.tick(), if notes_reach_client => {
-                // A client gone meanwhile finds out at its answer; the wait goes on regardless.
-                notes_reach_client = send(stream, WAITING_NOTE).await.is_ok();
-            }
-        }
-    }
-}
-
-/// How often a login waiting for a provider connection hears from pecgate, at most.
-const WAITING_NOTE_EVERY: Duration = Duration::from_secs(15);
-const WAITING_NOTE: &[u8] =
-    b"* OK Waiting for a free connection to the PEC provider for this mailbox\r\n";

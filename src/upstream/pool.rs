@@ -14,11 +14,11 @@
 //! Clients wait up to `[gateway] connection_wait_secs`; background work (the receipts worker)
 //! waits as long as it takes and never before a client.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use super::slots::{CapChange, Class, Slots, WaiterId};
@@ -50,6 +50,8 @@ pub struct PoolFigures {
     /// Connections logged in and waiting for a session.
     pub idle: usize,
     pub limit_refusals: u64,
+    /// Connections lent between two commands to a waiting session, since start.
+    pub lends: u64,
     /// Folder watchers of the mailbox (each holds one of its connections), and the sessions
     /// parked on them: filled in by the caller, which knows the watchers (0 here).
     pub watchers: usize,
@@ -75,6 +77,11 @@ struct State {
     idle: Vec<IdleConnection>,
     /// How long an idle connection is kept (zero: none is).
     keep_idle: Duration,
+    /// Sessions holding a connection between two commands, quiet the longest first: a waiter
+    /// that finds no place asks the first to lend its connection ([`Offer`]).
+    lenders: VecDeque<(u64, Arc<Notify>)>,
+    next_lender: u64,
+    lends: u64,
 }
 
 struct IdleConnection {
@@ -91,6 +98,15 @@ enum Grant {
 }
 
 impl State {
+    /// Ask the session quiet the longest to lend its connection: a waiter found no place.
+    fn ask_lender(&mut self, waiter: WaiterId) {
+        if self.wake.contains_key(&waiter)
+            && let Some((_, asked)) = self.lenders.pop_front()
+        {
+            asked.notify_one();
+        }
+    }
+
     /// Tell the waiters `served` they hold a place. One whose wait was abandoned in between
     /// gives its place straight back.
     fn hand_over(&mut self, mut served: Vec<WaiterId>) {
@@ -148,6 +164,9 @@ impl Pool {
                     wake: HashMap::new(),
                     idle: Vec::new(),
                     keep_idle: Duration::ZERO,
+                    lenders: VecDeque::new(),
+                    next_lender: 0,
+                    lends: 0,
                 }),
             }),
         }
@@ -240,6 +259,7 @@ impl Pool {
             waiting: state.slots.waiting(),
             idle: state.idle.len(),
             limit_refusals: state.slots.limit_refusals(),
+            lends: state.lends,
             watchers: 0,
             parked: 0,
         }
@@ -329,6 +349,7 @@ impl Pool {
             let (change, served) = state.slots.tick(now());
             self.log_raise(change);
             state.hand_over(served);
+            state.ask_lender(id);
             id
         };
         let mut waiting = Waiting {
@@ -352,9 +373,31 @@ impl Pool {
                     let (change, served) = state.slots.tick(now());
                     self.log_raise(change);
                     state.hand_over(served);
+                    // The one asked may have had a command to run by then: ask the next.
+                    state.ask_lender(id);
                 }
                 () = sleep_until_some(deadline) => return None,
             }
+        }
+    }
+
+    /// Offer the connection a session holds but is not using (it is between two commands):
+    /// while the offer lives, a waiter that finds no place may ask for it
+    /// ([`Offer::asked`]). With a waiter already queued, it is asked at once.
+    pub fn offer(&self) -> Offer {
+        let asked = Arc::new(Notify::new());
+        let mut state = self.state();
+        state.next_lender += 1;
+        let id = state.next_lender;
+        if state.slots.waiting() > 0 {
+            asked.notify_one();
+        } else {
+            state.lenders.push_back((id, Arc::clone(&asked)));
+        }
+        Offer {
+            pool: self.clone(),
+            id,
+            asked,
         }
     }
 
@@ -441,6 +484,31 @@ impl Drop for Waiting<'_> {
                 }
             }
         }
+    }
+}
+
+/// A session's standing offer of its connection to waiters; withdrawn when dropped.
+pub struct Offer {
+    pool: Pool,
+    id: u64,
+    asked: Arc<Notify>,
+}
+
+impl Offer {
+    /// Resolves when a waiter asks for the connection (the session then lends it: counted).
+    pub async fn asked(&self) {
+        self.asked.notified().await;
+        self.pool.state().lends += 1;
+    }
+}
+
+impl Drop for Offer {
+    fn drop(&mut self) {
+        let id = self.id;
+        self.pool
+            .state()
+            .lenders
+            .retain(|(lender, _)| *lender != id);
     }
 }
 

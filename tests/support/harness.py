@@ -57,11 +57,20 @@ class HarnessError(RuntimeError):
     pass
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free right now and was not handed out before by this
+    process (the kernel may offer a just-closed port again, and a daemon given two equal
+    ports refuses to start)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def port_is_free(port: int) -> bool:
@@ -1354,9 +1363,10 @@ class Pecgate:
         real port is read back into ``metrics_port``), off when None. ``receipts``: the
         ``[receipts]`` table (``{}`` for the defaults: the worker on); when None the worker is
         off, so that tests counting provider connections count only their sessions'.
-        ``imap_options``: extra keys of ``[imap]``; ``park_idle`` is false unless given there,
-        so that tests reading the provider's side see each session's own IDLE (parking is
-        tested in test_parking.py)."""
+        ``imap_options``: extra keys of ``[imap]``; ``park_idle`` and ``lend_between_commands``
+        are false unless given there, so that tests reading the provider's side see each
+        session's own IDLE and connection (parking is tested in test_parking.py, lending in
+        test_lending.py)."""
         self.bin = Path(binary or pecgate_bin())
         self.dir, self._own_dir = _work_dir(base_dir, "pecgate-gw-")
         self.state_dir = self.dir / "state"
@@ -1428,6 +1438,7 @@ class Pecgate:
                 "listen_tls": [f"{HOST}:{self.tls_port}"],
                 "listen_starttls": [f"{HOST}:{self.starttls_port}"],
                 "park_idle": False,
+                "lend_between_commands": False,
                 **self.imap_options,
             }),
             toml_table("smtp", {

@@ -1,0 +1,189 @@
+//! A session between two commands whose provider connection another session is waiting for
+//! lends it ([`crate::upstream::pool::Pool::offer`]): the relay ends the attached phase at a
+//! response boundary with nothing in flight, and this module
+//! 1. reads the session's UIDs on that connection (`UID SEARCH ALL`), tells the client the
+//!    connection's news in its own numbers (an EXPUNGE is held: no command is in progress),
+//!    and gives the connection back to the pool (`UNSELECT` first), which hands it to the
+//!    waiter;
+//! 2. waits for the client's next command (its silence and pecgate's stops end the session
+//!    as when attached);
+//! 3. takes a connection from the pool, fairly, as logins do (`* OK Waiting…` meanwhile),
+//!    selects the folder again as the client did, checks UIDVALIDITY, reads the UIDs, tells
+//!    the client `EXISTS` for what arrived, and leaves the session machine the difference in
+//!    numbering for what went ([`super::renumber`]): the command then runs on the new
+//!    connection, translated until the client can be told.
+//!
+//! Nothing here changes the mailbox: pecgate's own commands are `UID SEARCH`, `UNSELECT` and
+//! the client's own `SELECT`/`EXAMINE`. As when parked, flag changes made while the session
+//! had no connection are learnt at the client's next FETCH FLAGS, and `\Recent` is not
+//! carried over.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use imap_codec::imap_types::command::CommandBody;
+use tokio::io::ReadHalf;
+
+use crate::imap::park::{
+    self, Outcome, ParkError, diverged, search_all, select_again, wire_folder, write,
+};
+use crate::imap::phase::{Attachment, ClientWriter, Core, SessionEnd, pool_connection, stop_bye};
+use crate::imap::renumber::{Positions, Renumbered, Renumbering};
+use crate::io::{self, BoxStream};
+use crate::session::SessionContext;
+use crate::upstream::ProviderConnection;
+use crate::upstream::pool;
+
+/// Lend the session's connection, then serve its next command on a pooled one.
+pub async fn serve(
+    ctx: &SessionContext,
+    lent: Attachment,
+    client_reader: &mut ReadHalf<BoxStream>,
+    client_buffer: &mut BytesMut,
+) -> Outcome {
+    let Attachment {
+        mut core,
+        mut client_writer,
+        provider,
+    } = lent;
+    let result = async {
+        let positions = lend(ctx, &mut core, provider, &mut client_writer).await?;
+        wait_for_command(ctx, &mut client_writer, client_reader, client_buffer).await?;
+        take_up(ctx, &mut core, &positions, &mut client_writer).await
+    }
+    .await;
+    match result {
+        Ok(provider) => Outcome::Resumed(Box::new(Attachment {
+            core,
+            client_writer,
+            provider,
+        })),
+        Err(error) => park::ended(ctx, error, core, client_writer).await,
+    }
+}
+
+/// The session's messages as the client numbers them, read on the connection it holds, which
+/// then goes back to the pool.
+async fn lend(
+    ctx: &SessionContext,
+    core: &mut Core,
+    mut provider: ProviderConnection,
+    client: &mut ClientWriter,
+) -> Result<Positions, ParkError> {
+    if core.session.selected().is_none() {
+        // Nothing selected: the connection is as a fresh login leaves it.
+        tracing::debug!("lending the provider connection to a waiting session");
+        pool::give_back(provider).await;
+        return Ok(Positions::default());
+    }
+    let (uids, news) = search_all(&mut provider, "s7", ctx.gateway.provider_timeout).await?;
+    // The connection's news is the client's; with no command in progress it hears all but
+    // EXPUNGE, which waits in the difference of numbering.
+    let mut numbering = core
+        .session
+        .renumbering()
+        .cloned()
+        .unwrap_or_else(Renumbering::aligned);
+    for unit in news {
+        match numbering.untagged(&unit) {
+            Renumbered::Same => write(client, &unit).await?,
+            Renumbered::Line(line) => write(client, &line).await?,
+            Renumbered::Held => {}
+        }
+    }
+    let positions = Positions::new(&uids, Some(&numbering));
+    tracing::debug!(
+        messages = positions.len(),
+        "lending the provider connection to a waiting session"
+    );
+    if provider.unselect(Duration::from_secs(5)).await {
+        pool::give_back(provider).await;
+    } else {
+        provider.logout().await;
+    }
+    Ok(positions)
+}
+
+/// Until the client sends something (its next command, read by the relay once attached).
+async fn wait_for_command(
+    ctx: &SessionContext,
+    client: &mut ClientWriter,
+    client_reader: &mut ReadHalf<BoxStream>,
+    client_buffer: &mut BytesMut,
+) -> Result<(), ParkError> {
+    if !client_buffer.is_empty() {
+        return Ok(());
+    }
+    let idle_timeout = ctx.gateway.config.gateway.idle_timeout;
+    tokio::select! {
+        read = tokio::time::timeout(idle_timeout, io::fill(client_reader, client_buffer)) => {
+            match read {
+                Ok(Ok(true)) => Ok(()),
+                Ok(Ok(false)) => Err(ParkError::Client(SessionEnd::ClientClosed)),
+                Ok(Err(e)) => Err(ParkError::Client(SessionEnd::Error(e.to_string()))),
+                Err(_) => {
+                    let _ = write(client, b"* BYE Autologout: idle for too long\r\n").await;
+                    Err(ParkError::Client(SessionEnd::Timeout))
+                }
+            }
+        }
+        () = ctx.stop.stopped() => {
+            let _ = write(client, &stop_bye(ctx)).await;
+            Err(ParkError::Client(SessionEnd::Shutdown))
+        }
+    }
+}
+
+/// A pooled connection with the session's folder selected again, and the client's numbering
+/// against it handed to the session machine.
+async fn take_up(
+    ctx: &SessionContext,
+    core: &mut Core,
+    positions: &Positions,
+    client: &mut ClientWriter,
+) -> Result<ProviderConnection, ParkError> {
+    let gateway = &ctx.gateway;
+    let mailbox = ctx.mailbox.as_deref().unwrap_or_default();
+    let runtime = gateway
+        .mailboxes
+        .get(mailbox)
+        .ok_or_else(|| ParkError::Gone("the mailbox is no longer configured".into()))?;
+    let target = runtime
+        .target(gateway.provider_timeout)
+        .ok_or_else(|| ParkError::Gone("no provider password in the vault".into()))?;
+    let user = ctx.user.as_deref().unwrap_or_default();
+    let wait = gateway.config.gateway.connection_wait;
+    let mut provider = pool_connection(client, runtime, &target, user, wait).await?;
+    let Some(reselect) = core.session.reselect() else {
+        // Nothing was selected: the connection is ready as it is.
+        return Ok(provider);
+    };
+    let folder = wire_folder(reselect)
+        .ok_or_else(|| ParkError::Gone("the folder's name cannot be sent again".into()))?;
+    let verb = match reselect.body {
+        CommandBody::Examine { .. } => "EXAMINE",
+        _ => "SELECT",
+    };
+    let timeout = gateway.provider_timeout;
+    let uidvalidity = select_again(&mut provider, verb, &folder, timeout).await?;
+    if let (Some(known), Some(now)) = (core.session.uidvalidity(), uidvalidity)
+        && known != now
+    {
+        return Err(ParkError::Gone(
+            "the folder was replaced on the provider (UIDVALIDITY changed)".into(),
+        ));
+    }
+    // The new connection's news describes its own fresh view: the difference below is what
+    // the client is told.
+    let (uids, _) = search_all(&mut provider, "s8", timeout).await?;
+    let (renumbering, exists) = positions.resume(&uids).map_err(diverged)?;
+    if let Some(count) = exists {
+        write(client, format!("* {count} EXISTS\r\n").as_bytes()).await?;
+    }
+    tracing::debug!(
+        expunged_meanwhile = renumbering.as_ref().map_or(0, |r| r.gone().len()),
+        "back on a provider connection"
+    );
+    core.session.renumber(renumbering);
+    Ok(provider)
+}

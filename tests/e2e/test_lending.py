@@ -1,0 +1,371 @@
+"""A session between two commands holds its provider connection only until another session
+waits for one: then it lends it, and its own next command waits for a pooled connection,
+selects the folder again and goes on in the client's numbering. Messages expunged meanwhile
+are held back until the client may hear them (RFC 3501 §7.4.1): FETCH, STORE and SEARCH by
+sequence number are translated, and the EXPUNGEs come at the next command that allows them.
+
+Against a real Dovecot capped at a few connections per login, with raw clients that keep the
+model a client builds (message n is uids[n - 1]) and check every answer against it, and a
+direct connection playing the colleague on webmail."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import threading
+import urllib.request
+
+import pytest
+
+import harness
+from harness import PROVIDER_ADDRESS, Dovecot, wait_until
+
+# Statuses that are answers, not news.
+NUMBERED = re.compile(rb"\* (\d+) (EXISTS|EXPUNGE|FETCH|RECENT)\b")
+# Non-UID commands during which an EXPUNGE must never be told.
+NO_EXPUNGE = re.compile(rb"^(FETCH|STORE|SEARCH) ", re.I)
+
+
+def metric(gw, name: str, mailbox: str = "studio") -> int | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    found = re.search(rf'^{name}{{mailbox="{mailbox}"}} (\d+)$', text, re.M)
+    return int(found.group(1)) if found else None
+
+
+def message(subject: str) -> bytes:
+    return (f"From: a@pec.example.test\r\nTo: studio@pec.example.test\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{harness.secrets.token_hex(6)}@pec.example.test>\r\n\r\nbody\r\n").encode()
+
+
+def office(pecgate_binary, *, pool: int, cap: int, seed: int = 5):
+    """A provider of this test's own that takes ``cap`` connections per login, ``seed``
+    messages in INBOX, and pecgate with a pool of ``pool`` that lends quiet connections."""
+    d = Dovecot(max_userip_connections=cap)
+    d.add_user(PROVIDER_ADDRESS, "provider-" + harness.secrets.token_hex(8))
+    d.__enter__()
+    for i in range(seed):
+        d.append(PROVIDER_ADDRESS, "INBOX", message(f"seed {i}"))
+    d.create_folders(PROVIDER_ADDRESS, ["Ricevute"])
+    gateways = harness.gateways(d, binary=pecgate_binary, metrics="127.0.0.1:0",
+                                max_connections=pool,
+                                gateway_options={"connection_wait_secs": 20,
+                                                 "max_sessions_per_user": 100},
+                                imap_options={"lend_between_commands": True})
+    return d, gateways
+
+
+@pytest.fixture
+def small_office(pecgate_binary):
+    """One pooled connection; the provider takes three (pecgate's, the direct one and the
+    harness's own for APPEND)."""
+    d, gateways = office(pecgate_binary, pool=1, cap=3)
+    try:
+        with gateways as make:
+            gw = make()
+            direct = harness.RawImap(d.imaps_port, cafile=d.cert)
+            direct.login(PROVIDER_ADDRESS, d.users[PROVIDER_ADDRESS])
+            try:
+                yield d, gw, direct
+            finally:
+                direct.close()
+    finally:
+        d.__exit__(None, None, None)
+
+
+def truth(direct, folder: str = "INBOX") -> tuple[list[int], dict[int, set[str]]]:
+    """The folder's UIDs and flags, read directly from the provider."""
+    _, tagged = direct.command("T0", f"EXAMINE {folder}")
+    assert tagged.startswith(b"T0 OK"), tagged
+    untagged, tagged = direct.command("T1", "UID FETCH 1:* (FLAGS)")
+    assert tagged.startswith(b"T1 OK"), tagged
+    flags = {}
+    for line in untagged:
+        m = re.match(rb"\* \d+ FETCH \((?=.*UID (\d+))(?=.*FLAGS \(([^)]*)\)).*", line)
+        if m:
+            flags[int(m.group(1))] = set(m.group(2).decode().split()) - {"\\Recent"}
+    return sorted(flags), flags
+
+
+def expunge_uids(direct, uids: list[int]):
+    _, tagged = direct.command("X0", "SELECT INBOX")
+    assert tagged.startswith(b"X0 OK"), tagged
+    uid_set = ",".join(map(str, uids))
+    _, tagged = direct.command("X1", f"UID STORE {uid_set} +FLAGS.SILENT (\\Deleted)")
+    assert tagged.startswith(b"X1 OK"), tagged
+    _, tagged = direct.command("X2", f"UID EXPUNGE {uid_set}")
+    assert tagged.startswith(b"X2 OK"), tagged
+    _, tagged = direct.command("X3", "UNSELECT")
+
+
+class Client:
+    """A client session keeping the model a client builds from what it is told, and
+    checking the RFC rules on every answer."""
+
+    def __init__(self, gw, clients, user: str, folder: str | None = "INBOX"):
+        self.r = clients(gw.raw(tls=True, timeout=40))
+        self.r.login(user, gw.password(user))
+        self.uids: list[int | None] = []
+        self.n = 0
+        if folder:
+            untagged, tagged = self.run(f"SELECT {folder}")
+            assert tagged.split()[1] == b"OK", tagged
+            self.run("UID SEARCH ALL")
+
+    def run(self, text: str) -> tuple[list[bytes], bytes]:
+        self.n += 1
+        tag = f"q{self.n}"
+        untagged, tagged = self.r.command(tag, text)
+        no_expunge = bool(NO_EXPUNGE.match(text.encode()))
+        whole_list = text.upper() == "UID SEARCH ALL" and tagged.startswith(f"{tag} OK".encode())
+        for line in untagged:
+            if whole_list and line.startswith(b"* SEARCH"):
+                # The folder as the session numbers it at this point of the answer (news
+                # told after it describes later changes).
+                found = [int(u) for u in line.split()[2:]]
+                assert found == sorted(found)
+                assert len(found) == len(self.uids), (found, self.uids)
+                self.uids = list(found)
+            else:
+                self.follow(line, no_expunge, text)
+        return untagged, tagged
+
+    def follow(self, line: bytes, no_expunge: bool, during: str):
+        m = NUMBERED.match(line)
+        if m:
+            n, what = int(m.group(1)), m.group(2)
+            if what == b"EXISTS":
+                assert n >= len(self.uids), f"EXISTS went down: {n} < {len(self.uids)}"
+                self.uids.extend([None] * (n - len(self.uids)))
+            elif what == b"EXPUNGE":
+                assert not no_expunge, f"EXPUNGE during {during!r}"
+                assert 1 <= n <= len(self.uids), f"EXPUNGE {n} of {len(self.uids)}"
+                del self.uids[n - 1]
+            elif what == b"FETCH":
+                assert 1 <= n <= len(self.uids), f"FETCH {n} of {len(self.uids)} during {during!r}"
+                uid = re.search(rb"\bUID (\d+)", line)
+                if uid:
+                    known = self.uids[n - 1]
+                    assert known in (None, int(uid.group(1))), \
+                        f"message {n} is UID {known}, told {uid.group(1)} during {during!r}"
+                    self.uids[n - 1] = int(uid.group(1))
+        elif line.startswith(b"* SEARCH") and not during.upper().startswith("UID "):
+            for number in line.split()[2:]:
+                assert 1 <= int(number) <= len(self.uids), (line, len(self.uids))
+
+    def fetched(self, untagged) -> dict[int, int]:
+        return {int(m.group(1)): int(m.group(2)) for line in untagged
+                if (m := re.match(rb"\* (\d+) FETCH \(UID (\d+)", line))}
+
+    def check_against(self, uids: list[int]):
+        """After a command that allows EXPUNGE: numbering and count are the provider's."""
+        untagged, tagged = self.run("NOOP")
+        assert tagged.split()[1] == b"OK", tagged
+        if uids:
+            untagged, tagged = self.run("FETCH 1:* (UID)")
+            assert tagged.split()[1] == b"OK", tagged
+            told = self.fetched(untagged)
+            assert [told[n] for n in sorted(told)] == uids
+        assert self.uids == uids, (self.uids, uids)
+
+
+def test_a_quiet_session_lends_its_connection_to_a_waiting_login(small_office, clients):
+    dovecot, gw, direct = small_office
+    mario = Client(gw, clients, "mario")
+    uids, _ = truth(direct)
+    assert mario.uids == uids
+    # The only connection is mario's, and mario is between commands: anna's login gets it.
+    anna = Client(gw, clients, "anna")
+    assert anna.uids == uids
+    assert metric(gw, "pecgate_provider_connections") == 1
+    # mario's next command waits for anna to be quiet, then runs where mario was.
+    untagged, tagged = mario.run("FETCH 2:3 (UID FLAGS)")
+    assert tagged.split()[1] == b"OK", tagged
+    assert mario.fetched(untagged) == {2: uids[1], 3: uids[2]}
+    untagged, tagged = anna.run("UID FETCH 1:* (UID)")
+    assert tagged.split()[1] == b"OK", tagged
+    assert sorted(anna.fetched(untagged).values()) == uids
+    # A session with no folder selected lends too, and LISTs afterwards.
+    carla = Client(gw, clients, "mario", folder=None)
+    untagged, tagged = mario.run("NOOP")
+    assert tagged.split()[1] == b"OK", tagged
+    untagged, tagged = carla.run('LIST "" "*"')
+    assert tagged.split()[1] == b"OK", tagged
+    assert any(b"INBOX" in line for line in untagged), untagged
+    assert metric(gw, "pecgate_provider_connections") == 1
+    # Each command is audited under its own user, on its own folder.
+    rows = wait_until(lambda: (rows := [r for r in gw.audit_rows() if r["command"] == "FETCH"])
+                      and rows, 10, "mario's FETCH in the audit log")
+    assert [(r["user"], r["folder"], r["outcome"]) for r in rows] == [("mario", "INBOX", "ok")]
+
+
+def test_expunges_made_while_lent_wait_until_the_client_may_hear_them(small_office, clients):
+    dovecot, gw, direct = small_office
+    mario = Client(gw, clients, "mario")
+    uids, _ = truth(direct)
+    assert len(uids) == 5
+    anna = Client(gw, clients, "anna")        # mario lends
+    # A colleague on webmail removes messages 2 and 4; new mail arrives.
+    expunge_uids(direct, [uids[1], uids[3]])
+    dovecot.deliver(PROVIDER_ADDRESS, message("nuova PEC"))
+    now, _ = truth(direct)
+
+    # mario still counts five messages, and hears of the sixth at once. A FETCH by
+    # sequence number answers in mario's numbers, skips the gone ones, tells no EXPUNGE.
+    untagged, tagged = mario.run("FETCH 1:* (UID FLAGS)")
+    assert tagged.endswith(b"OK [EXPUNGEISSUED] Some messages were already expunged."), tagged
+    assert b"* 6 EXISTS" in untagged, untagged
+    assert mario.fetched(untagged) == {1: uids[0], 3: uids[2], 5: uids[4], 6: now[-1]}
+    assert len(mario.uids) == 6
+
+    # STORE by sequence number flags the message the client means.
+    anna.run("NOOP")                          # anna takes the connection; mario lends
+    untagged, tagged = mario.run("STORE 3 +FLAGS ($Pratica)")
+    assert tagged.split()[1] == b"OK", tagged
+    assert [line for line in untagged if b"FETCH" in line] == [b"* 3 FETCH (FLAGS ($Pratica))"]
+    _, flags = truth(direct)
+    assert [u for u in now if "$Pratica" in flags[u]] == [uids[2]]
+    # SEARCH answers in the client's numbers.
+    untagged, tagged = mario.run("SEARCH KEYWORD $Pratica")
+    assert tagged.split()[1] == b"OK", tagged
+    assert b"* SEARCH 3" in untagged, untagged
+    untagged, tagged = mario.run("SEARCH 2:4")
+    assert b"* SEARCH 3" in untagged, untagged
+    # Only gone messages: nothing to ask the provider, answered as Dovecot does.
+    _, tagged = mario.run("FETCH 4 (UID)")
+    assert tagged.endswith(b"OK [EXPUNGEISSUED] Some messages were already expunged."), tagged
+
+    # NOOP may carry EXPUNGE: both are told, highest first, and the numberings are one.
+    untagged, tagged = mario.run("NOOP")
+    assert [line for line in untagged if b"EXPUNGE" in line] == [b"* 4 EXPUNGE", b"* 2 EXPUNGE"]
+    mario.check_against(now)
+    anna.check_against(now)
+
+
+def test_a_folder_replaced_while_lent_ends_only_that_session(small_office, clients):
+    dovecot, gw, direct = small_office
+    dovecot.append(PROVIDER_ADDRESS, "Ricevute", message("archiviata"))
+    mario = Client(gw, clients, "mario", folder="Ricevute")
+    anna = Client(gw, clients, "anna")        # mario lends
+    for step, text in enumerate(["DELETE Ricevute", "CREATE Ricevute"]):
+        _, tagged = direct.command(f"R{step}", text)
+        assert tagged.startswith(f"R{step} OK".encode()), tagged
+    dovecot.append(PROVIDER_ADDRESS, "Ricevute", message("nuova"))
+    mario.r.send(b"n1 NOOP\r\n")
+    line = mario.r.read_line(20)
+    assert line.startswith(b"* BYE [UNAVAILABLE]") and b"UIDVALIDITY" in line, line
+    untagged, tagged = anna.run("FETCH 1 (UID)")
+    assert tagged.split()[1] == b"OK", tagged
+
+
+SESSIONS = 12
+POOL = 2
+STEPS = 100
+# Another seed for a different run: PECGATE_LENDING_SEED=n.
+SEED = int(os.environ.get("PECGATE_LENDING_SEED", "0"))
+
+
+def test_many_sessions_on_two_connections_agree_with_the_provider(pecgate_binary, clients):
+    """The model-based check: twelve sessions run random command streams over a pool of two
+    while a direct connection delivers and expunges. Every answer is checked against the
+    client's model (sequence/UID mapping, EXISTS never down, no EXPUNGE during FETCH, STORE or
+    SEARCH); every STORE must land on the message the client meant; at the end each session's
+    numbering is the provider's."""
+    d, gateways = office(pecgate_binary, pool=POOL, cap=POOL + 1, seed=30)
+    try:
+        with gateways as make:
+            gw = make()
+            direct = harness.RawImap(d.imaps_port, cafile=d.cert)
+            direct.login(PROVIDER_ADDRESS, d.users[PROVIDER_ADDRESS])
+            try:
+                run_office(d, gw, direct, clients)
+            finally:
+                direct.close()
+    finally:
+        d.__exit__(None, None, None)
+
+
+def run_office(dovecot, gw, direct, clients):
+    sessions = [Client(gw, clients, ["mario", "anna"][i % 2]) for i in range(SESSIONS)]
+    stored: dict[int, set[int]] = {i: set() for i in range(SESSIONS)}
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def colleague():
+        rng = random.Random(99 + SEED)
+        try:
+            while not stop.is_set():
+                if rng.random() < 0.5:
+                    dovecot.deliver(PROVIDER_ADDRESS, message("nuova"))
+                else:
+                    uids, _ = truth(direct)
+                    if len(uids) > 10:
+                        expunge_uids(direct, rng.sample(uids, 2))
+                stop.wait(0.05)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            failures.append(e)
+
+    def employee(first: int, seed: int):
+        rng = random.Random(seed)
+        mine = list(range(first, SESSIONS, 4))
+        try:
+            for _ in range(STEPS):
+                i = rng.choice(mine)
+                step(sessions[i], i, rng, stored[i])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            failures.append(e)
+
+    webmail = threading.Thread(target=colleague)
+    workers = [threading.Thread(target=employee, args=(k, k + 1 + 10 * SEED)) for k in range(4)]
+    webmail.start()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(300)
+    stop.set()
+    webmail.join(60)
+    assert not failures, failures[0]
+
+    uids, flags = truth(direct)
+    for i, s in enumerate(sessions):
+        s.check_against(uids)
+        keyword = f"$s{i}"
+        assert {u for u in uids if keyword in flags[u]} == stored[i] & set(uids), i
+    assert metric(gw, "pecgate_provider_connections") <= POOL
+    # Nearly every command found its session's connection lent to another.
+    assert metric(gw, "pecgate_provider_lends_total") > STEPS * 4 / 2
+    rows = gw.audit_rows()
+    assert not [r for r in rows if r["outcome"] in ("bad", "error")], \
+        [r for r in rows if r["outcome"] in ("bad", "error")][:3]
+
+
+def step(s: Client, i: int, rng: random.Random, stored: set[int]):
+    """One random command of session ``i``, checked against its model."""
+    count = len(s.uids)
+    choice = rng.random()
+    if count == 0 or choice < 0.15:
+        _, tagged = s.run("NOOP")
+    elif choice < 0.45:
+        a, b = sorted(rng.randint(1, count) for _ in range(2))
+        untagged, tagged = s.run(f"FETCH {a}:{b} (UID FLAGS)")
+    elif choice < 0.65:
+        # STORE on a message whose UID the client knows (told by an earlier FETCH).
+        known = [n for n, u in enumerate(s.uids, 1) if u is not None]
+        if not known:
+            _, tagged = s.run("NOOP")
+        else:
+            n = rng.choice(known)
+            uid = s.uids[n - 1]
+            untagged, tagged = s.run(f"STORE {n} +FLAGS ($s{i})")
+            if b"EXPUNGEISSUED" not in tagged:
+                stored.add(uid)
+    elif choice < 0.8:
+        a, b = sorted(rng.randint(1, count) for _ in range(2))
+        _, tagged = s.run(f"SEARCH {a}:{b} NOT DELETED")
+    elif choice < 0.9:
+        _, tagged = s.run("UID FETCH 1:* (UID)")
+    else:
+        _, tagged = s.run("UID SEARCH ALL")
+    # A message the provider's connection saw expunged meanwhile is refused as Dovecot does.
+    assert tagged.split()[1] == b"OK" or b"[EXPUNGEISSUED]" in tagged, (i, tagged)
