@@ -29,6 +29,7 @@ import hashlib
 import math
 import os
 import platform
+import random
 import resource
 import smtplib
 import secrets
@@ -685,7 +686,7 @@ class Bench:
             gateway_options={"max_sessions": n + 100, "max_sessions_per_user": n + 100,
                              "max_preauth_per_address": 1000,
                              "provider_idle_keep_secs": DEFAULT_IDLE_KEEP_SECS},
-            imap_options={"park_idle": True},
+            imap_options={"park_idle": True, "lend_between_commands": True},
         )
         gw.setup()
         gw.start()
@@ -770,6 +771,14 @@ class Bench:
             # A session that never idles: attached for its whole life, as every session was
             # before the pool (one-to-one).
             attached_fetches = timed_fetches(Conn(gw.tls_port, gw.cert).login(USER, self.user_pw))
+
+            # Working sessions (never in IDLE) beside the idlers: a mixed read / flag / append
+            # load with think time, over what the watcher leaves of the pool; then the same
+            # commands by one session alone (one-to-one: nobody asks for its connection).
+            lends_before = scrape("pecgate_provider_lends_total")
+            mixed = self._mixed_load(gw, a.parked_active, a.mixed_rounds)
+            lends = scrape("pecgate_provider_lends_total") - lends_before
+            alone = self._mixed_load(gw, 1, a.mixed_rounds * 5)
             refused = provider.log_text().count("Maximum number of connections")
             self.results["parked"] = {
                 "n": n, "k": k, "opened_s": opened, "base": base, "after": after,
@@ -780,12 +789,67 @@ class Bench:
                 "direct_fetch_p50_ms": pct(direct_fetches, 50) * 1000,
                 "attached_fetch_p50_ms": pct(attached_fetches, 50) * 1000,
                 "refused": refused,
+                "mixed": mixed, "alone": alone, "lends": lends,
             }
         finally:
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
                 list(pool.map(Conn.close, sessions))
             gw.cleanup()
             provider.cleanup()
+
+    def _mixed_load(self, gw, sessions: int, rounds: int) -> dict:
+        """``sessions`` sessions with INBOX selected, each running ``rounds`` commands with
+        50–250 ms of think time between them: `UID FETCH` of one message's body (40 %),
+        `FETCH 1:* (FLAGS)` (25 %), `UID STORE` of a flag (25 %), `APPEND` (10 %). Every
+        command must answer OK. Latency per command, p50 / p99, by kind and overall."""
+        def worker(seed: int) -> list[tuple[str, float]]:
+            rng = random.Random(seed)
+            c = Conn(gw.tls_port, gw.cert).login(USER, self.user_pw)
+            try:
+                c.run("SELECT INBOX")
+                uids: list[int] = []
+                c.sock.sendall(b"u UID SEARCH ALL\r\n")
+                while True:
+                    line = c.readline()
+                    if line.startswith(b"* SEARCH"):
+                        uids = [int(u) for u in line.split()[2:]]
+                    if line.startswith(b"u "):
+                        break
+                out = []
+                for _ in range(rounds):
+                    time.sleep(rng.uniform(0.05, 0.25))
+                    pick = rng.random()
+                    uid = rng.choice(uids)
+                    if pick < 0.4:
+                        kind, command = "read", f"UID FETCH {uid} (UID RFC822.SIZE BODY.PEEK[])"
+                    elif pick < 0.65:
+                        kind, command = "flags", "FETCH 1:* (FLAGS)"
+                    elif pick < 0.9:
+                        sign = rng.choice("+-")
+                        kind, command = "store", f"UID STORE {uid} {sign}FLAGS (\\Flagged)"
+                    else:
+                        body = _head(f"bozza {seed}") + b"\r\nbody\r\n"
+                        kind = "append"
+                        command = b"APPEND INBOX {%d+}\r\n" % len(body) + body
+                    started = time.perf_counter()
+                    c.run(command)
+                    out.append((kind, time.perf_counter() - started))
+                return out
+            finally:
+                c.close()
+
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(sessions) as pool:
+            runs = list(pool.map(worker, range(sessions)))
+        wall = time.perf_counter() - t0
+        timings = [t for run in runs for t in run]
+        by_kind = {kind: [d for k, d in timings if k == kind] for kind in ("read", "flags", "store", "append")}
+        return {
+            "sessions": sessions, "commands": len(timings), "wall_s": wall,
+            "p50_ms": pct([d for _, d in timings], 50) * 1000,
+            "p99_ms": pct([d for _, d in timings], 99) * 1000,
+            "kinds": {k: (pct(v, 50) * 1000, pct(v, 99) * 1000) for k, v in by_kind.items() if v},
+        }
 
     def set_keep_idle(self, seconds: int):
         """Restart pecgate with ``provider_idle_keep_secs`` set."""
@@ -921,6 +985,15 @@ class Bench:
               f"| {q['direct_fetch_p50_ms']:.2f} ms | {q['wake_p50_ms']:.2f} / {q['wake_p99_ms']:.2f} ms; "
               f"FETCH {q['fetch_p50_ms']:.2f} ms (one-to-one {q['attached_fetch_p50_ms']:.2f} ms) "
               f"| FETCH {ratio:.2f}× one-to-one | ≤ 1.5× one-to-one | {ok(ratio <= 1.5)} |")
+            m, one = q["mixed"], q["alone"]
+            ratio = m["p50_ms"] / one["p50_ms"]
+            kinds = ", ".join(f"{k} {v[0]:.2f}/{v[1]:.2f}" for k, v in m["kinds"].items())
+            p(f"| {m['sessions']} working sessions beside the idlers ({m['commands']} commands: body read, "
+              f"`FETCH 1:* (FLAGS)`, flag STORE, APPEND; 50–250 ms think time), all OK; p50 / p99 "
+              f"({kinds} ms); connections lent {q['lends']} times "
+              f"| — | {m['p50_ms']:.2f} / {m['p99_ms']:.2f} ms (one session alone {one['p50_ms']:.2f} / "
+              f"{one['p99_ms']:.2f} ms) | p50 {ratio:.2f}× one-to-one | ≤ 1.5× one-to-one "
+              f"| {ok(ratio <= 1.5)} |")
         p("")
         notes = []
         if "bulk" in r:
@@ -979,7 +1052,8 @@ def main(argv=None) -> int:
     ap.add_argument("--logins", type=int, default=None, help="repeat logins timed (default 500)")
     ap.add_argument("--parked-sessions", type=int, default=None, help="sessions parked in IDLE (default 1000)")
     ap.add_argument("--parked-pool", type=int, default=10, help="max_connections for the parked section (default 10)")
-    ap.add_argument("--parked-active", type=int, default=50, help="parked sessions woken in turn (default 50)")
+    ap.add_argument("--parked-active", type=int, default=50, help="parked sessions woken in turn, and working sessions beside the idlers (default 50)")
+    ap.add_argument("--mixed-rounds", type=int, default=40, help="commands per working session in the mixed load (default 40)")
     ap.add_argument("--only", default="bulk,mbsync,rtt,stream,idle,logins,parked", help="comma-separated subset of sections")
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, few iterations")
     a = ap.parse_args(argv)

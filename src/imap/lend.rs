@@ -3,12 +3,15 @@
 //! response boundary with nothing in flight, and this module
 //! 1. reads the session's UIDs on that connection (`UID SEARCH ALL`), tells the client the
 //!    connection's news in its own numbers (an EXPUNGE is held: no command is in progress),
-//!    and gives the connection back to the pool (`UNSELECT` first), which hands it to the
-//!    waiter;
+//!    and gives the connection back to the pool with the folder still selected and that UID
+//!    list ([`crate::upstream::SelectedFolder`]): a waiter on the same folder and mode (the
+//!    usual case: everybody works in INBOX) goes on with no SELECT and no search of its own,
+//!    anyone else gets it back in the authenticated state (`UNSELECT`);
 //! 2. waits for the client's next command (its silence and pecgate's stops end the session
 //!    as when attached);
 //! 3. takes a connection from the pool, fairly, as logins do (`* OK Waiting…` meanwhile),
-//!    selects the folder again as the client did, checks UIDVALIDITY, reads the UIDs, tells
+//!    selects the folder again as the client did (unless the connection comes with it
+//!    selected), checks UIDVALIDITY, reads the UIDs, tells
 //!    the client `EXISTS` for what arrived, and leaves the session machine the difference in
 //!    numbering for what went ([`super::renumber`]): the command then runs on the new
 //!    connection, translated until the client can be told.
@@ -18,10 +21,8 @@
 //! had no connection are learnt at the client's next FETCH FLAGS, and `\Recent` is not
 //! carried over.
 
-use std::time::Duration;
-
 use bytes::BytesMut;
-use imap_codec::imap_types::command::CommandBody;
+use imap_codec::imap_types::command::{Command, CommandBody};
 use tokio::io::ReadHalf;
 
 use crate::imap::park::{
@@ -31,8 +32,8 @@ use crate::imap::phase::{Attachment, ClientWriter, Core, SessionEnd, pool_connec
 use crate::imap::renumber::{Positions, Renumbered, Renumbering};
 use crate::io::{self, BoxStream};
 use crate::session::SessionContext;
-use crate::upstream::ProviderConnection;
 use crate::upstream::pool;
+use crate::upstream::{ProviderConnection, SelectedFolder};
 
 /// Lend the session's connection, then serve its next command on a pooled one.
 pub async fn serve(
@@ -96,11 +97,19 @@ async fn lend(
         messages = positions.len(),
         "lending the provider connection to a waiting session"
     );
-    if provider.unselect(Duration::from_secs(5)).await {
-        pool::give_back(provider).await;
-    } else {
-        provider.logout().await;
-    }
+    // Handed over with the folder selected: a waiter on the same folder uses it as it is
+    // (the pool puts it back in the authenticated state for anyone else).
+    provider.selected = core
+        .session
+        .reselect()
+        .and_then(|select| folder_of(select))
+        .map(|(name, read_only)| SelectedFolder {
+            name,
+            read_only,
+            uidvalidity: core.session.uidvalidity(),
+            uids,
+        });
+    pool::give_back(provider).await;
     Ok(positions)
 }
 
@@ -134,6 +143,12 @@ async fn wait_for_command(
     }
 }
 
+/// The folder a SELECT/EXAMINE opens, as sent to the provider, and whether read-only.
+fn folder_of(select: &Command<'_>) -> Option<(String, bool)> {
+    let read_only = matches!(select.body, CommandBody::Examine { .. });
+    wire_folder(select).map(|name| (name, read_only))
+}
+
 /// A pooled connection with the session's folder selected again, and the client's numbering
 /// against it handed to the session machine.
 async fn take_up(
@@ -153,19 +168,32 @@ async fn take_up(
         .ok_or_else(|| ParkError::Gone("no provider password in the vault".into()))?;
     let user = ctx.user.as_deref().unwrap_or_default();
     let wait = gateway.config.gateway.connection_wait;
-    let mut provider = pool_connection(client, runtime, &target, user, wait).await?;
-    let Some(reselect) = core.session.reselect() else {
+    let wanted = core.session.reselect().map(|select| {
+        folder_of(select)
+            .ok_or_else(|| ParkError::Gone("the folder's name cannot be sent again".into()))
+    });
+    let wanted = wanted.transpose()?;
+    let keep = wanted
+        .as_ref()
+        .map(|(name, read_only)| (name.as_str(), *read_only));
+    let mut provider = pool_connection(client, runtime, &target, user, wait, keep).await?;
+    let Some((folder, read_only)) = wanted else {
         // Nothing was selected: the connection is ready as it is.
         return Ok(provider);
     };
-    let folder = wire_folder(reselect)
-        .ok_or_else(|| ParkError::Gone("the folder's name cannot be sent again".into()))?;
-    let verb = match reselect.body {
-        CommandBody::Examine { .. } => "EXAMINE",
-        _ => "SELECT",
-    };
     let timeout = gateway.provider_timeout;
-    let uidvalidity = select_again(&mut provider, verb, &folder, timeout).await?;
+    let (uidvalidity, uids) = match provider.selected.take() {
+        // Handed over by a session on the same folder, with its numbering.
+        Some(selected) => (selected.uidvalidity, selected.uids),
+        None => {
+            let verb = if read_only { "EXAMINE" } else { "SELECT" };
+            let uidvalidity = select_again(&mut provider, verb, &folder, timeout).await?;
+            // The new connection's news describes its own fresh view: the difference below
+            // is what the client is told.
+            let (uids, _) = search_all(&mut provider, "s8", timeout).await?;
+            (uidvalidity, uids)
+        }
+    };
     if let (Some(known), Some(now)) = (core.session.uidvalidity(), uidvalidity)
         && known != now
     {
@@ -173,9 +201,6 @@ async fn take_up(
             "the folder was replaced on the provider (UIDVALIDITY changed)".into(),
         ));
     }
-    // The new connection's news describes its own fresh view: the difference below is what
-    // the client is told.
-    let (uids, _) = search_all(&mut provider, "s8", timeout).await?;
     let (renumbering, exists) = positions.resume(&uids).map_err(diverged)?;
     if let Some(count) = exists {
         write(client, format!("* {count} EXISTS\r\n").as_bytes()).await?;

@@ -64,18 +64,20 @@ pub struct Attachment {
 /// A provider connection from the mailbox's pool, waiting up to `wait` for a free one (a
 /// login, or a command of a session that lent its connection). A waiting client is told so
 /// every few seconds (an untagged `OK`, allowed at any time, which also keeps its own timers
-/// from firing).
+/// from firing). `keep`: see [`crate::upstream::pool::Pool::connect_keeping`].
 pub async fn pool_connection<W: AsyncWrite + Unpin>(
     client: &mut W,
     mailbox: &MailboxRuntime,
     target: &ProviderTarget<'_>,
     user: &str,
     wait: Duration,
+    keep: Option<(&str, bool)>,
 ) -> Result<ProviderConnection, PoolError> {
     let deadline = tokio::time::Instant::now() + wait;
-    let connect = mailbox
-        .pool
-        .connect(target, user, Class::Interactive, Some(deadline));
+    let connect =
+        mailbox
+            .pool
+            .connect_keeping(target, user, Class::Interactive, Some(deadline), keep);
     tokio::pin!(connect);
     let every = (wait / 3).clamp(Duration::from_secs(1), WAITING_NOTE_EVERY);
     let mut note = tokio::time::interval_at(tokio::time::Instant::now() + every, every);

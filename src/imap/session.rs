@@ -407,7 +407,7 @@ async fn log_in(
         Some(provider_target) => {
             let user = target.user.clone();
             let wait = gateway.config.gateway.connection_wait;
-            match pool_connection(stream, mailbox, &provider_target, &user, wait).await {
+            match pool_connection(stream, mailbox, &provider_target, &user, wait, None).await {
                 Ok(provider) => Ok(provider),
                 Err(PoolError::Busy { ceiling, waited }) => {
                     tracing::warn!(

@@ -91,6 +91,24 @@ pub struct ProviderConnection {
     pub slot: Option<pool::Slot>,
     /// [`ProviderTarget::identity`] of the target it was opened for.
     pub identity: [u8; 32],
+    /// Set only while a session hands the connection to another with its folder still
+    /// selected ([`pool::give_back`] to a waiter): otherwise a pooled connection is in the
+    /// authenticated state.
+    pub selected: Option<SelectedFolder>,
+}
+
+/// A folder left selected on a connection handed from one session to another, and the
+/// connection's numbering of it: the next session of the same folder (and mode) needs no
+/// SELECT and no search of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectedFolder {
+    /// As sent to the provider.
+    pub name: String,
+    /// Selected with EXAMINE.
+    pub read_only: bool,
+    pub uidvalidity: Option<u32>,
+    /// The connection's message numbers: message n is `uids[n - 1]`.
+    pub uids: Vec<u32>,
 }
 
 /// What a [`ProviderConnection`] is besides its stream, kept aside while a driver uses the
@@ -117,6 +135,7 @@ impl ConnectionRest {
             delimiter: self.delimiter,
             slot: self.slot,
             identity: self.identity,
+            selected: None,
         }
     }
 }
@@ -173,6 +192,7 @@ impl ProviderConnection {
     /// `UNSELECT` (never CLOSE: that would expunge). `false` when the provider lacks UNSELECT
     /// or did not say OK: the connection is not fit for another session.
     pub async fn unselect(&mut self, limit: Duration) -> bool {
+        self.selected = None;
         self.has("UNSELECT") && self.simple("s6", "UNSELECT", limit).await == Some(Status::Ok)
     }
 
@@ -373,6 +393,7 @@ async fn connect_inner(
         delimiter,
         slot: None,
         identity: target.identity(),
+        selected: None,
     })
 }
 

@@ -265,9 +265,47 @@ impl Pool {
         }
     }
 
-    /// A logged-in provider session, waiting for a place until `deadline` (`None`: as long
-    /// as it takes). `user` is whose turn it is in the fair queue.
+    /// A logged-in provider session in the authenticated state, waiting for a place until
+    /// `deadline` (`None`: as long as it takes). `user` is whose turn it is in the fair queue.
     pub async fn connect(
+        &self,
+        target: &ProviderTarget<'_>,
+        user: &str,
+        class: Class,
+        deadline: Option<Instant>,
+    ) -> Result<ProviderConnection, PoolError> {
+        self.connect_keeping(target, user, class, deadline, None)
+            .await
+    }
+
+    /// As [`Pool::connect`], but a connection handed over with `keep` (folder, read-only)
+    /// still selected comes as it is ([`ProviderConnection::selected`]); any other is put
+    /// back in the authenticated state first.
+    pub async fn connect_keeping(
+        &self,
+        target: &ProviderTarget<'_>,
+        user: &str,
+        class: Class,
+        deadline: Option<Instant>,
+        keep: Option<(&str, bool)>,
+    ) -> Result<ProviderConnection, PoolError> {
+        loop {
+            let mut connection = self.connect_any(target, user, class, deadline).await?;
+            let Some(selected) = &connection.selected else {
+                return Ok(connection);
+            };
+            if keep == Some((selected.name.as_str(), selected.read_only)) {
+                return Ok(connection);
+            }
+            if connection.unselect(REUSE_CHECK.min(target.timeout)).await {
+                return Ok(connection);
+            }
+            // Unfit for anyone: closed, its place freed; try again.
+            connection.logout().await;
+        }
+    }
+
+    async fn connect_any(
         &self,
         target: &ProviderTarget<'_>,
         user: &str,
@@ -279,10 +317,11 @@ impl Pool {
         let mut retry = false;
         loop {
             if !retry && let Some(mut connection) = self.take_idle(&identity) {
-                if connection
-                    .still_there(REUSE_CHECK.min(target.timeout))
-                    .await
-                {
+                // One handed over with a folder selected may have waited idle after all (its
+                // waiter gave up): its numbering is not known any more.
+                let limit = REUSE_CHECK.min(target.timeout);
+                let unselected = connection.selected.is_none() || connection.unselect(limit).await;
+                if unselected && connection.still_there(limit).await {
                     return Ok(connection);
                 }
                 // Dropped: the provider ended it while it was idle; its place is free again.
@@ -412,14 +451,22 @@ impl Pool {
     }
 }
 
-/// Give a session's connection back to its pool: pecgate has left it in the authenticated
-/// state with nothing in flight. It goes to the next waiter, or idle; when the pool keeps
-/// no idle connection or has no room for it, it is logged out.
+/// Give a session's connection back to its pool: pecgate has left it with nothing in flight,
+/// in the authenticated state or with a folder selected as [`ProviderConnection::selected`]
+/// says. It goes to the next waiter, or idle (in the authenticated state: an idle
+/// connection's numbering is not kept up); when the pool keeps no idle connection or has no
+/// room for it, it is logged out.
 pub async fn give_back(mut connection: ProviderConnection) {
     let Some(pool) = connection.slot.as_ref().and_then(|slot| slot.pool.clone()) else {
         connection.logout().await;
         return;
     };
+    if connection.selected.is_some() && pool.state().slots.waiting() == 0 {
+        if !connection.unselect(REUSE_CHECK).await {
+            connection.logout().await;
+            return;
+        }
+    }
     {
         let mut state = pool.state();
         if state.keeps_one() {
@@ -562,5 +609,70 @@ impl Drop for Slot {
 impl std::fmt::Debug for Slot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Slot")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A queued wait for a place, as `connect` makes one.
+    fn wait_for_place(pool: &Pool, user: &'static str) -> tokio::task::JoinHandle<bool> {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            matches!(
+                pool.acquire(user, Class::Interactive, Some(deadline), false)
+                    .await,
+                Some(Grant::Place)
+            )
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_asks_the_session_quiet_the_longest_to_lend() {
+        let pool = Pool::new("studio", 1);
+        assert!(matches!(
+            pool.acquire("mario", Class::Interactive, None, false).await,
+            Some(Grant::Place)
+        ));
+        let quiet_longest = pool.offer();
+        let quiet_since_now = pool.offer();
+        let waiter = wait_for_place(&pool, "anna");
+        tokio::time::timeout(Duration::from_secs(1), quiet_longest.asked())
+            .await
+            .expect("the session quiet the longest is asked");
+        let asked = tokio::time::timeout(Duration::from_millis(100), quiet_since_now.asked()).await;
+        assert!(asked.is_err(), "one waiter asks one session");
+        // The one asked had a command to run after all (its offer is gone): a second later
+        // the waiter asks the next.
+        drop(quiet_longest);
+        tokio::time::timeout(RECHECK * 2, quiet_since_now.asked())
+            .await
+            .expect("the next session is asked");
+        // The place comes free (the lent connection, here just its place): the waiter has it.
+        drop(Slot::new(pool.clone()));
+        assert!(waiter.await.unwrap());
+        assert_eq!(pool.figures().lends, 2);
+        // With nobody waiting, an offer is only registered.
+        drop(quiet_since_now);
+        let idle = pool.offer();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), idle.asked())
+                .await
+                .is_err()
+        );
+        // One made while somebody waits is asked at once.
+        let waiter = wait_for_place(&pool, "carla");
+        tokio::task::yield_now().await;
+        while pool.figures().waiting == 0 {
+            tokio::task::yield_now().await;
+        }
+        let late = pool.offer();
+        tokio::time::timeout(Duration::from_millis(1), late.asked())
+            .await
+            .expect("asked at once");
+        drop(Slot::new(pool.clone()));
+        assert!(waiter.await.unwrap());
     }
 }

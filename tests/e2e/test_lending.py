@@ -42,7 +42,7 @@ def message(subject: str) -> bytes:
 def office(pecgate_binary, *, pool: int, cap: int, seed: int = 5):
     """A provider of this test's own that takes ``cap`` connections per login, ``seed``
     messages in INBOX, and pecgate with a pool of ``pool`` that lends quiet connections."""
-    d = Dovecot(max_userip_connections=cap)
+    d = Dovecot(max_userip_connections=cap, rawlog=[PROVIDER_ADDRESS])
     d.add_user(PROVIDER_ADDRESS, "provider-" + harness.secrets.token_hex(8))
     d.__enter__()
     for i in range(seed):
@@ -186,7 +186,15 @@ def test_a_quiet_session_lends_its_connection_to_a_waiting_login(small_office, c
     untagged, tagged = anna.run("UID FETCH 1:* (UID)")
     assert tagged.split()[1] == b"OK", tagged
     assert sorted(anna.fetched(untagged).values()) == uids
-    # A session with no folder selected lends too, and LISTs afterwards.
+    # Handed over between sessions of INBOX, the connection kept the folder selected: pecgate
+    # never selected it again (its own commands have tags s<N>); only anna's login got it
+    # unselected.
+    sent = b"".join(c.received for c in dovecot.rawlog_connections())
+    assert b"s7 UID SEARCH ALL" in sent
+    assert not re.search(rb"^s\d+ (SELECT|EXAMINE)", sent, re.M), sent
+    assert len(re.findall(rb"^s\d+ UNSELECT", sent, re.M)) == 1, sent
+    # A session with no folder selected lends too, and LISTs afterwards; the connection it
+    # gets comes unselected, and the one it lends needs selecting again.
     carla = Client(gw, clients, "mario", folder=None)
     untagged, tagged = mario.run("NOOP")
     assert tagged.split()[1] == b"OK", tagged
@@ -194,6 +202,9 @@ def test_a_quiet_session_lends_its_connection_to_a_waiting_login(small_office, c
     assert tagged.split()[1] == b"OK", tagged
     assert any(b"INBOX" in line for line in untagged), untagged
     assert metric(gw, "pecgate_provider_connections") == 1
+    assert metric(gw, "pecgate_provider_lends_total") == 6
+    sent = b"".join(c.received for c in dovecot.rawlog_connections())
+    assert re.search(rb"^s\d+ UNSELECT", sent, re.M) and b's7 SELECT "INBOX"' in sent
     # Each command is audited under its own user, on its own folder.
     rows = wait_until(lambda: (rows := [r for r in gw.audit_rows() if r["command"] == "FETCH"])
                       and rows, 10, "mario's FETCH in the audit log")
