@@ -1144,15 +1144,7 @@ fn chain_hash(prev_hash: &[u8], id: i64, fields: &[Option<&[u8]>; 10]) -> String
     hex(&h.finalize())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[usize::from(b >> 4)] as char);
-        s.push(DIGITS[usize::from(b & 0xf)] as char);
-    }
-    s
-}
+use crate::text::hex;
 
 fn open_read_only(path: &Path) -> Result<Connection, AuditError> {
     let open_err = |source| AuditError::Open {

@@ -33,6 +33,9 @@ pub const DEFAULT_LOGIN_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_PROVIDER_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_CONNECTION_WAIT_SECS: u64 = 30;
 pub const DEFAULT_PROVIDER_IDLE_KEEP_SECS: u64 = 300;
+/// A PEC mailbox holds 1–2 GB at most (Aruba, Legalmail): half a gigabyte keeps the messages
+/// people actually open.
+pub const DEFAULT_BODY_CACHE_MIB: u64 = 512;
 pub const DEFAULT_LOCKOUT_ADDRESS_FAILURES: u32 = 10;
 pub const DEFAULT_LOCKOUT_USER_FAILURES: u32 = 20;
 pub const DEFAULT_LOCKOUT_WINDOW_SECS: u64 = 900;
@@ -96,6 +99,9 @@ pub struct GatewayConfig {
     /// How long a provider connection whose session ended waits, logged in, for the next
     /// session (zero: it is closed with its session).
     pub provider_idle_keep: Duration,
+    /// Bytes of message bodies kept in `state_dir/cache/bodies` so the provider serves each
+    /// message once (zero: no cache).
+    pub body_cache_bytes: u64,
     /// Brute-force lockout.
     pub lockout: LockoutConfig,
     /// Below this much free space in `state_dir`, pecgate warns.
@@ -691,6 +697,7 @@ struct RawGateway {
     provider_timeout_secs: Option<u64>,
     connection_wait_secs: Option<u64>,
     provider_idle_keep_secs: Option<u64>,
+    body_cache_mib: Option<u64>,
     lockout_address_failures: Option<u32>,
     lockout_user_failures: Option<u32>,
     lockout_window_secs: Option<u64>,
@@ -1161,6 +1168,10 @@ impl Config {
                 g.provider_idle_keep_secs
                     .unwrap_or(DEFAULT_PROVIDER_IDLE_KEEP_SECS),
             ),
+            body_cache_bytes: g
+                .body_cache_mib
+                .unwrap_or(DEFAULT_BODY_CACHE_MIB)
+                .saturating_mul(1024 * 1024),
             lockout: LockoutConfig {
                 address_failures: p.at_least_one(
                     "gateway.lockout_address_failures",

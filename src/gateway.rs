@@ -115,11 +115,19 @@ pub struct Carried {
     rates: Mutex<HashMap<String, KeptRate>>,
     /// The folder watchers of parked IMAP sessions.
     pub watchers: crate::imap::watcher::Watchers,
+    /// Message bodies fetched once (`None`: `body_cache_mib = 0`). Opened at start: a reload
+    /// does not resize it.
+    pub body_cache: Option<Arc<crate::body_cache::BodyCache>>,
 }
 
 impl Carried {
     /// The carried state for a first configuration.
-    pub fn new(config: &Config, audit: AuditLog, ledger: Option<Ledger>) -> Arc<Carried> {
+    pub fn new(
+        config: &Config,
+        audit: AuditLog,
+        ledger: Option<Ledger>,
+        body_cache: Option<crate::body_cache::BodyCache>,
+    ) -> Arc<Carried> {
         Arc::new(Carried {
             audit,
             ledger,
@@ -133,6 +141,7 @@ impl Carried {
             pools: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
             watchers: Default::default(),
+            body_cache: body_cache.map(Arc::new),
         })
     }
 

@@ -5,6 +5,7 @@
 //! the modules and their invariants.
 
 pub mod audit;
+pub mod body_cache;
 pub mod client_config;
 pub mod config;
 pub mod control;
@@ -29,6 +30,8 @@ pub mod reload;
 pub mod server;
 pub mod session;
 pub mod smtp;
+#[cfg(test)]
+mod testing;
 pub mod text;
 pub mod timeline;
 pub mod tls;

@@ -834,6 +834,13 @@ fn serve(path: &Path) -> anyhow::Result<ExitCode> {
     }
     let (audit_log, audit_writer) = AuditLog::open(&state_dir.join("audit.sqlite"))?;
     let sent_ledger = Ledger::open(&state_dir.join(ledger::LEDGER_FILE_NAME))?;
+    let body_cache = match config.gateway.body_cache_bytes {
+        0 => None,
+        budget => Some(pecgate::body_cache::BodyCache::open(
+            &state_dir.join("cache").join("bodies"),
+            budget,
+        )?),
+    };
     let spool_dir = state_dir.join("spool");
     pecgate::smtp::spool::clean(&spool_dir)
         .with_context(|| format!("cannot prepare the spool directory {}", spool_dir.display()))?;
@@ -845,7 +852,7 @@ fn serve(path: &Path) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let carried = Carried::new(&config, audit_log, Some(sent_ledger));
+        let carried = Carried::new(&config, audit_log, Some(sent_ledger), body_cache);
         let gateway = Arc::new(Gateway::new(config, &carried, &vault)?);
         drop(vault);
         let listeners = Listeners::bind(&gateway).await?;

@@ -9,6 +9,17 @@
 
 use std::borrow::Cow;
 
+/// Bytes as lowercase hexadecimal (digests, keys).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    s
+}
+
 /// `s` with control, bidi and invisible characters escaped (`\r`, `\u{202e}`); with `quoted`,
 /// `"` and `\` too (for a value printed between quotes).
 pub fn escape(s: &str, quoted: bool) -> Cow<'_, str> {

@@ -34,9 +34,10 @@ use crate::config::Permission;
 use crate::imap::authorize::{
     Decision, SessionPolicy, authorize, force_peek, renames_rfc822, substitute,
 };
+use crate::imap::cached_fetch::{self, Bodies};
 use crate::imap::classify::{CommandClass, Handling, Selection, classify};
 use crate::imap::command::{CommandSummary, parse_command, summarize};
-use crate::imap::identity::{FetchSeen, Identities, uid_code};
+use crate::imap::identity::{FetchSeen, FetchTap, Identities, uid_code};
 use crate::imap::listing::{ListRequest, status_visible};
 use crate::imap::provider_client::{Untagged, next_tag};
 use crate::imap::renumber::{Renumbered, Renumbering, Translation};
@@ -121,6 +122,12 @@ pub enum UntaggedPlan {
     /// Relay it with this first line instead (the client's message number: see
     /// [`Renumbering`]); `rename` as for [`UntaggedPlan::PassRenamed`].
     PassRenumbered { line: Vec<u8>, rename: bool },
+    /// Write this instead: the provider's answer with the message body from pecgate's cache
+    /// (see [`cached_fetch`]); then hand `seen` to [`ClientSession::on_fetch_seen`].
+    Cached {
+        bytes: Vec<u8>,
+        seen: Option<FetchSeen>,
+    },
     /// Write this instead (capabilities replaced).
     Replace(Vec<u8>),
     /// Read the whole response (literals included) and hand it to [`ClientSession::on_unit`].
@@ -153,6 +160,9 @@ struct InFlight {
     /// It named messages gone upstream that the client still counts: its OK says so, as
     /// Dovecot's does (RFC 5530 `EXPUNGEISSUED`).
     expunge_issued: bool,
+    /// A download answered from the body cache: the provider was asked without the body,
+    /// which joins each of its answers from here.
+    bodies: Option<Bodies>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,19 +257,34 @@ impl ClientSession {
 
     /// A parsed command from the client.
     pub fn submit(&mut self, command: Command<'static>) -> Submit {
-        self.submit_inner(command, None)
+        self.submit_inner(command, None, None)
+    }
+
+    /// A parsed command, with the bodies pecgate's cache holds for it when it is a download
+    /// the cache can answer ([`cached_fetch::body_request`]; every UID must be there).
+    pub fn submit_cached(&mut self, command: Command<'static>, bodies: Option<Bodies>) -> Submit {
+        self.submit_inner(command, None, bodies)
+    }
+
+    /// Whether the selected folder stays as it is until the next command is submitted (no
+    /// SELECT, EXAMINE, CLOSE or UNSELECT in flight): what the cache may key on.
+    pub fn folder_settled(&self) -> bool {
+        self.in_flight
+            .iter()
+            .all(|f| f.class.selection == Selection::Keep)
     }
 
     /// An APPEND whose message (`length` bytes) the driver will stream; `command` is the
     /// skeleton parsed with an empty message.
     pub fn submit_append(&mut self, skeleton: Command<'static>, length: u32, sync: bool) -> Submit {
-        self.submit_inner(skeleton, Some((length, sync)))
+        self.submit_inner(skeleton, Some((length, sync)), None)
     }
 
     fn submit_inner(
         &mut self,
         mut command: Command<'static>,
         append: Option<(u32, bool)>,
+        bodies: Option<Bodies>,
     ) -> Submit {
         let client_tag = command.tag.as_ref().to_owned();
         let class = classify(&command.body);
@@ -386,6 +411,15 @@ impl ClientSession {
                 }
             }
         }
+        // Every body asked for is at hand: the provider is asked the rest.
+        let bodies = bodies.filter(|bodies| {
+            cached_fetch::body_request(&command.body)
+                .is_some_and(|uids| uids.iter().all(|uid| bodies.contains_key(uid)))
+        });
+        if bodies.is_some() {
+            cached_fetch::without_body(&mut command.body);
+            summary.detail = join_detail(&summary.detail, "bodies from pecgate's cache");
+        }
         let upstream_tag = next_tag();
         command.tag = Tag::try_from(upstream_tag.clone()).expect("c<digits> is a valid tag");
         let select_target = (class.selection == Selection::Select)
@@ -443,6 +477,7 @@ impl ClientSession {
             list,
             internal: false,
             expunge_issued,
+            bodies,
         });
         actions.push(Action::Provider(request));
         if let Some(undo) = undo {
@@ -491,6 +526,7 @@ impl ClientSession {
             list: None,
             internal: true,
             expunge_issued: false,
+            bodies: None,
         });
         actions
     }
@@ -778,6 +814,25 @@ impl ClientSession {
     pub fn plan_untagged(&mut self, kind: Untagged, line: &[u8]) -> UntaggedPlan {
         if kind == Untagged::State {
             self.on_untagged_code(line);
+        }
+        // Downloads may be pipelined: the answer's UID says whose body it takes.
+        if kind == Untagged::Fetch
+            && let Some((bodies, (uid, bytes))) = self.in_flight.iter().find_map(|f| {
+                let bodies = f.bodies.as_ref()?;
+                Some((bodies, cached_fetch::splice(line, bodies)?))
+            })
+        {
+            // The served message is named in the audit as if it had streamed from the
+            // provider.
+            let mut tap = FetchTap::default();
+            let head = bytes.len() - bodies[&uid].len() - 3;
+            tap.line(&bytes[..head], true);
+            tap.literal(&bodies[&uid]);
+            tap.line(b")\r\n", false);
+            return UntaggedPlan::Cached {
+                bytes,
+                seen: tap.finish(),
+            };
         }
         if let Some(renumbering) = &mut self.renumbering
             && matches!(kind, Untagged::Fetch | Untagged::Other)

@@ -193,6 +193,14 @@ impl Rig {
                     crate::imap::authorize::rename_rfc822_items(line),
                 )],
                 UntaggedPlan::PassRenumbered { line, .. } => vec![Action::Client(line)],
+                UntaggedPlan::Cached { bytes, seen } => {
+                    let mut actions = vec![Action::Client(bytes)];
+                    actions.extend(
+                        seen.map(|seen| self.session.on_fetch_seen(seen))
+                            .unwrap_or_default(),
+                    );
+                    actions
+                }
                 UntaggedPlan::Replace(bytes) => vec![Action::Client(bytes)],
                 UntaggedPlan::Gather => self.session.on_unit(kind, line),
                 UntaggedPlan::Violation(reason) => self.session.on_violation(&reason),
@@ -970,4 +978,78 @@ fn a_session_whose_numbering_differs_is_translated_until_it_can_be_told() {
     let up = r.take_upstream();
     assert!(up[0].ends_with(" FETCH 2 FLAGS\r\n"), "{up:?}");
     assert!(r.session.renumbering().is_none());
+}
+
+#[test]
+fn a_download_the_cache_holds_asks_the_provider_only_the_rest() {
+    let mut r = rig(&["INBOX"], ALL);
+    r.client_sends(b"s SELECT INBOX\r\n");
+    let up = r.take_upstream();
+    r.provider_sends(&format!("{} OK [READ-WRITE] done\r\n", Rig::last_tag(&up)));
+    r.take_client();
+    let body = b"Message-ID: <a@b>\r\n\r\nhello\r\n".to_vec();
+    let bodies: crate::imap::cached_fetch::Bodies = std::sync::Arc::new(
+        std::collections::HashMap::from([(3, std::sync::Arc::new(body))]),
+    );
+    let command = parse_command(b"f UID FETCH 3 (FLAGS BODY.PEEK[])\r\n").unwrap();
+    let actions = match r.session.submit_cached(command, Some(bodies)) {
+        Submit::Ready(actions) => actions,
+        Submit::Wait(_) => panic!("nothing in flight"),
+    };
+    r.perform(actions);
+    let up = r.take_upstream();
+    assert!(up[0].ends_with(" UID FETCH 3 (UID FLAGS)\r\n"), "{up:?}");
+    r.provider_sends("* 1 FETCH (UID 3 FLAGS (\\Seen))\r\n");
+    r.provider_sends(&format!("{} OK Fetch completed\r\n", Rig::last_tag(&up)));
+    assert_eq!(
+        r.take_client(),
+        "* 1 FETCH (UID 3 FLAGS (\\Seen) BODY[] {28}\r\nMessage-ID: <a@b>\r\n\r\nhello\r\n)\r\n\
+         f OK Fetch completed\r\n"
+    );
+    let fetch = r.audits.iter().find(|a| a.command == "UID FETCH").unwrap();
+    assert!(
+        fetch.detail.contains("bodies from pecgate's cache"),
+        "{}",
+        fetch.detail
+    );
+    let seen = r.audits.iter().find(|a| a.command == "message").unwrap();
+    assert!(
+        seen.detail.contains("uid=3 message=<a@b> opened"),
+        "{}",
+        seen.detail
+    );
+    // A body the cache does not have: the command goes up whole.
+    let command = parse_command(b"g UID FETCH 4 (BODY.PEEK[])\r\n").unwrap();
+    let bodies = Some(std::sync::Arc::new(std::collections::HashMap::new()));
+    let Submit::Ready(actions) = r.session.submit_cached(command, bodies) else {
+        panic!()
+    };
+    r.perform(actions);
+    assert!(r.take_upstream()[0].ends_with(" UID FETCH 4 BODY.PEEK[]\r\n"));
+}
+
+#[test]
+fn pipelined_cached_downloads_each_get_their_own_bodies() {
+    let mut r = rig(&["INBOX"], ALL);
+    r.client_sends(b"s SELECT INBOX\r\n");
+    let up = r.take_upstream();
+    r.provider_sends(&format!("{} OK [READ-WRITE] done\r\n", Rig::last_tag(&up)));
+    r.take_client();
+    for (tag, uid) in [("f", 3), ("g", 4)] {
+        let body = std::sync::Arc::new(format!("body {uid}").into_bytes());
+        let bodies = std::sync::Arc::new(std::collections::HashMap::from([(uid, body)]));
+        let text = format!("{tag} UID FETCH {uid} (BODY.PEEK[])\r\n");
+        let command = parse_command(text.as_bytes()).unwrap();
+        let Submit::Ready(actions) = r.session.submit_cached(command, Some(bodies)) else {
+            panic!("downloads do not run alone")
+        };
+        r.perform(actions);
+        assert_eq!(r.take_upstream().len(), 1);
+    }
+    r.provider_sends("* 2 FETCH (UID 4)\r\n");
+    r.provider_sends("* 1 FETCH (UID 3)\r\n");
+    assert_eq!(
+        r.take_client(),
+        "* 2 FETCH (UID 4 BODY[] {6}\r\nbody 4)\r\n* 1 FETCH (UID 3 BODY[] {6}\r\nbody 3)\r\n"
+    );
 }

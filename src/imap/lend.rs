@@ -103,11 +103,13 @@ async fn lend(
         .session
         .reselect()
         .and_then(|select| folder_of(select))
-        .map(|(name, read_only)| SelectedFolder {
-            name,
-            read_only,
-            uidvalidity: core.session.uidvalidity(),
-            uids,
+        .map(|(name, read_only)| {
+            Box::new(SelectedFolder {
+                name,
+                read_only,
+                uidvalidity: core.session.uidvalidity(),
+                uids,
+            })
         });
     pool::give_back(provider).await;
     Ok(positions)

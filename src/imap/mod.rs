@@ -7,6 +7,8 @@
 //! - [`response`]: classifying provider responses, the capability allow-list;
 //! - [`authorize`]: the folder and permission policy on commands;
 //! - [`identity`]: which message a FETCH answer or an APPEND carried (for the audit);
+//! - [`cached_fetch`]: which downloads the body cache answers, and how its bodies join the
+//!   provider's answer;
 //! - [`listing`]: LIST/LSUB answered and STATUS filtered from the visible tree;
 //! - [`provider_client`]: pecgate's side of the provider conversation (tags, literals, IDLE,
 //!   attribution of every response);
@@ -24,6 +26,7 @@
 //! - [`watcher`]: one connection per watched folder keeping parked sessions up to date.
 
 pub mod authorize;
+pub mod cached_fetch;
 pub mod classify;
 pub mod client_session;
 pub mod command;

@@ -25,13 +25,15 @@ use tokio::sync::{Notify, oneshot};
 
 use imap_codec::imap_types::command::{Command, CommandBody};
 
+use crate::body_cache;
 use crate::imap::authorize::{SessionPolicy, rename_rfc822_items};
+use crate::imap::cached_fetch::{self, Bodies, BodyCapture};
 use crate::imap::client_session::{
     Action, AuditRecord, ClientSession, Ending, Request, Submit, UntaggedPlan,
 };
 use crate::imap::command::{UpstreamStep, append_skeleton, parse_command};
 use crate::imap::framing::{Assembled, CommandAssembler, CommandLimits, literal_at_end, tag_of};
-use crate::imap::identity::{self, FetchTap};
+use crate::imap::identity::{self, FetchSeen, FetchTap};
 use crate::imap::listing::answer_list;
 use crate::imap::phase::{Attachment, ClientWriter, Core, SessionEnd, stop_bye};
 use crate::imap::provider_client::{ProviderClient, ProviderEvent, Untagged};
@@ -478,7 +480,9 @@ async fn upward(
                 ),
                 Ok(command) => {
                     try_end!(audit_healthy(shared).await);
-                    submit_when_ready(shared, command, |s, c| s.submit(c)).await
+                    let bodies = cached_bodies(shared, &command).await;
+                    submit_when_ready(shared, command, |s, c| s.submit_cached(c, bodies.clone()))
+                        .await
                 }
             },
             Assembled::MessageLiteral { head, literal } => {
@@ -906,8 +910,13 @@ async fn downward(
                             }
                             plan => (line, plan == UntaggedPlan::PassRenamed),
                         };
-                        // A FETCH answer is watched as it streams: which message it served.
+                        // A FETCH answer is watched as it streams: which message it served,
+                        // and the whole message for the body cache.
                         let mut tap = (kind == Untagged::Fetch).then(FetchTap::default);
+                        let cache = shared.ctx.gateway.carried.body_cache.as_ref();
+                        let mut capture = cache
+                            .filter(|_| kind == Untagged::Fetch)
+                            .map(|cache| BodyCapture::new(cache.max_body()));
                         if let Err(end) = pass_through(
                             provider,
                             buffer,
@@ -915,24 +924,36 @@ async fn downward(
                             line,
                             rename,
                             tap.as_mut(),
+                            capture.as_mut(),
                         )
                         .await
                         {
                             return end;
                         }
                         let seen = tap.and_then(FetchTap::finish);
+                        if let (Some(capture), Some(seen)) = (capture, &seen) {
+                            keep_body(shared, capture, seen).await;
+                        }
                         let Some(seen) = seen else { continue };
                         shared.core().session.on_fetch_seen(seen)
                     }
                     UntaggedPlan::PassThenEnd => {
                         let reply = crate::text::printable(&line, 200);
                         let _ =
-                            pass_through(provider, buffer, &shared.client, line, false, None).await;
+                            pass_through(provider, buffer, &shared.client, line, false, None, None)
+                                .await;
                         let _ = shared.client.lock().await.flush().await;
                         tracing::warn!(%reply, "the provider ended the session");
                         return SessionEnd::UpstreamClosed;
                     }
                     UntaggedPlan::Replace(bytes) => vec![Action::Client(bytes)],
+                    UntaggedPlan::Cached { bytes, seen } => {
+                        let mut actions = vec![Action::Client(bytes)];
+                        if let Some(seen) = seen {
+                            actions.extend(shared.core().session.on_fetch_seen(seen));
+                        }
+                        actions
+                    }
                     UntaggedPlan::Gather => {
                         match read_unit(provider, buffer, &line, MAX_MAILBOX_DATA).await {
                             Ok(unit) => shared.core().session.on_unit(kind, &unit),
@@ -956,6 +977,65 @@ async fn downward(
                 return end;
             }
         }
+    }
+}
+
+/// The bodies the cache holds for a download it can answer, every one of them, read off the
+/// runtime; `None` otherwise (the command then goes to the provider whole).
+async fn cached_bodies(shared: &Shared<'_>, command: &Command<'static>) -> Option<Bodies> {
+    let cache = shared.ctx.gateway.carried.body_cache.clone()?;
+    let uids = cached_fetch::body_request(&command.body)?;
+    let keys: Vec<(u32, body_cache::Key)> = {
+        let core = shared.core();
+        if !core.session.folder_settled() {
+            return None;
+        }
+        let folder = park::wire_folder(core.session.reselect()?)?;
+        let uidvalidity = core.session.uidvalidity()?;
+        let mailbox = shared.ctx.mailbox.as_deref()?;
+        uids.iter()
+            .map(|&uid| (uid, body_cache::key(mailbox, &folder, uidvalidity, uid)))
+            .collect()
+    };
+    if !keys.iter().all(|(_, key)| cache.has(key)) {
+        return None;
+    }
+    let read = tokio::task::spawn_blocking(move || {
+        let mut bodies = std::collections::HashMap::new();
+        for (uid, key) in keys {
+            bodies.insert(uid, Arc::new(cache.read(&key)?));
+        }
+        Some(Arc::new(bodies))
+    });
+    read.await.ok().flatten()
+}
+
+/// A whole message the provider just served, kept in the body cache (off the runtime). Only
+/// with its UID and the folder's UIDVALIDITY known: nothing else names it for good.
+async fn keep_body(shared: &Shared<'_>, capture: BodyCapture, seen: &FetchSeen) {
+    let Some(cache) = shared.ctx.gateway.carried.body_cache.clone() else {
+        return;
+    };
+    let (Some(uid), Some(body)) = (seen.uid, capture.finish()) else {
+        return;
+    };
+    let key = {
+        let core = shared.core();
+        let folder = core.session.reselect().and_then(park::wire_folder);
+        match (
+            folder,
+            core.session.uidvalidity(),
+            shared.ctx.mailbox.as_deref(),
+        ) {
+            (Some(folder), Some(uidvalidity), Some(mailbox)) => {
+                body_cache::key(mailbox, &folder, uidvalidity, uid)
+            }
+            _ => return,
+        }
+    };
+    let stored = tokio::task::spawn_blocking(move || cache.store(&key, &body)).await;
+    if let Ok(Err(error)) = stored {
+        tracing::warn!(%error, "a body could not be kept in the cache");
     }
 }
 
@@ -1018,6 +1098,7 @@ async fn pass_through(
     mut line: BytesMut,
     rename: bool,
     mut tap: Option<&mut FetchTap>,
+    mut capture: Option<&mut BodyCapture>,
 ) -> Result<(), SessionEnd> {
     let mut writer = client.lock().await;
     loop {
@@ -1031,6 +1112,9 @@ async fn pass_through(
         if let Some(tap) = tap.as_deref_mut() {
             tap.line(&line, literal.is_some());
         }
+        if let Some(capture) = capture.as_deref_mut() {
+            capture.line(&line, literal.as_ref().map(|l| l.length));
+        }
         let Some(literal) = literal else {
             return Ok(());
         };
@@ -1042,6 +1126,9 @@ async fn pass_through(
             |chunk| {
                 if let Some(tap) = tap.as_deref_mut() {
                     tap.literal(chunk);
+                }
+                if let Some(capture) = capture.as_deref_mut() {
+                    capture.literal(chunk);
                 }
             },
         )

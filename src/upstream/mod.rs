@@ -94,7 +94,7 @@ pub struct ProviderConnection {
     /// Set only while a session hands the connection to another with its folder still
     /// selected ([`pool::give_back`] to a waiter): otherwise a pooled connection is in the
     /// authenticated state.
-    pub selected: Option<SelectedFolder>,
+    pub selected: Option<Box<SelectedFolder>>,
 }
 
 /// A folder left selected on a connection handed from one session to another, and the

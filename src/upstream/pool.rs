@@ -461,11 +461,12 @@ pub async fn give_back(mut connection: ProviderConnection) {
         connection.logout().await;
         return;
     };
-    if connection.selected.is_some() && pool.state().slots.waiting() == 0 {
-        if !connection.unselect(REUSE_CHECK).await {
-            connection.logout().await;
-            return;
-        }
+    if connection.selected.is_some()
+        && pool.state().slots.waiting() == 0
+        && !connection.unselect(REUSE_CHECK).await
+    {
+        connection.logout().await;
+        return;
     }
     {
         let mut state = pool.state();

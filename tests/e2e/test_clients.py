@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from harness import PROVIDER_ADDRESS, make_message, maildir_digests, mbsync_pull, normalise_synced
+from harness import PROVIDER_ADDRESS, make_message, maildir_digests, mbsync_pull, normalise_synced, wait_until
 
 BULK_FOLDER = "Ricevute/Archivio"
 BULK_COUNT = 2000
@@ -97,9 +97,11 @@ def test_curl_fetch_matches_direct(gateway, dovecot):
 def test_mbsync_through_a_pool_of_two_beside_parked_idlers(make_gateway, dovecot, bulk_folder, tmp_path):
     """Two provider connections for everything: a colleague's five clients idle on INBOX
     (parked: the folder watcher holds one connection for all of them) while two full mbsync
-    pulls run one after the other on the other; both equal a direct sync."""
-    gw = make_gateway(max_connections=2, gateway_options={"provider_idle_keep_secs": 60},
-                      imap_options={"park_idle": True})
+    pulls run one after the other on the other; both equal a direct sync, and the second
+    gets every body from pecgate's cache (fetch once)."""
+    gw = make_gateway(max_connections=2,
+                      gateway_options={"provider_idle_keep_secs": 60, "body_cache_mib": 256},
+                      imap_options={"park_idle": True, "lend_between_commands": True})
     idlers = []
     try:
         for _ in range(5):
@@ -110,11 +112,19 @@ def test_mbsync_through_a_pool_of_two_beside_parked_idlers(make_gateway, dovecot
             r.send(b"I1 IDLE\r\n")
             assert r.read_line().startswith(b"+")
             idlers.append(r)
+        def cached_downloads() -> int:
+            return sum(1 for r in gw.audit_rows()
+                       if r["command"] == "UID FETCH" and "bodies from pecgate's cache" in r["detail"])
+
         for run in ("first", "second"):
+            before = cached_downloads()
             via = mbsync_pull(gw.tls_port, "mario", gw.password("mario"), gw.cert,
                               [BULK_FOLDER], tmp_path / run)
             _check_mbsync(via, f"{run} pull through a pool of two")
             assert maildir_digests(tmp_path / run / BULK_FOLDER) == bulk_folder
+            if run == "second":
+                wait_until(lambda: cached_downloads() - before >= len(bulk_folder), 20,
+                           "every body of the second pull to come from the cache")
         for r in idlers:
             r.send(b"DONE\r\n")
             _, tagged = r.read_until_tagged("I1", 30)

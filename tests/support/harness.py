@@ -1358,7 +1358,7 @@ class Pecgate:
         ``mailbox_options``: extra keys of the mailbox table (``max_message_bytes``,
         ``send_rate``...); ``gateway_options``: extra keys of ``[gateway]``
         (``lockout_address_failures``, ``provider_timeout_secs``...; ``provider_idle_keep_secs``
-        is 0 unless given there). SMTP listeners are
+        and ``body_cache_mib`` are 0 unless given there). SMTP listeners are
         always configured. ``metrics``: ``[metrics] listen`` (e.g. ``"127.0.0.1:0"``; the
         real port is read back into ``metrics_port``), off when None. ``receipts``: the
         ``[receipts]`` table (``{}`` for the defaults: the worker on); when None the worker is
@@ -1431,6 +1431,9 @@ class Pecgate:
                 # reading a connection's complete rawlog can wait for it to close; the pool's
                 # reuse is tested where it is asked for (test_pool.py).
                 "provider_idle_keep_secs": 0,
+                # Each FETCH reaches the provider as the client sent it, so the rawlog-based
+                # suites see every command; the cache is tested in test_cache.py.
+                "body_cache_mib": 0,
                 **self.gateway_options,
             }),
             toml_table("tls", {"cert": str(self.cert), "key": str(self.key)}),
