@@ -183,6 +183,18 @@ impl ProviderConnection {
 }
 
 impl ProviderConnection {
+    /// Whether an idle connection is as it was left: the provider has sent nothing on it
+    /// since (it has no news to tell unasked, and has not closed it). Looks without waiting.
+    pub async fn untouched(&mut self) -> bool {
+        if !self.buffer.is_empty() {
+            return false;
+        }
+        // One poll of a read: ready means bytes or the end of the stream, either of which
+        // says the connection is not as it was.
+        let read = io::fill(&mut self.reader, &mut self.buffer);
+        tokio::time::timeout(Duration::ZERO, read).await.is_err()
+    }
+
     /// A NOOP answered `OK` within `limit`: an idle connection is still logged in and in step.
     pub async fn still_there(&mut self, limit: Duration) -> bool {
         self.simple("s5", "NOOP", limit).await == Some(Status::Ok)

@@ -232,10 +232,23 @@ impl Pool {
         connection
     }
 
-    /// The newest idle connection logged in to `identity`, if one is fresh enough to try.
-    fn take_idle(&self, identity: &[u8; 32]) -> Option<ProviderConnection> {
+    /// The newest idle connection logged in to `identity` with `folder` selected, else the
+    /// newest one, if one is fresh enough to try.
+    fn take_idle(
+        &self,
+        identity: &[u8; 32],
+        folder: Option<(&str, bool)>,
+    ) -> Option<ProviderConnection> {
         let mut state = self.state();
         let keep = state.keep_idle;
+        let on_folder = state.idle.iter().rposition(|idle| {
+            let selected = idle.connection.selected.as_ref();
+            selected.is_some_and(|s| folder == Some((s.name.as_str(), s.read_only)))
+        });
+        if let Some(at) = on_folder {
+            let idle = state.idle.remove(at);
+            state.idle.push(idle);
+        }
         while let Some(idle) = state.idle.pop() {
             let connection = self.with_place(idle.connection);
             if idle.since.elapsed() < keep && connection.identity == *identity {
@@ -290,7 +303,9 @@ impl Pool {
         keep: Option<(&str, bool)>,
     ) -> Result<ProviderConnection, PoolError> {
         loop {
-            let mut connection = self.connect_any(target, user, class, deadline).await?;
+            let mut connection = self
+                .connect_any(target, user, class, deadline, keep)
+                .await?;
             let Some(selected) = &connection.selected else {
                 return Ok(connection);
             };
@@ -311,20 +326,32 @@ impl Pool {
         user: &str,
         class: Class,
         deadline: Option<Instant>,
+        keep: Option<(&str, bool)>,
     ) -> Result<ProviderConnection, PoolError> {
         let started = Instant::now();
         let identity = target.identity();
         let mut retry = false;
         loop {
-            if !retry && let Some(mut connection) = self.take_idle(&identity) {
-                // One handed over with a folder selected may have waited idle after all (its
-                // waiter gave up): its numbering is not known any more.
+            if !retry && let Some(mut connection) = self.take_idle(&identity, keep) {
                 let limit = REUSE_CHECK.min(target.timeout);
-                let unselected = connection.selected.is_none() || connection.unselect(limit).await;
-                if unselected && connection.still_there(limit).await {
+                let wanted = connection
+                    .selected
+                    .as_ref()
+                    .is_some_and(|s| keep == Some((s.name.as_str(), s.read_only)));
+                if wanted {
+                    // Its folder as this caller wants it: a command would make the provider
+                    // tell the news it holds (and spoil the UID list), so only what already
+                    // came is looked at. Nothing: it is as it was left.
+                    if connection.untouched().await {
+                        return Ok(connection);
+                    }
+                } else if (connection.selected.is_none() || connection.unselect(limit).await)
+                    && connection.still_there(limit).await
+                {
                     return Ok(connection);
                 }
-                // Dropped: the provider ended it while it was idle; its place is free again.
+                // Dropped, or it spoke while idle: closed (its place freed).
+                connection.logout().await;
                 continue;
             }
             let slot = match self.acquire(user, class, deadline, retry).await {
@@ -422,13 +449,19 @@ impl Pool {
 
     /// Offer the connection a session holds but is not using (it is between two commands):
     /// while the offer lives, a waiter that finds no place may ask for it
-    /// ([`Offer::asked`]). With a waiter already queued, it is asked at once.
+    /// ([`Offer::asked`]). With a waiter already queued, it is asked at once; so it is when
+    /// every place is taken and no connection waits idle (and idle ones are kept): the next
+    /// command of any session then finds one ready, its folder still selected, instead of
+    /// waiting for a lender to wake.
     pub fn offer(&self) -> Offer {
         let asked = Arc::new(Notify::new());
         let mut state = self.state();
         state.next_lender += 1;
         let id = state.next_lender;
-        if state.slots.waiting() > 0 {
+        let crowded = state.idle.is_empty()
+            && !state.keep_idle.is_zero()
+            && state.slots.open() >= state.slots.live_cap();
+        if state.slots.waiting() > 0 || crowded {
             asked.notify_one();
         } else {
             state.lenders.push_back((id, Arc::clone(&asked)));
@@ -453,21 +486,14 @@ impl Pool {
 
 /// Give a session's connection back to its pool: pecgate has left it with nothing in flight,
 /// in the authenticated state or with a folder selected as [`ProviderConnection::selected`]
-/// says. It goes to the next waiter, or idle (in the authenticated state: an idle
-/// connection's numbering is not kept up); when the pool keeps no idle connection or has no
-/// room for it, it is logged out.
+/// says. It goes to the next waiter, or idle (a folder stays selected: the provider tells a
+/// connection nothing until it is sent a command, so its UID list stays its numbering); when
+/// the pool keeps no idle connection or has no room for it, it is logged out.
 pub async fn give_back(mut connection: ProviderConnection) {
     let Some(pool) = connection.slot.as_ref().and_then(|slot| slot.pool.clone()) else {
         connection.logout().await;
         return;
     };
-    if connection.selected.is_some()
-        && pool.state().slots.waiting() == 0
-        && !connection.unselect(REUSE_CHECK).await
-    {
-        connection.logout().await;
-        return;
-    }
     {
         let mut state = pool.state();
         if state.keeps_one() {

@@ -39,9 +39,11 @@ def message(subject: str) -> bytes:
             f"Message-ID: <{harness.secrets.token_hex(6)}@pec.example.test>\r\n\r\nbody\r\n").encode()
 
 
-def office(pecgate_binary, *, pool: int, cap: int, seed: int = 5):
+def office(pecgate_binary, *, pool: int, cap: int, seed: int = 5, keep_idle: int = 0):
     """A provider of this test's own that takes ``cap`` connections per login, ``seed``
-    messages in INBOX, and pecgate with a pool of ``pool`` that lends quiet connections."""
+    messages in INBOX, and pecgate with a pool of ``pool`` that lends quiet connections
+    (with ``keep_idle``, idle connections are kept: then a session lends its connection as
+    soon as it is quiet while every place is taken)."""
     d = Dovecot(max_userip_connections=cap, rawlog=[PROVIDER_ADDRESS])
     d.add_user(PROVIDER_ADDRESS, "provider-" + harness.secrets.token_hex(8))
     d.__enter__()
@@ -51,7 +53,8 @@ def office(pecgate_binary, *, pool: int, cap: int, seed: int = 5):
     gateways = harness.gateways(d, binary=pecgate_binary, metrics="127.0.0.1:0",
                                 max_connections=pool,
                                 gateway_options={"connection_wait_secs": 20,
-                                                 "max_sessions_per_user": 100},
+                                                 "max_sessions_per_user": 100,
+                                                 "provider_idle_keep_secs": keep_idle},
                                 imap_options={"lend_between_commands": True})
     return d, gateways
 
@@ -277,13 +280,16 @@ STEPS = 100
 SEED = int(os.environ.get("PECGATE_LENDING_SEED", "0"))
 
 
-def test_many_sessions_on_two_connections_agree_with_the_provider(pecgate_binary, clients):
+@pytest.mark.parametrize("keep_idle", [0, 60], ids=["lent-when-asked", "lent-when-crowded"])
+def test_many_sessions_on_two_connections_agree_with_the_provider(pecgate_binary, clients, keep_idle):
     """The model-based check: twelve sessions run random command streams over a pool of two
     while a direct connection delivers and expunges. Every answer is checked against the
     client's model (sequence/UID mapping, EXISTS never down, no EXPUNGE during FETCH, STORE or
     SEARCH); every STORE must land on the message the client meant; at the end each session's
-    numbering is the provider's."""
-    d, gateways = office(pecgate_binary, pool=POOL, cap=POOL + 1, seed=30)
+    numbering is the provider's. Run with connections lent only when a waiter asks, and with
+    idle connections kept (lent as soon as a session is quiet while every place is taken,
+    handed on with their folder selected)."""
+    d, gateways = office(pecgate_binary, pool=POOL, cap=POOL + 1, seed=30, keep_idle=keep_idle)
     try:
         with gateways as make:
             gw = make()
@@ -345,7 +351,12 @@ def run_office(dovecot, gw, direct, clients):
         assert {u for u in uids if keyword in flags[u]} == stored[i] & set(uids), i
     assert metric(gw, "pecgate_provider_connections") <= POOL
     # Nearly every command found its session's connection lent to another.
-    assert metric(gw, "pecgate_provider_lends_total") > STEPS * 4 / 2
+    lends = metric(gw, "pecgate_provider_lends_total")
+    assert lends > STEPS * 4 / 2
+    sent = b"".join(c.received for c in dovecot.rawlog_connections())
+    selects = len(re.findall(rb"^s\d+ (SELECT|EXAMINE)", sent, re.M))
+    # Handed on with INBOX still selected: pecgate hardly ever had to select it again.
+    assert selects < lends / 10, (selects, lends)
     rows = gw.audit_rows()
     assert not [r for r in rows if r["outcome"] in ("bad", "error")], \
         [r for r in rows if r["outcome"] in ("bad", "error")][:3]
