@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import signal
 import threading
 import urllib.request
 
@@ -391,3 +392,43 @@ def step(s: Client, i: int, rng: random.Random, stored: set[int]):
         _, tagged = s.run("UID SEARCH ALL")
     # A message the provider's connection saw expunged meanwhile is refused as Dovecot does.
     assert tagged.split()[1] == b"OK" or b"[EXPUNGEISSUED]" in tagged, (i, tagged)
+
+
+def test_quiet_sessions_go_on_when_their_provider_connections_die(pecgate_binary, clients):
+    """With idle connections kept and every place taken, a session lends its connection as
+    soon as it is quiet: it holds none between commands. Killing the provider's side of every
+    pecgate connection then costs the sessions nothing: the dead idle connection is noticed
+    when taken (it spoke: the end of its stream) and replaced, the folder selected again, and
+    the session goes on in its own numbering, hearing of mail that came meanwhile."""
+    d, gateways = office(pecgate_binary, pool=1, cap=3, keep_idle=60)
+    try:
+        with gateways as make:
+            gw = make()
+            direct = harness.RawImap(d.imaps_port, cafile=d.cert)
+            direct.login(PROVIDER_ADDRESS, d.users[PROVIDER_ADDRESS])
+            try:
+                sessions = []
+                for user in ("mario", "anna"):
+                    sessions.append(Client(gw, clients, user))
+                    wait_until(lambda: metric(gw, "pecgate_provider_idle") == 1, 10,
+                               f"{user}'s connection to wait idle in the pool")
+                killed = 0
+                for c in d.rawlog_connections():
+                    if re.search(rb"^[cs]\d+ ", c.received, re.M):
+                        try:
+                            os.kill(c.pid, signal.SIGKILL)
+                            killed += 1
+                        except ProcessLookupError:
+                            pass
+                assert killed >= 1
+                d.deliver(PROVIDER_ADDRESS, message("durante il guasto"))
+                uids, _ = truth(direct)
+                for s in sessions:
+                    untagged, tagged = s.run("FETCH 1:* (UID)")
+                    assert tagged.split()[1] == b"OK", tagged
+                    assert f"* {len(uids)} EXISTS".encode() in untagged, untagged
+                    s.check_against(uids)
+            finally:
+                direct.close()
+    finally:
+        d.__exit__(None, None, None)
