@@ -111,6 +111,13 @@ pub struct SelectedFolder {
     pub uids: Vec<u32>,
 }
 
+impl SelectedFolder {
+    /// Whether this is the folder, in the mode, `wanted` says (name as sent, read-only).
+    pub fn is(&self, wanted: Option<(&str, bool)>) -> bool {
+        wanted == Some((self.name.as_str(), self.read_only))
+    }
+}
+
 /// What a [`ProviderConnection`] is besides its stream, kept aside while a driver uses the
 /// stream halves on their own (the relay) and joined back afterwards.
 pub struct ConnectionRest {

@@ -243,7 +243,7 @@ impl Pool {
         let keep = state.keep_idle;
         let on_folder = state.idle.iter().rposition(|idle| {
             let selected = idle.connection.selected.as_ref();
-            selected.is_some_and(|s| folder == Some((s.name.as_str(), s.read_only)))
+            selected.is_some_and(|s| s.is(folder))
         });
         if let Some(at) = on_folder {
             let idle = state.idle.remove(at);
@@ -309,7 +309,7 @@ impl Pool {
             let Some(selected) = &connection.selected else {
                 return Ok(connection);
             };
-            if keep == Some((selected.name.as_str(), selected.read_only)) {
+            if selected.is(keep) {
                 return Ok(connection);
             }
             if connection.unselect(REUSE_CHECK.min(target.timeout)).await {
@@ -334,10 +334,7 @@ impl Pool {
         loop {
             if !retry && let Some(mut connection) = self.take_idle(&identity, keep) {
                 let limit = REUSE_CHECK.min(target.timeout);
-                let wanted = connection
-                    .selected
-                    .as_ref()
-                    .is_some_and(|s| keep == Some((s.name.as_str(), s.read_only)));
+                let wanted = connection.selected.as_ref().is_some_and(|s| s.is(keep));
                 if wanted {
                     // Its folder as this caller wants it: a command would make the provider
                     // tell the news it holds (and spoil the UID list), so only what already

@@ -10,17 +10,18 @@ direct connection playing the colleague on webmail."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import signal
 import threading
-import urllib.request
 
 import pytest
 
 import harness
 from harness import PROVIDER_ADDRESS, Dovecot, wait_until
+from harness import folder_truth as truth, pool_metric as metric, small_message as message
 
 # Statuses that are answers, not news.
 NUMBERED = re.compile(rb"\* (\d+) (EXISTS|EXPUNGE|FETCH|RECENT)\b")
@@ -28,45 +29,24 @@ NUMBERED = re.compile(rb"\* (\d+) (EXISTS|EXPUNGE|FETCH|RECENT)\b")
 NO_EXPUNGE = re.compile(rb"^(FETCH|STORE|SEARCH) ", re.I)
 
 
-def metric(gw, name: str, mailbox: str = "studio") -> int | None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=5) as answer:
-        text = answer.read().decode()
-    found = re.search(rf'^{name}{{mailbox="{mailbox}"}} (\d+)$', text, re.M)
-    return int(found.group(1)) if found else None
-
-
-def message(subject: str) -> bytes:
-    return (f"From: a@pec.example.test\r\nTo: studio@pec.example.test\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{harness.secrets.token_hex(6)}@pec.example.test>\r\n\r\nbody\r\n").encode()
-
-
+@contextlib.contextmanager
 def office(pecgate_binary, *, pool: int, cap: int, seed: int = 5, keep_idle: int = 0):
     """A provider of this test's own that takes ``cap`` connections per login, ``seed``
-    messages in INBOX, and pecgate with a pool of ``pool`` that lends quiet connections
-    (with ``keep_idle``, idle connections are kept: then a session lends its connection as
-    soon as it is quiet while every place is taken)."""
+    messages in INBOX, pecgate with a pool of ``pool`` that lends quiet connections (with
+    ``keep_idle``, idle connections are kept: then a session lends its connection as soon as
+    it is quiet while every place is taken), and a direct connection to the provider."""
     d = Dovecot(max_userip_connections=cap, rawlog=[PROVIDER_ADDRESS])
     d.add_user(PROVIDER_ADDRESS, "provider-" + harness.secrets.token_hex(8))
-    d.__enter__()
-    for i in range(seed):
-        d.append(PROVIDER_ADDRESS, "INBOX", message(f"seed {i}"))
-    d.create_folders(PROVIDER_ADDRESS, ["Ricevute"])
-    gateways = harness.gateways(d, binary=pecgate_binary, metrics="127.0.0.1:0",
-                                max_connections=pool,
-                                gateway_options={"connection_wait_secs": 20,
-                                                 "max_sessions_per_user": 100,
-                                                 "provider_idle_keep_secs": keep_idle},
-                                imap_options={"lend_between_commands": True})
-    return d, gateways
-
-
-@pytest.fixture
-def small_office(pecgate_binary):
-    """One pooled connection; the provider takes three (pecgate's, the direct one and the
-    harness's own for APPEND)."""
-    d, gateways = office(pecgate_binary, pool=1, cap=3)
-    try:
-        with gateways as make:
+    with d:
+        for i in range(seed):
+            d.append(PROVIDER_ADDRESS, "INBOX", message(f"seed {i}"))
+        d.create_folders(PROVIDER_ADDRESS, ["Ricevute"])
+        with harness.gateways(d, binary=pecgate_binary, metrics="127.0.0.1:0",
+                              max_connections=pool,
+                              gateway_options={"connection_wait_secs": 20,
+                                               "max_sessions_per_user": 100,
+                                               "provider_idle_keep_secs": keep_idle},
+                              imap_options={"lend_between_commands": True}) as make:
             gw = make()
             direct = harness.RawImap(d.imaps_port, cafile=d.cert)
             direct.login(PROVIDER_ADDRESS, d.users[PROVIDER_ADDRESS])
@@ -74,22 +54,14 @@ def small_office(pecgate_binary):
                 yield d, gw, direct
             finally:
                 direct.close()
-    finally:
-        d.__exit__(None, None, None)
 
 
-def truth(direct, folder: str = "INBOX") -> tuple[list[int], dict[int, set[str]]]:
-    """The folder's UIDs and flags, read directly from the provider."""
-    _, tagged = direct.command("T0", f"EXAMINE {folder}")
-    assert tagged.startswith(b"T0 OK"), tagged
-    untagged, tagged = direct.command("T1", "UID FETCH 1:* (FLAGS)")
-    assert tagged.startswith(b"T1 OK"), tagged
-    flags = {}
-    for line in untagged:
-        m = re.match(rb"\* \d+ FETCH \((?=.*UID (\d+))(?=.*FLAGS \(([^)]*)\)).*", line)
-        if m:
-            flags[int(m.group(1))] = set(m.group(2).decode().split()) - {"\\Recent"}
-    return sorted(flags), flags
+@pytest.fixture
+def small_office(pecgate_binary):
+    """One pooled connection; the provider takes three (pecgate's, the direct one and the
+    harness's own for APPEND)."""
+    with office(pecgate_binary, pool=1, cap=3) as running:
+        yield running
 
 
 def expunge_uids(direct, uids: list[int]):
@@ -290,18 +262,8 @@ def test_many_sessions_on_two_connections_agree_with_the_provider(pecgate_binary
     numbering is the provider's. Run with connections lent only when a waiter asks, and with
     idle connections kept (lent as soon as a session is quiet while every place is taken,
     handed on with their folder selected)."""
-    d, gateways = office(pecgate_binary, pool=POOL, cap=POOL + 1, seed=30, keep_idle=keep_idle)
-    try:
-        with gateways as make:
-            gw = make()
-            direct = harness.RawImap(d.imaps_port, cafile=d.cert)
-            direct.login(PROVIDER_ADDRESS, d.users[PROVIDER_ADDRESS])
-            try:
-                run_office(d, gw, direct, clients)
-            finally:
-                direct.close()
-    finally:
-        d.__exit__(None, None, None)
+    with office(pecgate_binary, pool=POOL, cap=POOL + 1, seed=30, keep_idle=keep_idle) as running:
+        run_office(*running, clients)
 
 
 def run_office(dovecot, gw, direct, clients):
@@ -400,35 +362,25 @@ def test_quiet_sessions_go_on_when_their_provider_connections_die(pecgate_binary
     pecgate connection then costs the sessions nothing: the dead idle connection is noticed
     when taken (it spoke: the end of its stream) and replaced, the folder selected again, and
     the session goes on in its own numbering, hearing of mail that came meanwhile."""
-    d, gateways = office(pecgate_binary, pool=1, cap=3, keep_idle=60)
-    try:
-        with gateways as make:
-            gw = make()
-            direct = harness.RawImap(d.imaps_port, cafile=d.cert)
-            direct.login(PROVIDER_ADDRESS, d.users[PROVIDER_ADDRESS])
-            try:
-                sessions = []
-                for user in ("mario", "anna"):
-                    sessions.append(Client(gw, clients, user))
-                    wait_until(lambda: metric(gw, "pecgate_provider_idle") == 1, 10,
-                               f"{user}'s connection to wait idle in the pool")
-                killed = 0
-                for c in d.rawlog_connections():
-                    if re.search(rb"^[cs]\d+ ", c.received, re.M):
-                        try:
-                            os.kill(c.pid, signal.SIGKILL)
-                            killed += 1
-                        except ProcessLookupError:
-                            pass
-                assert killed >= 1
-                d.deliver(PROVIDER_ADDRESS, message("durante il guasto"))
-                uids, _ = truth(direct)
-                for s in sessions:
-                    untagged, tagged = s.run("FETCH 1:* (UID)")
-                    assert tagged.split()[1] == b"OK", tagged
-                    assert f"* {len(uids)} EXISTS".encode() in untagged, untagged
-                    s.check_against(uids)
-            finally:
-                direct.close()
-    finally:
-        d.__exit__(None, None, None)
+    with office(pecgate_binary, pool=1, cap=3, keep_idle=60) as (d, gw, direct):
+        sessions = []
+        for user in ("mario", "anna"):
+            sessions.append(Client(gw, clients, user))
+            wait_until(lambda: metric(gw, "pecgate_provider_idle") == 1, 10,
+                       f"{user}'s connection to wait idle in the pool")
+        killed = 0
+        for c in d.rawlog_connections():
+            if re.search(rb"^[cs]\d+ ", c.received, re.M):
+                try:
+                    os.kill(c.pid, signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+        assert killed >= 1
+        d.deliver(PROVIDER_ADDRESS, message("durante il guasto"))
+        uids, _ = truth(direct)
+        for s in sessions:
+            untagged, tagged = s.run("FETCH 1:* (UID)")
+            assert tagged.split()[1] == b"OK", tagged
+            assert f"* {len(uids)} EXISTS".encode() in untagged, untagged
+            s.check_against(uids)

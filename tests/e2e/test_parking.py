@@ -10,22 +10,15 @@ import os
 import re
 import signal
 import time
-import urllib.request
 
 import pytest
 
 import harness
 from harness import PROVIDER_ADDRESS, Dovecot, wait_until
+from harness import folder_truth as truth, pool_metric as metric, small_message as message
 
 SESSIONS = 12
 POOL = 3
-
-
-def metric(gw, name: str, mailbox: str = "studio") -> int | None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=5) as answer:
-        text = answer.read().decode()
-    found = re.search(rf'^{name}{{mailbox="{mailbox}"}} (\d+)$', text, re.M)
-    return int(found.group(1)) if found else None
 
 
 @pytest.fixture
@@ -50,25 +43,6 @@ def office(pecgate_binary):
                 yield d, make(), direct
             finally:
                 direct.close()
-
-
-def message(subject: str) -> bytes:
-    return (f"From: a@pec.example.test\r\nTo: studio@pec.example.test\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{harness.secrets.token_hex(6)}@pec.example.test>\r\n\r\nbody\r\n").encode()
-
-
-def truth(direct, folder: str = "INBOX") -> tuple[list[int], dict[int, set[str]]]:
-    """The folder's UIDs and flags, read directly from the provider."""
-    _, tagged = direct.command("T0", f"EXAMINE {folder}")
-    assert tagged.startswith(b"T0 OK"), tagged
-    untagged, tagged = direct.command("T1", "UID FETCH 1:* (FLAGS)")
-    assert tagged.startswith(b"T1 OK"), tagged
-    flags = {}
-    for line in untagged:
-        m = re.match(rb"\* \d+ FETCH \((?=.*UID (\d+))(?=.*FLAGS \(([^)]*)\)).*", line)
-        if m:
-            flags[int(m.group(1))] = set(m.group(2).decode().split()) - {"\\Recent"}
-    return sorted(flags), flags
 
 
 class Idler:

@@ -11,21 +11,14 @@ import re
 import select
 import signal
 import time
-import urllib.request
 
 import pytest
 
 import harness
 from harness import PROVIDER_ADDRESS, Dovecot, quote, wait_until
+from harness import pool_metric as metric
 
 OK_LOGIN = b"L1 OK"
-
-
-def metric(gw, name: str, mailbox: str = "studio") -> int | None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=5) as answer:
-        text = answer.read().decode()
-    found = re.search(rf'^{name}{{mailbox="{mailbox}"}} (\d+)$', text, re.M)
-    return int(found.group(1)) if found else None
 
 
 def last_login_row(gw, user: str) -> dict:

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.request
 import time
 from email.utils import formatdate, make_msgid
 from pathlib import Path
@@ -1840,6 +1841,35 @@ def demo_messages():
         ("Riservata", make_message("Pratica riservata", "Contenuto riservato: visibile solo alla segreteria "
                                    "se la policy lo consente (qui: a nessuno).")),
     ]
+
+
+def pool_metric(gw, name: str, mailbox: str = "studio") -> int | None:
+    """One per-mailbox figure from pecgate's ``/metrics`` (started with ``metrics=``)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    found = re.search(rf'^{name}{{mailbox="{mailbox}"}} (\d+)$', text, re.M)
+    return int(found.group(1)) if found else None
+
+
+def small_message(subject: str) -> bytes:
+    """A short message with its own Message-ID, for tests that count and move messages."""
+    return (f"From: a@pec.example.test\r\nTo: studio@pec.example.test\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{secrets.token_hex(6)}@pec.example.test>\r\n\r\nbody\r\n").encode()
+
+
+def folder_truth(direct: "RawImap", folder: str = "INBOX") -> tuple[list[int], dict[int, set[str]]]:
+    """A folder's UIDs and flags (``\\Recent`` left out), read on a direct connection to the
+    provider."""
+    _, tagged = direct.command("T0", f"EXAMINE {folder}")
+    assert tagged.startswith(b"T0 OK"), tagged
+    untagged, tagged = direct.command("T1", "UID FETCH 1:* (FLAGS)")
+    assert tagged.startswith(b"T1 OK"), tagged
+    flags = {}
+    for line in untagged:
+        m = re.match(rb"\* \d+ FETCH \((?=.*UID (\d+))(?=.*FLAGS \(([^)]*)\)).*", line)
+        if m:
+            flags[int(m.group(1))] = set(m.group(2).decode().split()) - {"\\Recent"}
+    return sorted(flags), flags
 
 
 def populate_demo(dovecot: Dovecot, user: str = PROVIDER_ADDRESS, messages=None):
