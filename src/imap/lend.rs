@@ -22,18 +22,17 @@
 //! carried over.
 
 use bytes::BytesMut;
-use imap_codec::imap_types::command::{Command, CommandBody};
 use tokio::io::ReadHalf;
 
 use crate::imap::park::{
-    self, Outcome, ParkError, diverged, search_all, select_again, wire_folder, write,
+    self, Outcome, ParkError, diverged, folder_of, on_folder, search_all, write,
 };
 use crate::imap::phase::{Attachment, ClientWriter, Core, SessionEnd, pool_connection, stop_bye};
 use crate::imap::renumber::{Positions, Renumbered, Renumbering};
 use crate::io::{self, BoxStream};
 use crate::session::SessionContext;
+use crate::upstream::ProviderConnection;
 use crate::upstream::pool;
-use crate::upstream::{ProviderConnection, SelectedFolder};
 
 /// Lend the session's connection, then serve its next command on a pooled one.
 pub async fn serve(
@@ -99,18 +98,7 @@ async fn lend(
     );
     // Handed over with the folder selected: a waiter on the same folder uses it as it is
     // (the pool puts it back in the authenticated state for anyone else).
-    provider.selected = core
-        .session
-        .reselect()
-        .and_then(|select| folder_of(select))
-        .map(|(name, read_only)| {
-            Box::new(SelectedFolder {
-                name,
-                read_only,
-                uidvalidity: core.session.uidvalidity(),
-                uids,
-            })
-        });
+    provider.selected = park::still_selected(core, uids);
     pool::give_back(provider).await;
     Ok(positions)
 }
@@ -143,12 +131,6 @@ async fn wait_for_command(
             Err(ParkError::Client(SessionEnd::Shutdown))
         }
     }
-}
-
-/// The folder a SELECT/EXAMINE opens, as sent to the provider, and whether read-only.
-fn folder_of(select: &Command<'_>) -> Option<(String, bool)> {
-    let read_only = matches!(select.body, CommandBody::Examine { .. });
-    wire_folder(select).map(|name| (name, read_only))
 }
 
 /// A pooled connection with the session's folder selected again, and the client's numbering
@@ -184,18 +166,7 @@ async fn take_up(
         return Ok(provider);
     };
     let timeout = gateway.provider_timeout;
-    let (uidvalidity, uids) = match provider.selected.take() {
-        // Handed over by a session on the same folder, with its numbering.
-        Some(selected) => (selected.uidvalidity, selected.uids),
-        None => {
-            let verb = if read_only { "EXAMINE" } else { "SELECT" };
-            let uidvalidity = select_again(&mut provider, verb, &folder, timeout).await?;
-            // The new connection's news describes its own fresh view: the difference below
-            // is what the client is told.
-            let (uids, _) = search_all(&mut provider, "s8", timeout).await?;
-            (uidvalidity, uids)
-        }
-    };
+    let (uidvalidity, uids) = on_folder(&mut provider, &folder, read_only, timeout).await?;
     if let (Some(known), Some(now)) = (core.session.uidvalidity(), uidvalidity)
         && known != now
     {

@@ -36,7 +36,7 @@ use crate::io::{self, BoxStream, LineError};
 use crate::session::SessionContext;
 use crate::upstream::pool::{self, PoolError};
 use crate::upstream::slots::Class;
-use crate::upstream::{ProviderConnection, read_unit};
+use crate::upstream::{ProviderConnection, SelectedFolder, read_unit};
 
 /// A client in IDLE hears from pecgate this often (Dovecot's default): NATs and clients that
 /// take silence for a dead link.
@@ -101,7 +101,7 @@ pub async fn serve(
     let outcome = async {
         // The client has its `+` already (the machine answered the IDLE).
         let watched = subscription.is_some();
-        let mut view = snapshot(ctx, provider, watched, &mut client_writer).await?;
+        let mut view = snapshot(ctx, &core, provider, watched, &mut client_writer).await?;
         catch_up_events(&mut subscription, &mut view, &mut client_writer).await?;
         let line = wait_parked(
             ctx,
@@ -240,9 +240,11 @@ async fn search_once(
 }
 
 /// Read the session's UIDs on the connection it was attached to (none without a folder), and
-/// give that connection back.
+/// give that connection back, its folder still selected with that UID list (a session waking
+/// on the same folder takes it up with no command).
 async fn snapshot(
     ctx: &SessionContext,
+    core: &Core,
     mut provider: ProviderConnection,
     watched: bool,
     client: &mut ClientWriter,
@@ -259,13 +261,22 @@ async fn snapshot(
     for unit in told {
         write(client, &unit).await?;
     }
-    let view = View::new(uids);
-    if provider.unselect(Duration::from_secs(5)).await {
-        pool::give_back(provider).await;
-    } else {
-        provider.logout().await;
-    }
+    let view = View::new(uids.clone());
+    provider.selected = still_selected(core, uids);
+    pool::give_back(provider).await;
     Ok(view)
+}
+
+/// What a connection leaving a session carries of the session's folder: its name and mode,
+/// its UIDVALIDITY and `uids`, the connection's numbering of it.
+pub(super) fn still_selected(core: &Core, uids: Vec<u32>) -> Option<Box<SelectedFolder>> {
+    let (name, read_only) = core.session.reselect().and_then(folder_of)?;
+    Some(Box::new(SelectedFolder {
+        name,
+        read_only,
+        uidvalidity: core.session.uidvalidity(),
+        uids,
+    }))
 }
 
 /// Events queued since the subscription began: applied to the fresh view (idempotently).
@@ -410,50 +421,83 @@ async fn resume(
         .ok_or_else(|| ParkError::Gone("no provider password in the vault".into()))?;
     let user = ctx.user.as_deref().unwrap_or_default();
     let deadline = tokio::time::Instant::now() + gateway.config.gateway.connection_wait;
-    let connect = runtime
-        .pool
-        .connect(&target, user, Class::Interactive, Some(deadline));
-    tokio::pin!(connect);
-    // News keeps reaching the client while it waits for a connection.
-    let mut provider = loop {
-        tokio::select! {
-            connected = &mut connect => break connected?,
-            signal = next_signal(subscription) => on_signal(signal, subscription, view, client).await?,
+    let wanted = match subscription {
+        None => None,
+        Some(_) => Some(
+            core.session
+                .reselect()
+                .and_then(folder_of)
+                .ok_or_else(|| ParkError::Gone("the folder cannot be selected again".into()))?,
+        ),
+    };
+    let keep = wanted
+        .as_ref()
+        .map(|(name, read_only)| (name.as_str(), *read_only));
+    let mut provider = {
+        let connect =
+            runtime
+                .pool
+                .connect_keeping(&target, user, Class::Interactive, Some(deadline), keep);
+        tokio::pin!(connect);
+        // News keeps reaching the client while it waits for a connection.
+        loop {
+            tokio::select! {
+                connected = &mut connect => break connected?,
+                signal = next_signal(subscription) => on_signal(signal, subscription, view, client).await?,
+            }
         }
     };
-    let Some(subscription) = subscription else {
+    let (Some(subscription), Some((folder, read_only))) = (subscription, wanted) else {
         // Nothing was selected: the connection is ready as it is.
         return Ok(provider);
     };
-    let reselect = core
-        .session
-        .reselect()
-        .ok_or_else(|| ParkError::Gone("no folder to select again".into()))?;
-    let folder = wire_folder(reselect)
-        .ok_or_else(|| ParkError::Gone("the folder's name cannot be sent again".into()))?;
-    let verb = match reselect.body {
-        CommandBody::Examine { .. } => "EXAMINE",
-        _ => "SELECT",
-    };
     let expected = subscription.uidvalidity();
     let timeout = gateway.provider_timeout;
-    let uidvalidity = select_again(&mut provider, verb, &folder, timeout).await?;
+    let (uidvalidity, uids) = on_folder(&mut provider, &folder, read_only, timeout).await?;
     if expected.is_some() && uidvalidity != expected {
         return Err(ParkError::Gone(
             "the folder was replaced on the provider (UIDVALIDITY changed)".into(),
         ));
     }
-    // The new connection's news describes its own fresh view: the reconcile below tells
-    // the client what differs from the view it has.
-    let (uids, _) = search_all(&mut provider, "s8", timeout).await?;
+    // The connection's numbering is `uids`: the reconcile tells the client what differs
+    // from the view it has.
     let bytes = view.reconcile(&uids).map_err(diverged)?;
     write(client, &bytes).await?;
     Ok(provider)
 }
 
+/// The folder a SELECT/EXAMINE opens, as sent to the provider, and whether read-only.
+pub(super) fn folder_of(select: &Command<'_>) -> Option<(String, bool)> {
+    let read_only = matches!(select.body, CommandBody::Examine { .. });
+    wire_folder(select).map(|name| (name, read_only))
+}
+
+/// `folder` selected on `provider` (read-only or not) and the connection's numbering of it
+/// (its UIDs), with the folder's UIDVALIDITY: as handed over by the session that had it
+/// selected (no command), or selected again and read.
+pub(super) async fn on_folder(
+    provider: &mut ProviderConnection,
+    folder: &str,
+    read_only: bool,
+    timeout: Duration,
+) -> Result<(Option<u32>, Vec<u32>), ParkError> {
+    match provider.selected.take() {
+        Some(selected) if selected.is(Some((folder, read_only))) => {
+            Ok((selected.uidvalidity, selected.uids))
+        }
+        _ => {
+            let verb = if read_only { "EXAMINE" } else { "SELECT" };
+            let uidvalidity = select_again(provider, verb, folder, timeout).await?;
+            // The new connection's news describes its own fresh view: not the client's.
+            let (uids, _) = search_all(provider, "s8", timeout).await?;
+            Ok((uidvalidity, uids))
+        }
+    }
+}
+
 /// `SELECT`/`EXAMINE` the folder on a fresh connection; its answers are the connection's, not
 /// news for the client (the reconcile tells the client what differs). Returns UIDVALIDITY.
-pub(super) async fn select_again(
+async fn select_again(
     provider: &mut ProviderConnection,
     verb: &str,
     folder: &str,

@@ -447,15 +447,15 @@ impl Pool {
     /// Offer the connection a session holds but is not using (it is between two commands):
     /// while the offer lives, a waiter that finds no place may ask for it
     /// ([`Offer::asked`]). With a waiter already queued, it is asked at once; so it is when
-    /// every place is taken and no connection waits idle (and idle ones are kept): the next
-    /// command of any session then finds one ready, its folder still selected, instead of
-    /// waiting for a lender to wake.
+    /// every place is taken and fewer than [`READY_RESERVE`] connections wait idle (and idle
+    /// ones are kept): the next command of any session then finds one ready, its folder still
+    /// selected, instead of waiting for a lender to wake.
     pub fn offer(&self) -> Offer {
         let asked = Arc::new(Notify::new());
         let mut state = self.state();
         state.next_lender += 1;
         let id = state.next_lender;
-        let crowded = state.idle.is_empty()
+        let crowded = state.idle.len() < READY_RESERVE
             && !state.keep_idle.is_zero()
             && state.slots.open() >= state.slots.live_cap();
         if state.slots.waiting() > 0 || crowded {
@@ -511,6 +511,10 @@ pub fn would_keep(connection: &ProviderConnection) -> bool {
     };
     pool.state().keeps_one()
 }
+
+/// While every place is taken, quiet sessions lend their connections until this many wait
+/// idle, ready for the next command of anyone.
+const READY_RESERVE: usize = 2;
 
 /// How long a reused idle connection has to answer its NOOP.
 const REUSE_CHECK: Duration = Duration::from_secs(5);
