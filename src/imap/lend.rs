@@ -166,7 +166,11 @@ async fn take_up(
         return Ok(provider);
     };
     let timeout = gateway.provider_timeout;
-    let (uidvalidity, uids) = on_folder(&mut provider, &folder, read_only, timeout).await?;
+    // The command itself brings the connection's news: a handed-over list is enough unless
+    // the client knows newer mail than it.
+    let newest_known = Some(positions.newest());
+    let (uidvalidity, uids) =
+        on_folder(&mut provider, &folder, read_only, newest_known, timeout).await?;
     if let (Some(known), Some(now)) = (core.session.uidvalidity(), uidvalidity)
         && known != now
     {

@@ -453,7 +453,9 @@ async fn resume(
     };
     let expected = subscription.uidvalidity();
     let timeout = gateway.provider_timeout;
-    let (uidvalidity, uids) = on_folder(&mut provider, &folder, read_only, timeout).await?;
+    // Waking from IDLE, the client hears of everything before its IDLE ends: the connection
+    // is read even when handed over with the folder selected.
+    let (uidvalidity, uids) = on_folder(&mut provider, &folder, read_only, None, timeout).await?;
     if expected.is_some() && uidvalidity != expected {
         return Err(ParkError::Gone(
             "the folder was replaced on the provider (UIDVALIDITY changed)".into(),
@@ -474,16 +476,27 @@ pub(super) fn folder_of(select: &Command<'_>) -> Option<(String, bool)> {
 
 /// `folder` selected on `provider` (read-only or not) and the connection's numbering of it
 /// (its UIDs), with the folder's UIDVALIDITY: as handed over by the session that had it
-/// selected (no command), or selected again and read.
+/// selected (no command), or selected again and read. `newest_known`: the highest UID the
+/// client knows, or `None` when the client must hear of everything now (a wake from IDLE).
+/// A handed-over list older than what the client knows (mail came after it was read) cannot
+/// tell a message gone from one the connection was not told of yet: it is read again.
 pub(super) async fn on_folder(
     provider: &mut ProviderConnection,
     folder: &str,
     read_only: bool,
+    newest_known: Option<u32>,
     timeout: Duration,
 ) -> Result<(Option<u32>, Vec<u32>), ParkError> {
     match provider.selected.take() {
         Some(selected) if selected.is(Some((folder, read_only))) => {
-            Ok((selected.uidvalidity, selected.uids))
+            let newest = selected.uids.last().copied().unwrap_or(0);
+            if newest_known.is_some_and(|known| newest >= known) {
+                return Ok((selected.uidvalidity, selected.uids));
+            }
+            // Still selected: one search brings the connection up to date (what it is told
+            // meanwhile describes its own older view, not the client's).
+            let (uids, _) = search_all(provider, "s8", timeout).await?;
+            Ok((selected.uidvalidity, uids))
         }
         _ => {
             let verb = if read_only { "EXAMINE" } else { "SELECT" };

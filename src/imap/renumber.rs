@@ -349,6 +349,11 @@ impl Positions {
         self.0.len()
     }
 
+    /// The highest UID the client knows (0: none).
+    pub fn newest(&self) -> u32 {
+        self.0.iter().flatten().copied().max().unwrap_or(0)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -83,6 +83,9 @@ class Client:
         self.r = clients(gw.raw(tls=True, timeout=40))
         self.r.login(user, gw.password(user))
         self.uids: list[int | None] = []
+        # UIDs the session was told are gone (a UID is never used again: none may come back).
+        self.expunged: set[int] = set()
+        self.expunges_heard = 0
         self.n = 0
         if folder:
             untagged, tagged = self.run(f"SELECT {folder}")
@@ -117,7 +120,10 @@ class Client:
             elif what == b"EXPUNGE":
                 assert not no_expunge, f"EXPUNGE during {during!r}"
                 assert 1 <= n <= len(self.uids), f"EXPUNGE {n} of {len(self.uids)}"
-                del self.uids[n - 1]
+                gone = self.uids.pop(n - 1)
+                self.expunges_heard += 1
+                if gone is not None:
+                    self.expunged.add(gone)
             elif what == b"FETCH":
                 assert 1 <= n <= len(self.uids), f"FETCH {n} of {len(self.uids)} during {during!r}"
                 uid = re.search(rb"\bUID (\d+)", line)
@@ -144,6 +150,7 @@ class Client:
             told = self.fetched(untagged)
             assert [told[n] for n in sorted(told)] == uids
         assert self.uids == uids, (self.uids, uids)
+        assert not self.expunged & set(uids), f"told EXPUNGE for {self.expunged & set(uids)}"
 
 
 def test_a_quiet_session_lends_its_connection_to_a_waiting_login(small_office, clients):
@@ -272,6 +279,8 @@ def run_office(dovecot, gw, direct, clients):
     failures: list[BaseException] = []
     stop = threading.Event()
 
+    expunged = [0]
+
     def colleague():
         rng = random.Random(99 + SEED)
         try:
@@ -282,6 +291,7 @@ def run_office(dovecot, gw, direct, clients):
                     uids, _ = truth(direct)
                     if len(uids) > 10:
                         expunge_uids(direct, rng.sample(uids, 2))
+                        expunged[0] += 2
                 stop.wait(0.05)
         except BaseException as e:  # noqa: BLE001 - reported below
             failures.append(e)
@@ -310,6 +320,9 @@ def run_office(dovecot, gw, direct, clients):
     uids, flags = truth(direct)
     for i, s in enumerate(sessions):
         s.check_against(uids)
+        # A session hears of each message gone at most once, and of no other: more EXPUNGEs
+        # than the colleague made means a message was told gone that was not.
+        assert s.expunges_heard <= expunged[0], (i, s.expunges_heard, expunged[0])
         keyword = f"$s{i}"
         assert {u for u in uids if keyword in flags[u]} == stored[i] & set(uids), i
     assert metric(gw, "pecgate_provider_connections") <= POOL
@@ -384,3 +397,34 @@ def test_quiet_sessions_go_on_when_their_provider_connections_die(pecgate_binary
             assert tagged.split()[1] == b"OK", tagged
             assert f"* {len(uids)} EXISTS".encode() in untagged, untagged
             s.check_against(uids)
+
+
+def test_a_connection_handed_over_with_an_older_list_is_read_again(pecgate_binary, clients):
+    """Two connections wait idle with INBOX selected; one was left before new mail came. A
+    session that already knows the new mail and takes that one must not take the older list
+    for the folder's state (it would tell the new message gone): pecgate reads it again."""
+    with office(pecgate_binary, pool=2, cap=4, keep_idle=60) as (d, gw, direct):
+        def idle(n: int, what: str):
+            wait_until(lambda: metric(gw, "pecgate_provider_idle") == n, 10, what)
+
+        mario = Client(gw, clients, "mario")
+        anna = Client(gw, clients, "anna")
+        idle(1, "anna to lend her connection (every place taken)")
+        mario.run("NOOP")
+        idle(2, "mario to lend his")
+        d.deliver(PROVIDER_ADDRESS, message("nuova"))
+        uids, _ = truth(direct)
+        # anna takes the newest (mario's, read before the mail), learns the new message's UID
+        # and lends it back, read after the mail.
+        anna.run("NOOP")
+        anna.run("UID FETCH 1:* (UID)")
+        assert anna.uids == uids
+        idle(2, "anna to lend again")
+        # A login takes the newest; what is left for anna is the one read before the mail.
+        carla = clients(gw.raw(tls=True))
+        carla.login("mario", gw.password("mario"))
+        untagged, tagged = anna.run("FETCH 1:* (UID)")
+        assert tagged.split()[1] == b"OK" and b"EXPUNGEISSUED" not in tagged, tagged
+        assert anna.fetched(untagged) == {n: u for n, u in enumerate(uids, 1)}
+        anna.check_against(uids)
+        assert anna.expunges_heard == 0
