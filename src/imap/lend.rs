@@ -160,7 +160,15 @@ async fn take_up(
     let keep = wanted
         .as_ref()
         .map(|(name, read_only)| (name.as_str(), *read_only));
-    let mut provider = pool_connection(client, runtime, &target, user, wait, keep).await?;
+    // A stop (shutdown, reload, kick) ends the wait: the client is told, as when attached.
+    let connected = tokio::select! {
+        connected = pool_connection(client, runtime, &target, user, wait, keep) => connected,
+        () = ctx.stop.stopped() => {
+            let _ = write(client, &stop_bye(ctx)).await;
+            return Err(ParkError::Client(SessionEnd::Shutdown));
+        }
+    };
+    let mut provider = connected?;
     let Some((folder, read_only)) = wanted else {
         // Nothing was selected: the connection is ready as it is.
         return Ok(provider);
