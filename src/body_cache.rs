@@ -8,7 +8,10 @@
 //! (a crash leaves no partial entry), readable only by pecgate (0600 in a 0700 directory).
 //! Each file starts with the SHA-256 of the body, checked on every read. The cache is bounded
 //! (`[gateway] body_cache_mib`): past the budget the least recently used bodies go. The books
-//! ([`Index`]) are in memory, rebuilt from the directory at start (oldest file first).
+//! ([`Index`]) are in memory, rebuilt from the directory at start (oldest file first). It
+//! never takes the space the audit log needs: nothing is kept while the file system has less
+//! than `min_free_space_mb` free beyond the body (a full disk stops the audit, and with it
+//! every session).
 //!
 //! Every function here blocks: callers run them off the async runtime.
 
@@ -144,6 +147,8 @@ pub struct BodyCache {
     index: Mutex<Index>,
     /// Largest body kept (larger ones are relayed, never gathered in memory).
     max_body: usize,
+    /// Free space left to the rest of `state_dir` (the audit log first).
+    reserve: u64,
 }
 
 /// Largest single body kept: PEC messages are limited in size by the providers (Aruba: 100
@@ -151,9 +156,10 @@ pub struct BodyCache {
 const MAX_BODY: u64 = 32 * 1024 * 1024;
 
 impl BodyCache {
-    /// Open (or create) the cache in `dir` with a budget of `budget` bytes; what is already
-    /// there is counted, oldest first, and the excess removed.
-    pub fn open(dir: &Path, budget: u64) -> Result<BodyCache, CacheError> {
+    /// Open (or create) the cache in `dir` with a budget of `budget` bytes, never filling the
+    /// file system past `reserve` free bytes; what is already there is counted, oldest first,
+    /// and the excess removed.
+    pub fn open(dir: &Path, budget: u64, reserve: u64) -> Result<BodyCache, CacheError> {
         let error = |source| CacheError {
             path: dir.to_owned(),
             source,
@@ -188,6 +194,7 @@ impl BodyCache {
             dir: dir.to_owned(),
             index: Mutex::new(Index::new(budget)),
             max_body: budget.min(MAX_BODY) as usize,
+            reserve,
         };
         for (_, key, size) in found {
             match index.insert(key, size) {
@@ -252,6 +259,11 @@ impl BodyCache {
     /// Keep `body` (written whole, then renamed into place), evicting what the budget needs.
     pub fn store(&self, key: &Key, body: &[u8]) -> Result<(), CacheError> {
         if body.len() > self.max_body || self.has(key) {
+            return Ok(());
+        }
+        let free = crate::disk::free_bytes(&self.dir).unwrap_or(0);
+        if free < self.reserve.saturating_add(body.len() as u64) {
+            tracing::debug!(free, "body not kept: state_dir is short of space");
             return Ok(());
         }
         let path = self.path(key);
@@ -321,7 +333,7 @@ mod tests {
     #[test]
     fn bodies_survive_a_restart_and_damage_is_a_miss() {
         let dir = crate::testing::TempDir::new("body-cache");
-        let cache = BodyCache::open(dir.path(), 1000).unwrap();
+        let cache = BodyCache::open(dir.path(), 1000, 0).unwrap();
         let a = key("studio", "INBOX", 7, 1);
         let b = key("studio", "INBOX", 7, 2);
         assert_ne!(a, key("studio", "INBOX", 8, 1));
@@ -334,7 +346,7 @@ mod tests {
         // A leftover temporary file is cleared at start; kept bodies are counted again.
         fs::write(dir.path().join("leftover.tmp"), b"x").unwrap();
         drop(cache);
-        let cache = BodyCache::open(dir.path(), 1000).unwrap();
+        let cache = BodyCache::open(dir.path(), 1000, 0).unwrap();
         assert!(!dir.path().join("leftover.tmp").exists());
         assert_eq!(cache.figures(), (22, 2));
         // A damaged file is not served, and is gone.
@@ -345,7 +357,12 @@ mod tests {
         assert!(!cache.has(&b));
         // A smaller budget at start keeps the newest.
         drop(cache);
-        let cache = BodyCache::open(dir.path(), 15).unwrap();
+        let cache = BodyCache::open(dir.path(), 15, 0).unwrap();
         assert_eq!(cache.figures(), (11, 1));
+        // A file system short of the reserve keeps nothing more.
+        let cramped = BodyCache::open(dir.path(), 1000, u64::MAX).unwrap();
+        let c = key("studio", "INBOX", 7, 3);
+        cramped.store(&c, b"message three").unwrap();
+        assert!(!cramped.has(&c));
     }
 }

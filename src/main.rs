@@ -839,6 +839,7 @@ fn serve(path: &Path) -> anyhow::Result<ExitCode> {
         budget => Some(pecgate::body_cache::BodyCache::open(
             &state_dir.join("cache").join("bodies"),
             budget,
+            config.gateway.min_free_space_bytes,
         )?),
     };
     let spool_dir = state_dir.join("spool");

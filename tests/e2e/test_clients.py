@@ -100,7 +100,8 @@ def test_mbsync_through_a_pool_of_two_beside_parked_idlers(make_gateway, dovecot
     pulls run one after the other on the other; both equal a direct sync, and the second
     gets every body from pecgate's cache (fetch once)."""
     gw = make_gateway(max_connections=2,
-                      gateway_options={"provider_idle_keep_secs": 60, "body_cache_mib": 256},
+                      gateway_options={"provider_idle_keep_secs": 60, "body_cache_mib": 256,
+                                       "min_free_space_mb": 1},
                       imap_options={"park_idle": True, "lend_between_commands": True})
     idlers = []
     try:
