@@ -38,6 +38,7 @@ use crate::upstream::pool;
 pub async fn serve(
     ctx: &SessionContext,
     lent: Attachment,
+    quiet_since: tokio::time::Instant,
     client_reader: &mut ReadHalf<BoxStream>,
     client_buffer: &mut BytesMut,
 ) -> Outcome {
@@ -48,7 +49,15 @@ pub async fn serve(
     } = lent;
     let result = async {
         let positions = lend(ctx, &mut core, provider, &mut client_writer).await?;
-        wait_for_command(ctx, &mut client_writer, client_reader, client_buffer).await?;
+        let silent_until = quiet_since + ctx.gateway.config.gateway.idle_timeout;
+        wait_for_command(
+            ctx,
+            silent_until,
+            &mut client_writer,
+            client_reader,
+            client_buffer,
+        )
+        .await?;
         take_up(ctx, &mut core, &positions, &mut client_writer).await
     }
     .await;
@@ -103,9 +112,11 @@ async fn lend(
     Ok(positions)
 }
 
-/// Until the client sends something (its next command, read by the relay once attached).
+/// Until the client sends something (its next command, read by the relay once attached), or
+/// its silence reaches `silent_until` (the idle timeout, counted from its last byte).
 async fn wait_for_command(
     ctx: &SessionContext,
+    silent_until: tokio::time::Instant,
     client: &mut ClientWriter,
     client_reader: &mut ReadHalf<BoxStream>,
     client_buffer: &mut BytesMut,
@@ -113,9 +124,8 @@ async fn wait_for_command(
     if !client_buffer.is_empty() {
         return Ok(());
     }
-    let idle_timeout = ctx.gateway.config.gateway.idle_timeout;
     tokio::select! {
-        read = tokio::time::timeout(idle_timeout, io::fill(client_reader, client_buffer)) => {
+        read = tokio::time::timeout_at(silent_until, io::fill(client_reader, client_buffer)) => {
             match read {
                 Ok(Ok(true)) => Ok(()),
                 Ok(Ok(false)) => Err(ParkError::Client(SessionEnd::ClientClosed)),

@@ -89,8 +89,9 @@ enum Leaving {
     /// A parked IDLE, with its subscription to the folder's watcher (`None`: an IDLE with
     /// no folder selected, which needs no watcher).
     Park(Option<watcher::Subscription>),
-    /// Between two commands, the connection lent to a session waiting for one.
-    Lend,
+    /// Between two commands, the connection lent to a session waiting for one; the client
+    /// has been silent since this instant (its idle time runs on while lent).
+    Lend(tokio::time::Instant),
 }
 
 impl Shared<'_> {
@@ -149,8 +150,15 @@ pub async fn run(
                 )
                 .await
             }
-            Detached::Lending(lent) => {
-                lend::serve(ctx, *lent, &mut client_reader, &mut client_buffer).await
+            Detached::Lending(lent, quiet_since) => {
+                lend::serve(
+                    ctx,
+                    *lent,
+                    quiet_since,
+                    &mut client_reader,
+                    &mut client_buffer,
+                )
+                .await
             }
         };
         match outcome {
@@ -169,7 +177,7 @@ pub async fn run(
 enum Detached {
     Ended(SessionEnd),
     Parking(Box<park::Parking>),
-    Lending(Box<Attachment>),
+    Lending(Box<Attachment>, tokio::time::Instant),
 }
 
 /// Relay over one provider connection until the session ends or parks in IDLE.
@@ -237,11 +245,14 @@ async fn attached(
                 provider,
                 subscription,
             })),
-            Leaving::Lend => Detached::Lending(Box::new(Attachment {
-                core,
-                client_writer,
-                provider,
-            })),
+            Leaving::Lend(quiet_since) => Detached::Lending(
+                Box::new(Attachment {
+                    core,
+                    client_writer,
+                    provider,
+                }),
+                quiet_since,
+            ),
         };
     }
     // Commands the provider never completed are still recorded, as errors.
@@ -433,11 +444,13 @@ async fn upward(
                     }
                 };
                 let lending = shared.ctx.gateway.config.imap.lend_between_commands;
+                let quiet_since = tokio::time::Instant::now();
                 let read = tokio::select! {
                     read = tokio::time::timeout(idle_timeout, io::fill(client, buffer)) => read,
                     () = &mut completed, if lending && offer.is_none() => continue,
                     () = asked => {
-                        *shared.leaving.lock().expect("never poisoned") = Some(Leaving::Lend);
+                        *shared.leaving.lock().expect("never poisoned") =
+                            Some(Leaving::Lend(quiet_since));
                         // The downward loop ends the phase at its next response boundary.
                         shared.park_now.notify_one();
                         return std::future::pending().await;

@@ -16,6 +16,7 @@ import random
 import re
 import signal
 import threading
+import time
 
 import pytest
 
@@ -30,7 +31,8 @@ NO_EXPUNGE = re.compile(rb"^(FETCH|STORE|SEARCH) ", re.I)
 
 
 @contextlib.contextmanager
-def office(pecgate_binary, *, pool: int, cap: int, seed: int = 5, keep_idle: int = 0):
+def office(pecgate_binary, *, pool: int, cap: int, seed: int = 5, keep_idle: int = 0,
+           idle_timeout: int = 1800):
     """A provider of this test's own that takes ``cap`` connections per login, ``seed``
     messages in INBOX, pecgate with a pool of ``pool`` that lends quiet connections (with
     ``keep_idle``, idle connections are kept: then a session lends its connection as soon as
@@ -45,7 +47,8 @@ def office(pecgate_binary, *, pool: int, cap: int, seed: int = 5, keep_idle: int
                               max_connections=pool,
                               gateway_options={"connection_wait_secs": 20,
                                                "max_sessions_per_user": 100,
-                                               "provider_idle_keep_secs": keep_idle},
+                                               "provider_idle_keep_secs": keep_idle,
+                                               "idle_timeout_secs": idle_timeout},
                               imap_options={"lend_between_commands": True}) as make:
             gw = make()
             direct = harness.RawImap(d.imaps_port, cafile=d.cert)
@@ -428,3 +431,18 @@ def test_a_connection_handed_over_with_an_older_list_is_read_again(pecgate_binar
         assert anna.fetched(untagged) == {n: u for n, u in enumerate(uids, 1)}
         anna.check_against(uids)
         assert anna.expunges_heard == 0
+
+
+def test_a_lent_session_is_still_logged_out_when_idle_for_too_long(pecgate_binary, clients):
+    """The idle timeout counts from the client's last byte, lent or not: a session whose
+    connection was lent the moment it went quiet gets its autologout when it is due, not a
+    whole timeout after the lend."""
+    with office(pecgate_binary, pool=1, cap=3, keep_idle=60, idle_timeout=4) as (d, gw, direct):
+        mario = Client(gw, clients, "mario")
+        wait_until(lambda: metric(gw, "pecgate_provider_idle") == 1, 10,
+                   "mario's connection to be lent as he goes quiet")
+        started = time.monotonic()
+        line = mario.r.read_line(30)
+        assert line == b"* BYE Autologout: idle for too long", line
+        # Due 4 s after mario's last command: well before a second full timeout.
+        assert time.monotonic() - started < 7
