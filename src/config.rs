@@ -33,6 +33,9 @@ pub const DEFAULT_LOGIN_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_PROVIDER_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_CONNECTION_WAIT_SECS: u64 = 30;
 pub const DEFAULT_PROVIDER_IDLE_KEEP_SECS: u64 = 300;
+/// A client quiet for a minute (a folder Thunderbird keeps open, a poller between two NOOPs)
+/// holds no provider connection: none can time out or die under it.
+pub const DEFAULT_LEND_AFTER_QUIET_SECS: u64 = 60;
 /// A PEC mailbox holds 1–2 GB at most (Aruba, Legalmail): half a gigabyte keeps the messages
 /// people actually open.
 pub const DEFAULT_BODY_CACHE_MIB: u64 = 512;
@@ -163,6 +166,9 @@ pub struct ImapConfig {
     /// A session between two commands lends its provider connection to one that waits for
     /// a connection (`[imap] lend_between_commands`, default on).
     pub lend_between_commands: bool,
+    /// ... and after this long quiet lends it anyway, into the pool (`[imap]
+    /// lend_after_quiet_secs`, default 60; `None`: 0, only when asked).
+    pub lend_after_quiet: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -736,6 +742,7 @@ struct RawImap {
     max_literal_bytes: Option<u32>,
     park_idle: Option<bool>,
     lend_between_commands: Option<bool>,
+    lend_after_quiet_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1225,6 +1232,14 @@ impl Config {
             ),
             park_idle: raw.imap.park_idle.unwrap_or(true),
             lend_between_commands: raw.imap.lend_between_commands.unwrap_or(true),
+            lend_after_quiet: match raw
+                .imap
+                .lend_after_quiet_secs
+                .unwrap_or(DEFAULT_LEND_AFTER_QUIET_SECS)
+            {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
+            },
         };
         let smtp = SmtpConfig {
             listen_tls: p.listeners("smtp", "listen_tls", &raw.smtp.listen_tls, &mut seen),

@@ -437,9 +437,10 @@ async fn upward(
                 tokio::pin!(completed);
                 completed.as_mut().enable();
                 let offer = lendable(shared, assembler, buffer);
+                let quiet = shared.ctx.gateway.config.imap.lend_after_quiet;
                 let asked = async {
                     match &offer {
-                        Some(offer) => offer.asked().await,
+                        Some(offer) => offer.asked_or_after(quiet).await,
                         None => std::future::pending().await,
                     }
                 };

@@ -572,7 +572,22 @@ pub struct Offer {
 impl Offer {
     /// Resolves when a waiter asks for the connection (the session then lends it: counted).
     pub async fn asked(&self) {
-        self.asked.notified().await;
+        self.asked_or_after(None).await;
+    }
+
+    /// As [`Offer::asked`], or once the session has been quiet for `quiet` (`None`: never):
+    /// a session silent that long holds no connection at all, so none can die under it.
+    pub async fn asked_or_after(&self, quiet: Option<Duration>) {
+        let quiet_enough = async {
+            match quiet {
+                Some(quiet) => tokio::time::sleep(quiet).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = self.asked.notified() => {}
+            () = quiet_enough => {}
+        }
         self.pool.state().lends += 1;
     }
 }
@@ -702,5 +717,16 @@ mod tests {
             .expect("asked at once");
         drop(Slot::new(pool.clone()));
         assert!(waiter.await.unwrap());
+        // Quiet long enough, a session lends with nobody asking.
+        drop((idle, late));
+        let lends = pool.figures().lends;
+        let quiet = pool.offer();
+        let quiet_for = Duration::from_secs(60);
+        let early = tokio::time::timeout(quiet_for / 2, quiet.asked_or_after(Some(quiet_for)));
+        assert!(early.await.is_err(), "not before its time");
+        tokio::time::timeout(quiet_for * 2, quiet.asked_or_after(Some(quiet_for)))
+            .await
+            .expect("lent once quiet that long");
+        assert_eq!(pool.figures().lends, lends + 1);
     }
 }

@@ -32,7 +32,7 @@ NO_EXPUNGE = re.compile(rb"^(FETCH|STORE|SEARCH) ", re.I)
 
 @contextlib.contextmanager
 def office(pecgate_binary, *, pool: int, cap: int, seed: int = 5, keep_idle: int = 0,
-           idle_timeout: int = 1800):
+           idle_timeout: int = 1800, lend_after_quiet: int = 60):
     """A provider of this test's own that takes ``cap`` connections per login, ``seed``
     messages in INBOX, pecgate with a pool of ``pool`` that lends quiet connections (with
     ``keep_idle``, idle connections are kept: then a session lends its connection as soon as
@@ -49,7 +49,8 @@ def office(pecgate_binary, *, pool: int, cap: int, seed: int = 5, keep_idle: int
                                                "max_sessions_per_user": 100,
                                                "provider_idle_keep_secs": keep_idle,
                                                "idle_timeout_secs": idle_timeout},
-                              imap_options={"lend_between_commands": True}) as make:
+                              imap_options={"lend_between_commands": True,
+                                            "lend_after_quiet_secs": lend_after_quiet}) as make:
             gw = make()
             direct = harness.RawImap(d.imaps_port, cafile=d.cert)
             direct.login(PROVIDER_ADDRESS, d.users[PROVIDER_ADDRESS])
@@ -446,3 +447,26 @@ def test_a_lent_session_is_still_logged_out_when_idle_for_too_long(pecgate_binar
         assert line == b"* BYE Autologout: idle for too long", line
         # Due 4 s after mario's last command: well before a second full timeout.
         assert time.monotonic() - started < 7
+
+
+def test_a_session_quiet_for_a_while_holds_no_connection(pecgate_binary, clients):
+    """With room in the pool nobody asks for a connection, yet a session quiet for
+    `lend_after_quiet_secs` gives its connection back to the pool (folder still selected): a
+    provider that drops connections idle too long, or restarts, costs it nothing."""
+    with office(pecgate_binary, pool=4, cap=6, keep_idle=60, lend_after_quiet=1) as (d, gw, direct):
+        mario = Client(gw, clients, "mario")
+        wait_until(lambda: metric(gw, "pecgate_provider_idle") == 1, 10,
+                   "mario's connection back in the pool after a quiet second")
+        assert metric(gw, "pecgate_provider_waiting") == 0
+        for c in d.rawlog_connections():
+            if re.search(rb"^[cs]\d+ ", c.received, re.M):
+                try:
+                    os.kill(c.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        d.deliver(PROVIDER_ADDRESS, message("dopo il riavvio"))
+        uids, _ = truth(direct)
+        untagged, tagged = mario.run("FETCH 1:* (UID)")
+        assert tagged.split()[1] == b"OK", tagged
+        assert f"* {len(uids)} EXISTS".encode() in untagged, untagged
+        mario.check_against(uids)
