@@ -4,12 +4,13 @@
 //! cached body joins the provider's answer, and which answers fill the cache.
 //!
 //! Served from the cache: a `UID FETCH` of explicit UIDs (at most [`MAX_UIDS`]) asking for
-//! `BODY.PEEK[]` and otherwise only items that carry no literal (`UID`, `FLAGS`,
+//! `BODY.PEEK[]`, whole or a part of it (`BODY.PEEK[]<0.65536>`, how Thunderbird shows a
+//! message in chunks), and otherwise only items that carry no literal (`UID`, `FLAGS`,
 //! `RFC822.SIZE`, `INTERNALDATE`): mbsync's and Thunderbird's message downloads. The
 //! provider still answers the command without the body: it says which of those messages
 //! exist, their sequence numbers and flags, so nothing pecgate says about the folder comes
 //! from the cache; only the bytes of the messages do. `BODY[]` without `.PEEK` (which sets
-//! `\Seen`) and partial fetches always go to the provider.
+//! `\Seen`) always goes to the provider.
 //!
 //! Filled from: a provider answer carrying a whole message (`BODY[] {n}` or `RFC822 {n}`, not
 //! a partial one) with its UID.
@@ -28,8 +29,16 @@ pub const MAX_UIDS: usize = 500;
 /// Bodies read from the cache for one command, by UID.
 pub type Bodies = Arc<HashMap<u32, Arc<Vec<u8>>>>;
 
-/// The UIDs of a `UID FETCH` the cache may answer (see the module docs), or `None`.
-pub fn body_request(body: &CommandBody<'_>) -> Option<Vec<u32>> {
+/// A `UID FETCH` the cache may answer (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyRequest {
+    pub uids: Vec<u32>,
+    /// `<origin.length>` of a partial fetch.
+    pub partial: Option<(u32, u32)>,
+}
+
+/// What of a `UID FETCH` the cache may answer (see the module docs), or `None`.
+pub fn body_request(body: &CommandBody<'_>) -> Option<BodyRequest> {
     let CommandBody::Fetch {
         sequence_set,
         macro_or_item_names: MacroOrMessageDataItemNames::MessageDataItemNames(items),
@@ -39,13 +48,17 @@ pub fn body_request(body: &CommandBody<'_>) -> Option<Vec<u32>> {
         return None;
     };
     let mut whole = 0;
+    let mut part = None;
     for item in items {
         match item {
             MessageDataItemName::BodyExt {
                 section: None,
-                partial: None,
+                partial,
                 peek: true,
-            } => whole += 1,
+            } => {
+                whole += 1;
+                part = partial.map(|(origin, length)| (origin, length.get()));
+            }
             MessageDataItemName::Uid
             | MessageDataItemName::Flags
             | MessageDataItemName::Rfc822Size
@@ -71,7 +84,10 @@ pub fn body_request(body: &CommandBody<'_>) -> Option<Vec<u32>> {
     }
     uids.sort_unstable();
     uids.dedup();
-    Some(uids)
+    Some(BodyRequest {
+        uids,
+        partial: part,
+    })
 }
 
 /// The command the provider gets when the cache has every body: the same items without
@@ -101,10 +117,32 @@ pub fn uid_in(line: &[u8]) -> Option<u32> {
     None
 }
 
+/// One answer with its body from the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spliced {
+    pub uid: u32,
+    pub bytes: Vec<u8>,
+    /// Where the literal starts in `bytes` (after the announcement's CRLF).
+    pub literal_at: usize,
+}
+
+impl Spliced {
+    /// The bytes of the message served.
+    pub fn literal(&self) -> &[u8] {
+        &self.bytes[self.literal_at..self.bytes.len() - 3]
+    }
+}
+
 /// The provider's answer for one message, `* n FETCH (…)`, with its body from the cache:
-/// `* n FETCH (… BODY[] {len}` CRLF, the bytes, `)` CRLF. `None` when the line is not such
-/// an answer or its UID has no body here (then it is relayed as it came).
-pub fn splice(line: &[u8], bodies: &HashMap<u32, Arc<Vec<u8>>>) -> Option<(u32, Vec<u8>)> {
+/// `* n FETCH (… BODY[] {len}` CRLF, the bytes, `)` CRLF; for a partial fetch
+/// `BODY[]<origin> {len}` and the bytes from `origin`, at most `length` of them (none past
+/// the end, RFC 3501 §6.4.5). `None` when the line is not such an answer or its UID has no
+/// body here (then it is relayed as it came).
+pub fn splice(
+    line: &[u8],
+    bodies: &HashMap<u32, Arc<Vec<u8>>>,
+    partial: Option<(u32, u32)>,
+) -> Option<Spliced> {
     let text = line.strip_suffix(b"\r\n").unwrap_or(line);
     let head = text.strip_suffix(b")")?;
     if !head.starts_with(b"* ") || head.contains(&b'{') {
@@ -112,12 +150,25 @@ pub fn splice(line: &[u8], bodies: &HashMap<u32, Arc<Vec<u8>>>) -> Option<(u32, 
     }
     let uid = uid_in(head)?;
     let body = bodies.get(&uid)?;
-    let mut out = Vec::with_capacity(head.len() + body.len() + 32);
+    let (item, served) = match partial {
+        None => ("BODY[]".to_owned(), &body[..]),
+        Some((origin, length)) => {
+            let start = (origin as usize).min(body.len());
+            let end = start.saturating_add(length as usize).min(body.len());
+            (format!("BODY[]<{origin}>"), &body[start..end])
+        }
+    };
+    let mut out = Vec::with_capacity(head.len() + served.len() + 48);
     out.extend_from_slice(head);
-    out.extend_from_slice(format!(" BODY[] {{{}}}\r\n", body.len()).as_bytes());
-    out.extend_from_slice(body);
+    out.extend_from_slice(format!(" {item} {{{}}}\r\n", served.len()).as_bytes());
+    let literal_at = out.len();
+    out.extend_from_slice(served);
     out.extend_from_slice(b")\r\n");
-    Some((uid, out))
+    Some(Spliced {
+        uid,
+        bytes: out,
+        literal_at,
+    })
 }
 
 /// Gathers the whole message a FETCH answer carries, for the cache, as the relay streams it.
@@ -186,15 +237,23 @@ mod tests {
     #[test]
     fn only_whole_peeked_downloads_of_known_uids_are_served() {
         let served = |text: &str| body_request(&body_of(text));
-        assert_eq!(served("a UID FETCH 7 (BODY.PEEK[])"), Some(vec![7]));
+        let request = |uids: Vec<u32>, partial| Some(BodyRequest { uids, partial });
+        assert_eq!(
+            served("a UID FETCH 7 (BODY.PEEK[])"),
+            request(vec![7], None)
+        );
         assert_eq!(
             served("a UID FETCH 3:5,9 (UID RFC822.SIZE FLAGS BODY.PEEK[])"),
-            Some(vec![3, 4, 5, 9])
+            request(vec![3, 4, 5, 9], None)
+        );
+        assert_eq!(
+            served("a UID FETCH 7 (UID RFC822.SIZE BODY.PEEK[]<0.65536>)"),
+            request(vec![7], Some((0, 65536)))
         );
         for refused in [
             "a FETCH 7 (BODY.PEEK[])",
             "a UID FETCH 7 (BODY[])",
-            "a UID FETCH 7 (BODY.PEEK[]<0.100>)",
+            "a UID FETCH 7 (BODY[]<0.100>)",
             "a UID FETCH 7 (BODY.PEEK[HEADER])",
             "a UID FETCH 7 (ENVELOPE BODY.PEEK[])",
             "a UID FETCH 7:* (BODY.PEEK[])",
@@ -218,14 +277,29 @@ mod tests {
         };
         assert_eq!(wire, b"a UID FETCH 3:4 (UID FLAGS)\r\n");
         let bodies = HashMap::from([(3, Arc::new(b"Subject: x\r\n\r\nhi\r\n".to_vec()))]);
-        let (uid, spliced) = splice(b"* 1 FETCH (UID 3 FLAGS (\\Seen))\r\n", &bodies).unwrap();
-        assert_eq!(uid, 3);
+        let spliced = splice(b"* 1 FETCH (UID 3 FLAGS (\\Seen))\r\n", &bodies, None).unwrap();
+        assert_eq!(spliced.uid, 3);
         assert_eq!(
-            spliced,
+            spliced.bytes,
             b"* 1 FETCH (UID 3 FLAGS (\\Seen) BODY[] {18}\r\nSubject: x\r\n\r\nhi\r\n)\r\n"
         );
-        assert_eq!(splice(b"* 2 FETCH (UID 4 FLAGS ())\r\n", &bodies), None);
-        assert_eq!(splice(b"* 2 FETCH (FLAGS ())\r\n", &bodies), None);
+        assert_eq!(spliced.literal(), b"Subject: x\r\n\r\nhi\r\n");
+        assert_eq!(
+            splice(b"* 2 FETCH (UID 4 FLAGS ())\r\n", &bodies, None),
+            None
+        );
+        assert_eq!(splice(b"* 2 FETCH (FLAGS ())\r\n", &bodies, None), None);
+        // Parts: from the origin, at most the length, nothing past the end.
+        let part = |partial| splice(b"* 1 FETCH (UID 3)\r\n", &bodies, Some(partial)).unwrap();
+        assert_eq!(
+            part((0, 7)).bytes,
+            b"* 1 FETCH (UID 3 BODY[]<0> {7}\r\nSubject)\r\n"
+        );
+        assert_eq!(part((14, 100)).literal(), b"hi\r\n");
+        assert_eq!(
+            part((500, 10)).bytes,
+            b"* 1 FETCH (UID 3 BODY[]<500> {0}\r\n)\r\n"
+        );
     }
 
     #[test]

@@ -161,8 +161,8 @@ struct InFlight {
     /// Dovecot's does (RFC 5530 `EXPUNGEISSUED`).
     expunge_issued: bool,
     /// A download answered from the body cache: the provider was asked without the body,
-    /// which joins each of its answers from here.
-    bodies: Option<Bodies>,
+    /// which joins each of its answers from here (the part asked, for a partial fetch).
+    bodies: Option<(Bodies, Option<(u32, u32)>)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -412,9 +412,10 @@ impl ClientSession {
             }
         }
         // Every body asked for is at hand: the provider is asked the rest.
-        let bodies = bodies.filter(|bodies| {
-            cached_fetch::body_request(&command.body)
-                .is_some_and(|uids| uids.iter().all(|uid| bodies.contains_key(uid)))
+        let bodies = bodies.and_then(|bodies| {
+            let request = cached_fetch::body_request(&command.body)?;
+            let all = request.uids.iter().all(|uid| bodies.contains_key(uid));
+            all.then_some((bodies, request.partial))
         });
         if bodies.is_some() {
             cached_fetch::without_body(&mut command.body);
@@ -817,21 +818,21 @@ impl ClientSession {
         }
         // Downloads may be pipelined: the answer's UID says whose body it takes.
         if kind == Untagged::Fetch
-            && let Some((bodies, (uid, bytes))) = self.in_flight.iter().find_map(|f| {
-                let bodies = f.bodies.as_ref()?;
-                Some((bodies, cached_fetch::splice(line, bodies)?))
+            && let Some(spliced) = self.in_flight.iter().find_map(|f| {
+                let (bodies, partial) = f.bodies.as_ref()?;
+                cached_fetch::splice(line, bodies, *partial)
             })
         {
             // The served message is named in the audit as if it had streamed from the
             // provider.
             let mut tap = FetchTap::default();
-            let head = bytes.len() - bodies[&uid].len() - 3;
-            tap.line(&bytes[..head], true);
-            tap.literal(&bodies[&uid]);
+            tap.line(&spliced.bytes[..spliced.literal_at], true);
+            tap.literal(spliced.literal());
             tap.line(b")\r\n", false);
+            let seen = tap.finish();
             return UntaggedPlan::Cached {
-                bytes,
-                seen: tap.finish(),
+                bytes: spliced.bytes,
+                seen,
             };
         }
         if let Some(renumbering) = &mut self.renumbering

@@ -998,7 +998,7 @@ async fn downward(
 /// runtime; `None` otherwise (the command then goes to the provider whole).
 async fn cached_bodies(shared: &Shared<'_>, command: &Command<'static>) -> Option<Bodies> {
     let cache = shared.ctx.gateway.carried.body_cache.clone()?;
-    let uids = cached_fetch::body_request(&command.body)?;
+    let uids = cached_fetch::body_request(&command.body)?.uids;
     let keys: Vec<(u32, body_cache::Key)> = {
         let core = shared.core();
         if !core.session.folder_settled() {

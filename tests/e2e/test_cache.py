@@ -16,7 +16,7 @@ import pytest
 import harness
 from harness import PROVIDER_ADDRESS, Dovecot, wait_until
 
-BODY = re.compile(rb"BODY\[\] \{(\d+)\}")
+BODY = re.compile(rb"BODY\[\](?:<\d+>)? \{(\d+)\}")
 
 
 def message(subject: str) -> bytes:
@@ -41,10 +41,10 @@ def office(pecgate_binary):
             yield d, make()
 
 
-def fetch_body(r, tag: str, uid: int, folder: str = "INBOX") -> bytes:
+def fetch_body(r, tag: str, uid: int, folder: str = "INBOX", part: str = "") -> bytes:
     _, tagged = r.command(f"{tag}s", f"SELECT {folder}")
     assert tagged.split()[1] == b"OK", tagged
-    r.send(f"{tag} UID FETCH {uid} (UID FLAGS BODY.PEEK[])\r\n".encode())
+    r.send(f"{tag} UID FETCH {uid} (UID FLAGS BODY.PEEK[]{part})\r\n".encode())
     answer = b""
     while True:
         line = r.read_line(20)
@@ -85,6 +85,11 @@ def test_a_body_downloaded_once_serves_the_next_download(office, clients):
     fetches = provider_fetches(dovecot)
     assert sum(b"BODY.PEEK[]" in f for f in fetches) == 1, fetches
     assert any(re.fullmatch(rb"c\d+ UID FETCH 2 \(UID FLAGS\)", f) for f in fetches), fetches
+    # Thunderbird shows a message in parts (`BODY.PEEK[]<0.65536>`): served from the cache too.
+    assert fetch_body(anna, "a2", 2, part="<0.100>") == first[:100]
+    assert fetch_body(anna, "a3", 2, part=f"<100.{len(first)}>") == first[100:]
+    fetches = provider_fetches(dovecot)
+    assert sum(b"BODY.PEEK[]" in f for f in fetches) == 1, fetches
 
     # On disk under state_dir, readable only by pecgate.
     cache = gw.state_dir / "cache" / "bodies"
