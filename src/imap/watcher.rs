@@ -218,6 +218,29 @@ impl Watchers {
         Ok(subscription)
     }
 
+    /// A subscription to the watcher of `folder` of `mailbox` if one runs and knows its
+    /// folder; none is started (the receipts worker rides what parked sessions already use).
+    pub fn existing(&self, mailbox: &str, folder: &str) -> Option<Subscription> {
+        let key = (mailbox.to_owned(), folder.to_owned());
+        let watch = {
+            let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            let watch = running.get(&key)?.clone();
+            if !matches!(&*watch.ready.borrow(), Some(Ok(()))) {
+                return None;
+            }
+            // Counted under the registry's lock, as in `subscribe`.
+            let mut state = watch.state();
+            state.subscribers += 1;
+            state.alone_since = None;
+            drop(state);
+            watch
+        };
+        Some(Subscription {
+            events: watch.events.subscribe(),
+            watch,
+        })
+    }
+
     /// Remove `watch` from the registry if nobody has subscribed to it for [`LINGER`]: it may
     /// then stop (no subscriber can join it any more).
     fn retire(&self, key: &(String, String), watch: &Watch) -> bool {

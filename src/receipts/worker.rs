@@ -12,7 +12,10 @@
 //! A crash anywhere repeats the steps after the last cursor: archive and ledger are
 //! idempotent (UIDVALIDITY + UID, and the hash), so nothing is stored twice and nothing is
 //! skipped. Between scans it waits in IDLE on INBOX (rescanning every `poll_secs`; without
-//! IDLE it only polls), and checks for messages still undelivered after `alert_after`.
+//! IDLE it only polls), and checks for messages still undelivered after `alert_after`. When
+//! parked client sessions already have a folder watcher on INBOX, the worker rides it
+//! instead: its own connection goes back to the pool until the watcher tells of new mail (or
+//! `poll_secs` pass), then it takes one again (behind every client) and scans.
 //! Ordinary mail is looked at through two header fields only, and never changed.
 //!
 //! Every change it makes to the mailbox (CREATE of the receipts folder, the moves) is
@@ -34,6 +37,8 @@ use crate::audit::{AuditEvent, Outcome, Protocol};
 use crate::gateway::{Gateway, Live};
 use crate::imap::command::quoted;
 use crate::imap::response::{self, ResponseKind};
+use crate::imap::view::FolderEvent;
+use crate::imap::watcher::{Signal, Subscription};
 use crate::io::LineError;
 use crate::ledger::LedgerError;
 use crate::upstream::pool::PoolError;
@@ -236,8 +241,43 @@ impl Worker {
         &self.gateway.mailboxes[&self.mailbox].config
     }
 
-    /// One provider session: connect, then scan and wait until the connection fails.
+    /// Provider sessions: connect, then scan and wait until the connection fails.
     async fn connection(&mut self, backoff: &mut Duration) -> Result<(), WorkerError> {
+        loop {
+            let subscription = self.one_connection(backoff).await?;
+            tracing::debug!("receipts worker: waiting on the folder watcher, no connection held");
+            self.wait_with_watcher(subscription).await;
+        }
+    }
+
+    /// Until new mail, `poll_secs` or the watcher's end, with no connection of its own.
+    async fn wait_with_watcher(&self, mut subscription: Subscription) {
+        let poll = self.gateway.config.receipts.poll_interval;
+        let arrival = async {
+            loop {
+                match subscription.events.recv().await {
+                    Ok(signal) => {
+                        if let Signal::Event(FolderEvent::Expunged(_) | FolderEvent::Flags { .. })
+                        | Signal::Event(FolderEvent::Keywords(_)) = &*signal
+                        {
+                            continue;
+                        }
+                        return;
+                    }
+                    // Behind, invalidated or stopped: look for ourselves.
+                    Err(_) => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(poll, arrival).await;
+    }
+
+    /// One provider session: connect, then scan and wait in IDLE until the connection fails,
+    /// or until a watcher on INBOX can do the waiting (the connection is then given back).
+    async fn one_connection(
+        &mut self,
+        backoff: &mut Duration,
+    ) -> Result<Subscription, WorkerError> {
         let runtime = &self.gateway.mailboxes[&self.mailbox];
         let timeout = self.gateway.provider_timeout;
         let target = runtime.target(timeout).ok_or(WorkerError::NoPassword)?;
@@ -261,6 +301,16 @@ impl Worker {
             }
             *backoff = Duration::from_secs(1);
             self.alert_overdue().await?;
+            let watchers = &self.gateway.carried.watchers;
+            if let Some(subscription) = watchers.existing(&self.mailbox, "INBOX") {
+                let mut inner = conn.inner;
+                if inner.unselect(self.gateway.provider_timeout).await {
+                    crate::upstream::pool::give_back(inner).await;
+                } else {
+                    inner.logout().await;
+                }
+                return Ok(subscription);
+            }
             conn.wait_for_news(self.gateway.config.receipts.poll_interval)
                 .await?;
         }

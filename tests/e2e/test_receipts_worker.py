@@ -451,3 +451,33 @@ def test_idle_outlasts_the_provider_timeout_and_wakes_on_new_mail(make_gw, dove)
     second = send(gw, "Seconda", to=(ALTRO,))
     settled(gw, second, {ALTRO: "delivered"})
     assert "provider session ended" not in gw.log_text()[mark:]
+
+
+def test_the_worker_rides_the_watcher_of_parked_sessions(make_gw, dove, clients):
+    """With a client parked in IDLE on INBOX, the folder watcher already tells of new mail:
+    the worker gives its own connection back and waits on the watcher. A new receipt still
+    reaches the archive at once (not at the next poll, ten minutes away), and meanwhile the
+    mailbox uses one provider connection: the watcher's."""
+    gw = make_gw(receipts={"poll_secs": 600}, imap_options={"park_idle": True},
+                 metrics="127.0.0.1:0")
+    idler = clients(gw.raw(tls=True, timeout=30))
+    idler.login("anna", gw.password("anna"))
+    _, tagged = idler.command("S1", "SELECT INBOX")
+    assert tagged.startswith(b"S1 OK"), tagged
+    idler.send(b"I1 IDLE\r\n")
+    assert idler.read_line().startswith(b"+")
+    wait_until(lambda: harness.pool_metric(gw, "pecgate_folder_watchers") == 1, 20,
+               "the folder watcher of the parked session")
+    # The worker was already in IDLE when the client parked: its next scan (woken by this
+    # receipt) finds the watcher.
+    first = send(gw, "Prima", to=(ALTRO,))
+    settled(gw, first, {ALTRO: "delivered"})
+    wait_until(lambda: harness.pool_metric(gw, "pecgate_provider_connections") == 1, 30,
+               "the worker to give its connection back and ride the watcher")
+    second = send(gw, "Seconda", to=(ALTRO,))
+    settled(gw, second, {ALTRO: "delivered"})
+    wait_until(lambda: harness.pool_metric(gw, "pecgate_provider_connections") == 1, 30,
+               "the worker to ride the watcher again after its scan")
+    idler.send(b"DONE\r\n")
+    _, tagged = idler.read_until_tagged("I1", 30)
+    assert tagged == b"I1 OK IDLE terminated", tagged
