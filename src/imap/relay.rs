@@ -79,9 +79,9 @@ struct Shared<'a> {
     /// The upward loop waiting for the provider's `+` to a literal of this tag.
     literal_wait: Mutex<Option<(String, oneshot::Sender<bool>)>>,
     /// Why the connection leaves the session, set by the upward loop, which then signals
-    /// `park_now`: the downward loop ends the attached phase at the next response boundary.
+    /// `leave_now`: the downward loop ends the attached phase at the next response boundary.
     leaving: Mutex<Option<Leaving>>,
-    park_now: Notify,
+    leave_now: Notify,
 }
 
 /// Why an attached phase ends with the session going on.
@@ -103,7 +103,8 @@ impl Shared<'_> {
 }
 
 /// Relay until the session ends. The session alternates between *attached* (relaying over a
-/// provider connection) and, in IDLE, *parked* (no provider connection; see [`super::park`]).
+/// provider connection) and, in IDLE, *parked* (no provider connection; see [`super::park`]),
+/// or, between two commands, *lent* (its connection serving another; see [`super::lend`]).
 pub async fn run(
     ctx: &SessionContext,
     client: BoxStream,
@@ -180,7 +181,8 @@ enum Detached {
     Lending(Box<Attachment>, tokio::time::Instant),
 }
 
-/// Relay over one provider connection until the session ends or parks in IDLE.
+/// Relay over one provider connection until the session ends, parks in IDLE or lends the
+/// connection.
 async fn attached(
     ctx: &SessionContext,
     attachment: Attachment,
@@ -208,7 +210,7 @@ async fn attached(
         mid_unit: std::sync::atomic::AtomicBool::new(false),
         literal_wait: Mutex::new(None),
         leaving: Mutex::new(None),
-        park_now: Notify::new(),
+        leave_now: Notify::new(),
     };
     let end = {
         let up = upward(&shared, client_reader, client_buffer, assembler);
@@ -453,7 +455,7 @@ async fn upward(
                         *shared.leaving.lock().expect("never poisoned") =
                             Some(Leaving::Lend(quiet_since));
                         // The downward loop ends the phase at its next response boundary.
-                        shared.park_now.notify_one();
+                        shared.leave_now.notify_one();
                         return std::future::pending().await;
                     }
                 };
@@ -666,7 +668,7 @@ async fn perform_upward(
                     Box::pin(perform_upward(shared, action, client, buffer)).await?;
                 }
                 // The downward loop ends the phase at its next response boundary.
-                shared.park_now.notify_one();
+                shared.leave_now.notify_one();
                 return std::future::pending().await;
             }
             send_command(shared, command).await
@@ -860,7 +862,7 @@ async fn downward(
                     return SessionEnd::Shutdown;
                 }
                 // Between responses with nothing owed: the connection can leave the session.
-                () = shared.park_now.notified() => return SessionEnd::Detaching,
+                () = shared.leave_now.notified() => return SessionEnd::Detaching,
             }
         }
         let line = match io::next_line(provider, buffer, MAX_RESPONSE_LINE).await {

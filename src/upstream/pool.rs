@@ -4,12 +4,17 @@
 //! cap and waits again instead of failing. A [`Slot`] travels with the connection it paid for;
 //! dropping the connection gives the place to the next waiter.
 //!
-//! A session that ends cleanly gives its connection back ([`give_back`]): pecgate has put it
-//! in the authenticated state (nothing selected, nothing in flight), so it goes straight to
-//! the next waiter, or waits idle (logged in, `[gateway] provider_idle_keep_secs`) for the
-//! next login, which then costs a NOOP instead of a TCP, TLS and LOGIN round. Idle
-//! connections are checked with a NOOP before reuse and closed with a LOGOUT when they have
-//! waited too long ([`Pool::expired`]) or at shutdown ([`Pool::drain_idle`]).
+//! A session that ends cleanly gives its connection back ([`give_back`]) in the authenticated
+//! state (nothing selected, nothing in flight); one that lends it between commands or parks
+//! in IDLE gives it back with its folder still selected and the UID list that is the
+//! connection's numbering ([`ProviderConnection::selected`]). It goes straight to the next
+//! waiter, or waits idle (logged in, `[gateway] provider_idle_keep_secs`). A login then costs
+//! a NOOP instead of a TCP, TLS and LOGIN round (a folder left selected is closed with
+//! UNSELECT first); a session wanting that very folder takes it as it is, with no command,
+//! if the provider has sent nothing on it since ([`Pool::connect_keeping`]). Idle connections
+//! are closed with a LOGOUT when they have waited too long ([`Pool::expired`]) or at shutdown
+//! ([`Pool::drain_idle`]). Sessions between commands stand ready to lend ([`Pool::offer`]): a
+//! waiter that finds no place asks the one quiet the longest.
 //!
 //! Clients wait up to `[gateway] connection_wait_secs`; background work (the receipts worker)
 //! waits as long as it takes and never before a client.
