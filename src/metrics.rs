@@ -253,11 +253,13 @@ impl Metrics {
             self.parked_sessions
                 .get_or_create(&label)
                 .set(figures.parked as i64);
-            // The pool counts since start; the counter catches up with it.
-            let counter = self.provider_limit_refusals.get_or_create(&label);
-            counter.inc_by(figures.limit_refusals.saturating_sub(counter.get()));
-            let counter = self.provider_lends.get_or_create(&label);
-            counter.inc_by(figures.lends.saturating_sub(counter.get()));
+            // The pool counts since start; the counters catch up with it.
+            catch_up(
+                &self.provider_limit_refusals,
+                &label,
+                figures.limit_refusals,
+            );
+            catch_up(&self.provider_lends, &label, figures.lends);
         }
         self.audit_queue_depth.set(audit_queue_depth as i64);
         let mut text = String::new();
@@ -266,6 +268,12 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         text
     }
+}
+
+/// Raise the counter of `label` to `total`, a count its source keeps since start.
+fn catch_up(family: &Family<Mailbox, Counter>, label: &Mailbox, total: u64) {
+    let counter = family.get_or_create(label);
+    counter.inc_by(total.saturating_sub(counter.get()));
 }
 
 #[cfg(test)]

@@ -261,6 +261,17 @@ impl Rig {
         String::from_utf8_lossy(&std::mem::take(&mut self.client)).into_owned()
     }
 
+    /// INBOX selected (the provider saying `untagged` first); what the client heard dropped.
+    fn select_inbox(&mut self, untagged: &[&str]) {
+        self.client_sends(b"s SELECT INBOX\r\n");
+        let tag = Rig::last_tag(&self.take_upstream());
+        for line in untagged {
+            self.provider_sends(line);
+        }
+        self.provider_sends(&format!("{tag} OK [READ-WRITE] done\r\n"));
+        self.take_client();
+    }
+
     /// The IDLE whose DONE was sent and which the provider has not completed yet.
     fn idle_tag_waiting_for_done(&self) -> Option<String> {
         let idle = self.session.idle.as_ref()?;
@@ -939,12 +950,8 @@ fn replace_all(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
 #[test]
 fn a_session_whose_numbering_differs_is_translated_until_it_can_be_told() {
     let mut r = rig(&["INBOX", "Archive"], ALL);
-    r.client_sends(b"s SELECT INBOX\r\n");
-    let up = r.take_upstream();
-    r.provider_sends("* OK [UIDVALIDITY 7] UIDs valid\r\n");
-    r.provider_sends(&format!("{} OK [READ-WRITE] done\r\n", Rig::last_tag(&up)));
+    r.select_inbox(&["* OK [UIDVALIDITY 7] UIDs valid\r\n"]);
     assert_eq!(r.session.uidvalidity(), Some(7));
-    r.take_client();
     // Client: 1 live, 2 gone upstream, 3 live; the new connection numbers 1 and 2.
     r.session
         .renumber(crate::imap::renumber::Renumbering::new(vec![2], 2));
@@ -983,10 +990,7 @@ fn a_session_whose_numbering_differs_is_translated_until_it_can_be_told() {
 #[test]
 fn a_download_the_cache_holds_asks_the_provider_only_the_rest() {
     let mut r = rig(&["INBOX"], ALL);
-    r.client_sends(b"s SELECT INBOX\r\n");
-    let up = r.take_upstream();
-    r.provider_sends(&format!("{} OK [READ-WRITE] done\r\n", Rig::last_tag(&up)));
-    r.take_client();
+    r.select_inbox(&[]);
     let body = b"Message-ID: <a@b>\r\n\r\nhello\r\n".to_vec();
     let bodies: crate::imap::cached_fetch::Bodies = std::sync::Arc::new(
         std::collections::HashMap::from([(3, std::sync::Arc::new(body))]),
@@ -1031,10 +1035,7 @@ fn a_download_the_cache_holds_asks_the_provider_only_the_rest() {
 #[test]
 fn pipelined_cached_downloads_each_get_their_own_bodies() {
     let mut r = rig(&["INBOX"], ALL);
-    r.client_sends(b"s SELECT INBOX\r\n");
-    let up = r.take_upstream();
-    r.provider_sends(&format!("{} OK [READ-WRITE] done\r\n", Rig::last_tag(&up)));
-    r.take_client();
+    r.select_inbox(&[]);
     for (tag, uid) in [("f", 3), ("g", 4)] {
         let body = std::sync::Arc::new(format!("body {uid}").into_bytes());
         let bodies = std::sync::Arc::new(std::collections::HashMap::from([(uid, body)]));

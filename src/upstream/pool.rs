@@ -307,32 +307,6 @@ impl Pool {
         deadline: Option<Instant>,
         keep: Option<(&str, bool)>,
     ) -> Result<ProviderConnection, PoolError> {
-        loop {
-            let mut connection = self
-                .connect_any(target, user, class, deadline, keep)
-                .await?;
-            let Some(selected) = &connection.selected else {
-                return Ok(connection);
-            };
-            if selected.is(keep) {
-                return Ok(connection);
-            }
-            if connection.unselect(REUSE_CHECK.min(target.timeout)).await {
-                return Ok(connection);
-            }
-            // Unfit for anyone: closed, its place freed; try again.
-            connection.logout().await;
-        }
-    }
-
-    async fn connect_any(
-        &self,
-        target: &ProviderTarget<'_>,
-        user: &str,
-        class: Class,
-        deadline: Option<Instant>,
-        keep: Option<(&str, bool)>,
-    ) -> Result<ProviderConnection, PoolError> {
         let started = Instant::now();
         let identity = target.identity();
         let mut retry = false;
@@ -358,11 +332,20 @@ impl Pool {
             }
             let slot = match self.acquire(user, class, deadline, retry).await {
                 Some(Grant::Connection(connection)) => {
-                    let connection = self.with_place(*connection);
-                    if connection.identity == identity {
+                    let mut connection = self.with_place(*connection);
+                    if connection.identity != identity {
+                        // Opened for settings a reload has changed since: closed, try again.
+                        continue;
+                    }
+                    // Handed over by a session: its folder, if it is not the one wanted, is
+                    // closed first.
+                    let limit = REUSE_CHECK.min(target.timeout);
+                    let fits = connection.selected.as_ref().is_none_or(|s| s.is(keep));
+                    if fits || connection.unselect(limit).await {
                         return Ok(connection);
                     }
-                    // Opened for settings a reload has changed since: closed, try again.
+                    // Unfit for anyone: closed, its place freed; try again.
+                    connection.logout().await;
                     continue;
                 }
                 Some(Grant::Place) => Slot::new(self.clone()),
